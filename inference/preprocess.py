@@ -1,0 +1,96 @@
+"""Turn untrusted image bytes into a normalised model input tensor.
+
+Decoding is the most expensive step for large photos, so JPEGs are decoded with Pillow's
+draft mode (a DCT-domain downscale) to the smallest size that is still at least the
+resize target; the exact torchvision transform then runs on a much smaller image.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from torchvision.transforms import v2
+
+from inference.catalog import ModelInfo
+
+
+class ImageRejected(Exception):
+    """The bytes are not an image this service will classify; `code` is API-stable."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def build_transform(info: ModelInfo) -> v2.Compose:
+    return v2.Compose(
+        [
+            v2.PILToTensor(),
+            v2.Resize(info.resize_size, antialias=True),
+            v2.CenterCrop(info.input_size),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(mean=list(info.mean), std=list(info.std)),
+        ]
+    )
+
+
+def decode_image(data: bytes, min_side: int, max_pixels: int) -> Image.Image:
+    """Decode `data` into an upright RGB image whose shorter side is still >= `min_side`.
+
+    The format is decided from the bytes, never from a Content-Type. The pixel cap is
+    checked from the header, before any pixel data is decoded.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            width, height = image.size
+            if width * height > max_pixels:
+                raise ImageRejected(
+                    "image_too_large",
+                    f"image is {width}x{height} pixels, above the limit of {max_pixels}",
+                )
+            if image.format == "JPEG":
+                image.draft("RGB", _draft_request(width, height, min_side))
+            image.load()
+            image = ImageOps.exif_transpose(image)
+            return _to_rgb(image)
+    except ImageRejected:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageRejected("image_too_large", str(exc)) from exc
+    except UnidentifiedImageError as exc:
+        raise ImageRejected("not_an_image", "the body is not a recognised image format") from exc
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise ImageRejected("not_an_image", f"the image could not be decoded: {exc}") from exc
+
+
+def _draft_request(width: int, height: int, min_side: int) -> tuple[int, int]:
+    """Size to ask draft() for so that the shorter side stays >= min_side."""
+    scale = min_side / min(width, height)
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
+        # Composite on white rather than letting transparent pixels turn black.
+        rgba = image.convert("RGBA")
+        background = Image.new("RGB", rgba.size, (255, 255, 255))
+        background.paste(rgba, mask=rgba.getchannel("A"))
+        return background
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16/32-bit greyscale: scale to 8 bits instead of clipping.
+        image = image.point(lambda value: value * (1 / 256)).convert("L")
+    return image.convert("RGB")
+
+
+def preprocess(data: bytes, info: ModelInfo, transform: v2.Compose, max_pixels: int) -> torch.Tensor:
+    """Bytes to a (3, input_size, input_size) float tensor, or ImageRejected."""
+    image = decode_image(data, min_side=info.resize_size, max_pixels=max_pixels)
+    return transform(image)

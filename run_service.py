@@ -1,0 +1,46 @@
+"""Start the image-classification service: `python run_service.py --help` lists the settings.
+
+The app runs under `uvloop.run`. `web.run_app` would close the loop it is handed, so the
+same steps are spelled out with `AppRunner` (which carries the shutdown timeout): start,
+serve until SIGINT or SIGTERM, then clean up every resource the app holds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+import uvloop
+from aiohttp import web
+
+from service.app import create_app
+from service.settings import Settings, load_settings
+
+log = logging.getLogger("service")
+
+
+async def serve(settings: Settings) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    runner = web.AppRunner(create_app(settings), shutdown_timeout=settings.shutdown_timeout)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, settings.host, settings.port).start()
+        log.info("serving on http://%s:%d", settings.host, settings.port)
+        await stop.wait()
+        log.info("shutting down")
+    finally:
+        await runner.cleanup()
+
+
+def main() -> None:
+    settings = load_settings()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    uvloop.run(serve(settings))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,58 @@
+"""The application factory and the lifetimes of its resources."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from service.appkeys import DISPATCHER, POOL, REGISTRY, SESSION, SETTINGS
+from service.dispatcher import Dispatcher
+from service.errors import error_middleware
+from service.fetcher import make_session
+from service.handlers import routes
+from service.pool import ProcessInferencePool
+from service.registry import InMemoryRegistry
+from service.settings import Settings
+
+
+async def pool_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    pool = ProcessInferencePool(
+        workers=settings.resolved_workers(),
+        threads=settings.resolved_threads(),
+        default_model=settings.default_model,
+        max_pixels=settings.max_image_pixels,
+    )
+    try:
+        await pool.check_started()
+        app[POOL] = pool
+        yield
+    finally:
+        await pool.close()
+
+
+async def session_ctx(app: web.Application) -> AsyncIterator[None]:
+    async with make_session(app[SETTINGS]) as session:
+        app[SESSION] = session
+        yield
+
+
+async def dispatcher_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    dispatcher = Dispatcher(
+        app[REGISTRY], app[POOL], app[SESSION], settings, consumers=settings.resolved_workers()
+    )
+    app[DISPATCHER] = dispatcher
+    yield
+    await dispatcher.close()
+
+
+def create_app(settings: Settings) -> web.Application:
+    app = web.Application(middlewares=[error_middleware], client_max_size=settings.max_request_bytes)
+    app[SETTINGS] = settings
+    app[REGISTRY] = InMemoryRegistry()
+    # Started in this order, closed in reverse: the dispatcher stops before the session and pool.
+    app.cleanup_ctx.extend([pool_ctx, session_ctx, dispatcher_ctx])
+    app.add_routes(routes)
+    return app

@@ -1,0 +1,69 @@
+"""One place that turns every failure of a request into a JSON error body.
+
+Handlers raise `ApiError` (or let aiohttp raise its HTTP exceptions); the middleware renders
+`{"error": {"code", "message", "details"}}` with the fitting status. Unexpected exceptions
+become a logged 500 without internals in the body.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from service.schemas import ErrorBody, ErrorDetail
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+# Codes for the HTTP errors aiohttp raises itself (unknown route, wrong method, ...).
+_HTTP_CODES = {
+    400: "bad_request",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "request_too_large",
+    415: "unsupported_media_type",
+}
+
+
+class ApiError(Exception):
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        details: object | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.details = details
+        self.headers = headers or {}
+
+
+def error_response(
+    status: int, code: str, message: str, details: object | None = None, headers: dict[str, str] | None = None
+) -> web.Response:
+    body = ErrorBody(error=ErrorDetail(code=code, message=message, details=details))
+    return web.json_response(text=body.model_dump_json(), status=status, headers=headers)
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except ApiError as exc:
+        return error_response(exc.status, exc.code, exc.message, exc.details, exc.headers)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+        code = _HTTP_CODES.get(exc.status, "http_error")
+        return error_response(exc.status, code, exc.reason, headers=headers)
+    except Exception:
+        log.exception("unhandled error in %s %s", request.method, request.path)
+        return error_response(500, "internal_error", "internal server error")

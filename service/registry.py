@@ -1,0 +1,232 @@
+"""The task registry: where tasks and their per-image results live.
+
+`TaskRegistry` is the small interface the handlers and the dispatcher use; a durable
+implementation can replace `InMemoryRegistry` without touching them. All state changes go
+through methods that never await in the middle, so on one event loop each call is atomic,
+and final states are sticky: a result that arrives after a cancel is refused, not applied.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Protocol
+
+from service.schemas import (
+    ErrorInfo,
+    Item,
+    ItemStatus,
+    Label,
+    Progress,
+    TaskDetail,
+    TaskPage,
+    TaskStatus,
+    TaskSummary,
+)
+
+
+class InvalidCursor(ValueError):
+    """A pagination cursor this registry did not issue."""
+
+
+class TaskRegistry(Protocol):
+    async def create(self, urls: list[str], model: str, top_k: int) -> TaskDetail: ...
+
+    async def get(self, task_id: str) -> TaskDetail | None: ...
+
+    async def list(self, status: TaskStatus | None, limit: int, cursor: str | None) -> TaskPage: ...
+
+    async def update_item(
+        self,
+        task_id: str,
+        index: int,
+        status: ItemStatus,
+        labels: list[Label] | None = None,
+        error: ErrorInfo | None = None,
+    ) -> bool: ...
+
+    async def fail(self, task_id: str, error: ErrorInfo) -> bool: ...
+
+    async def cancel(self, task_id: str) -> TaskDetail | None: ...
+
+    async def remove(self, task_id: str) -> TaskDetail | None: ...
+
+    async def unfinished_images(self) -> int: ...
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass
+class _TaskRecord:
+    seq: int
+    task_id: str
+    model: str
+    top_k: int
+    items: list[Item]
+    created_at: datetime = field(default_factory=utcnow)
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    status: TaskStatus = TaskStatus.QUEUED
+    error: ErrorInfo | None = None
+    finals: Counter[ItemStatus] = field(default_factory=Counter)
+
+    @property
+    def done(self) -> int:
+        return sum(self.finals.values())
+
+    def summary(self) -> TaskSummary:
+        return TaskSummary(**self._fields())
+
+    def detail(self) -> TaskDetail:
+        # Items are frozen, so a shallow copy of the list is a consistent snapshot.
+        return TaskDetail(**self._fields(), items=list(self.items))
+
+    def _fields(self) -> dict[str, object]:
+        return {
+            "task_id": self.task_id,
+            "status": self.status,
+            "model": self.model,
+            "top_k": self.top_k,
+            "created_at": self.created_at,
+            "started_at": self.started_at,
+            "finished_at": self.finished_at,
+            "error": self.error,
+            "progress": Progress(
+                total=len(self.items),
+                done=self.done,
+                succeeded=self.finals[ItemStatus.SUCCEEDED],
+                failed=self.finals[ItemStatus.FAILED],
+                cancelled=self.finals[ItemStatus.CANCELLED],
+            ),
+        }
+
+
+class InMemoryRegistry:
+    """Keeps every task in a dict, in creation order."""
+
+    def __init__(self) -> None:
+        self._tasks: dict[str, _TaskRecord] = {}
+        self._next_seq = 1
+        self._unfinished = 0
+
+    async def create(self, urls: list[str], model: str, top_k: int) -> TaskDetail:
+        record = _TaskRecord(
+            seq=self._next_seq,
+            task_id=uuid.uuid4().hex,
+            model=model,
+            top_k=top_k,
+            items=[Item(index=index, url=url) for index, url in enumerate(urls)],
+        )
+        self._next_seq += 1
+        self._tasks[record.task_id] = record
+        self._unfinished += len(urls)
+        return record.detail()
+
+    async def get(self, task_id: str) -> TaskDetail | None:
+        record = self._tasks.get(task_id)
+        return record.detail() if record else None
+
+    async def list(self, status: TaskStatus | None, limit: int, cursor: str | None) -> TaskPage:
+        """Newest first. The cursor is the sequence number of the last task already seen."""
+        before = _decode_cursor(cursor) if cursor else None
+        page: list[_TaskRecord] = []
+        more = False
+        for record in reversed(self._tasks.values()):
+            if before is not None and record.seq >= before:
+                continue
+            if status is not None and record.status != status:
+                continue
+            if len(page) == limit:
+                more = True
+                break
+            page.append(record)
+        next_cursor = _encode_cursor(page[-1].seq) if more else None
+        return TaskPage(tasks=[record.summary() for record in page], next_cursor=next_cursor)
+
+    async def update_item(
+        self,
+        task_id: str,
+        index: int,
+        status: ItemStatus,
+        labels: list[Label] | None = None,
+        error: ErrorInfo | None = None,
+    ) -> bool:
+        """Move one item on; False (and no change) if the task or the item is already final."""
+        record = self._tasks.get(task_id)
+        if record is None or record.status.is_final or record.items[index].status.is_final:
+            return False
+        record.items[index] = record.items[index].model_copy(
+            update={"status": status, "labels": labels, "error": error}
+        )
+        if record.status is TaskStatus.QUEUED:
+            record.status = TaskStatus.RUNNING
+            record.started_at = utcnow()
+        if status.is_final:
+            self._count_final(record, status)
+            if record.done == len(record.items):
+                self._finish(record, TaskStatus.COMPLETED)
+        return True
+
+    async def fail(self, task_id: str, error: ErrorInfo) -> bool:
+        """The task cannot run at all: its unfinished items fail with the task's error."""
+        record = self._tasks.get(task_id)
+        if record is None or record.status.is_final:
+            return False
+        self._close_items(record, ItemStatus.FAILED, error)
+        record.error = error
+        self._finish(record, TaskStatus.FAILED)
+        return True
+
+    async def cancel(self, task_id: str) -> TaskDetail | None:
+        """Cancel an active task (a finished one is left as it is); None if unknown."""
+        record = self._tasks.get(task_id)
+        if record is None:
+            return None
+        if not record.status.is_final:
+            self._close_items(record, ItemStatus.CANCELLED, None)
+            self._finish(record, TaskStatus.CANCELLED)
+        return record.detail()
+
+    async def remove(self, task_id: str) -> TaskDetail | None:
+        snapshot = await self.cancel(task_id)
+        self._tasks.pop(task_id, None)
+        return snapshot
+
+    async def unfinished_images(self) -> int:
+        return self._unfinished
+
+    def _close_items(self, record: _TaskRecord, status: ItemStatus, error: ErrorInfo | None) -> None:
+        for index, item in enumerate(record.items):
+            if not item.status.is_final:
+                record.items[index] = item.model_copy(update={"status": status, "error": error})
+                self._count_final(record, status)
+
+    def _count_final(self, record: _TaskRecord, status: ItemStatus) -> None:
+        record.finals[status] += 1
+        self._unfinished -= 1
+
+    @staticmethod
+    def _finish(record: _TaskRecord, status: TaskStatus) -> None:
+        record.status = status
+        record.finished_at = utcnow()
+
+
+def _encode_cursor(seq: int) -> str:
+    return base64.urlsafe_b64encode(f"seq:{seq}".encode()).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str) -> int:
+    try:
+        text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        prefix, _, number = text.partition(":")
+        if prefix != "seq" or not number.isdigit():
+            raise ValueError(text)
+        return int(number)
+    except (ValueError, binascii.Error, UnicodeDecodeError) as exc:
+        raise InvalidCursor(f"invalid cursor {cursor!r}") from exc

@@ -1,0 +1,109 @@
+"""One typed settings object, built from CLI flags with environment-variable defaults.
+
+Every field is a flag (`--max-urls-per-task`) and an environment variable with the common
+prefix (`ICS_MAX_URLS_PER_TASK`); a flag wins over the variable, the variable over the default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
+
+from inference.catalog import DEFAULT_MODEL
+
+ENV_PREFIX = "ICS_"
+
+
+def available_cores() -> int:
+    return len(os.sched_getaffinity(0))
+
+
+def _opt(default: object, help: str) -> object:
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class Settings:
+    host: str = _opt("0.0.0.0", "interface to listen on")
+    port: int = _opt(8080, "TCP port to listen on")
+    workers: int = _opt(0, "inference worker processes; 0 = one per available core")
+    threads_per_worker: int = _opt(0, "torch threads per worker; 0 = cores / workers (at least 1)")
+    default_model: str = _opt(DEFAULT_MODEL, "model used when a request names none")
+    default_top_k: int = _opt(5, "labels per image when a request gives no top_k")
+    max_top_k: int = _opt(20, "largest top_k a request may ask for")
+    max_urls_per_task: int = _opt(1000, "most URLs one task may hold")
+    max_url_length: int = _opt(2048, "longest accepted URL, in characters")
+    max_request_bytes: int = _opt(1_048_576, "largest accepted request body, in bytes")
+    max_active_images: int = _opt(20_000, "unfinished images across all tasks before /submit answers 429")
+    download_concurrency: int = _opt(32, "downloads in flight across all tasks")
+    connect_timeout: float = _opt(5.0, "seconds to connect to an image host (DNS included)")
+    read_timeout: float = _opt(10.0, "seconds to wait for any bytes from an image host")
+    download_timeout: float = _opt(30.0, "seconds one image download may take in total")
+    max_image_bytes: int = _opt(20_971_520, "largest image body, in bytes")
+    max_image_pixels: int = _opt(40_000_000, "largest image, in pixels (width x height)")
+    max_redirects: int = _opt(5, "redirects followed per image download")
+    batch_size: int = _opt(16, "images per forward pass")
+    batch_wait_ms: float = _opt(10.0, "how long a partial batch waits for more images")
+    max_queued_images: int = _opt(256, "downloaded images waiting for the model (bounds memory)")
+    shutdown_timeout: float = _opt(10.0, "seconds to finish open requests on shutdown")
+
+    def resolved_workers(self) -> int:
+        return self.workers or available_cores()
+
+    def resolved_threads(self) -> int:
+        return self.threads_per_worker or max(1, available_cores() // self.resolved_workers())
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _env_name(name: str) -> str:
+    return ENV_PREFIX + name.upper()
+
+
+def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Async image-classification task service.",
+        epilog=f"Every option can also be set by an environment variable: {ENV_PREFIX}<OPTION_NAME>.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    for spec in fields(Settings):
+        kind = type(spec.default)
+        default = env.get(_env_name(spec.name), spec.default)
+        parser.add_argument(
+            _flag(spec.name),
+            dest=spec.name,
+            type=kind,
+            default=default,  # argparse converts a string default with `type`, and reports errors
+            help=f"{spec.metadata['help']} [env {_env_name(spec.name)}]",
+        )
+    return parser
+
+
+def load_settings(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> Settings:
+    environ = os.environ if env is None else env
+    parser = build_parser(environ)
+    namespace = parser.parse_args(argv)
+    settings = Settings(**vars(namespace))
+    problems = validate(settings)
+    if problems:
+        parser.error("; ".join(problems))
+    return settings
+
+
+def validate(settings: Settings) -> list[str]:
+    problems = []
+    for spec in fields(Settings):
+        value = getattr(settings, spec.name)
+        if isinstance(value, (int, float)) and value < 0:
+            problems.append(f"{_flag(spec.name)} must not be negative")
+    for name in ("default_top_k", "max_top_k", "max_urls_per_task", "download_concurrency",
+                 "batch_size", "max_queued_images", "max_image_bytes", "max_image_pixels"):
+        if getattr(settings, name) < 1:
+            problems.append(f"{_flag(name)} must be at least 1")
+    if settings.default_top_k > settings.max_top_k:
+        problems.append("--default-top-k must not exceed --max-top-k")
+    return problems

@@ -1,0 +1,150 @@
+"""Shared fixtures: the test photos, a real image server on 127.0.0.1, and service clients."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+
+from service.app import create_app
+from service.settings import Settings
+
+PHOTOS_DIR = Path(__file__).parent / "photos"
+
+# One worker and short timeouts keep each test's service small and quick.
+TEST_SETTINGS = Settings(
+    workers=1,
+    threads_per_worker=1,
+    connect_timeout=2.0,
+    read_timeout=1.0,
+    download_timeout=5.0,
+    max_image_bytes=1_000_000,
+    batch_wait_ms=20.0,
+    max_redirects=3,
+)
+
+
+@pytest.fixture(scope="session")
+def photos() -> dict[str, bytes]:
+    return {path.stem: path.read_bytes() for path in sorted(PHOTOS_DIR.glob("*.jpg"))}
+
+
+class ImageServer:
+    """Serves the test photos and a set of misbehaving endpoints; counts every request."""
+
+    def __init__(self, photos: dict[str, bytes]) -> None:
+        self.photos = photos
+        self.hits: Counter[str] = Counter()
+        self.server: TestServer | None = None
+        self.app = web.Application()
+        self.app.add_routes(
+            [
+                web.get("/photos/{name}", self._photo),
+                web.get("/slow/{name}", self._slow_photo),
+                web.get("/status/{code}", self._status),
+                web.get("/text", self._text),
+                web.get("/big", self._big),
+                web.get("/big-stream", self._big_stream),
+                web.get("/hang", self._hang),
+                web.get("/loop", self._loop),
+            ]
+        )
+
+    def url(self, path: str) -> str:
+        assert self.server is not None
+        return str(self.server.make_url(path))
+
+    def total_hits(self, prefix: str = "/") -> int:
+        return sum(count for path, count in self.hits.items() if path.startswith(prefix))
+
+    def _photo_response(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        if name not in self.photos:
+            raise web.HTTPNotFound()
+        return web.Response(body=self.photos[name], content_type="image/jpeg")
+
+    async def _photo(self, request: web.Request) -> web.Response:
+        self.hits[request.path] += 1
+        return self._photo_response(request)
+
+    async def _slow_photo(self, request: web.Request) -> web.Response:
+        self.hits[request.path] += 1
+        await asyncio.sleep(float(request.query.get("delay", "0.5")))
+        return self._photo_response(request)
+
+    async def _status(self, request: web.Request) -> web.Response:
+        self.hits[request.path] += 1
+        return web.Response(status=int(request.match_info["code"]), text="nope")
+
+    async def _text(self, request: web.Request) -> web.Response:
+        self.hits[request.path] += 1
+        return web.Response(body=b"this is plain text, not a JPEG", content_type="image/jpeg")
+
+    async def _big(self, request: web.Request) -> web.Response:
+        self.hits[request.path] += 1
+        return web.Response(body=b"\xff" * 2_000_000, content_type="image/jpeg")
+
+    async def _big_stream(self, request: web.Request) -> web.StreamResponse:
+        """No Content-Length: only the streaming cap can stop it."""
+        self.hits[request.path] += 1
+        response = web.StreamResponse(headers={"Content-Type": "image/jpeg"})
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        for _ in range(40):
+            await response.write(b"\xff" * 65_536)
+        await response.write_eof()
+        return response
+
+    async def _hang(self, request: web.Request) -> web.Response:
+        self.hits[request.path] += 1
+        await asyncio.sleep(30)
+        return web.Response(body=b"too late")
+
+    async def _loop(self, request: web.Request) -> web.Response:
+        self.hits[request.path] += 1
+        raise web.HTTPFound("/loop")
+
+
+@pytest.fixture
+async def image_server(aiohttp_server: Callable[..., Awaitable[TestServer]], photos: dict[str, bytes]) -> ImageServer:
+    images = ImageServer(photos)
+    images.server = await aiohttp_server(images.app, host="127.0.0.1")
+    return images
+
+
+ServiceFactory = Callable[..., Awaitable[TestClient]]
+
+
+@pytest.fixture
+def make_service(aiohttp_client: Callable[..., Awaitable[TestClient]]) -> ServiceFactory:
+    """`await make_service(**setting_overrides)` starts the real app with its real process pool."""
+
+    async def make(**overrides: Any) -> TestClient:
+        return await aiohttp_client(create_app(dataclasses.replace(TEST_SETTINGS, **overrides)))
+
+    return make
+
+
+async def wait_for_task(client: TestClient, task_id: str, timeout: float = 60.0) -> dict[str, Any]:
+    """Poll GET /tasks/<id> until the task reaches a final state."""
+    async with asyncio.timeout(timeout):
+        while True:
+            response = await client.get(f"/tasks/{task_id}")
+            assert response.status == 200
+            task = await response.json()
+            if task["status"] in ("completed", "failed", "cancelled"):
+                return task
+            await asyncio.sleep(0.05)
+
+
+async def submit(client: TestClient, urls: list[str], **fields: Any) -> dict[str, Any]:
+    response = await client.post("/submit", json={"urls": urls, **fields})
+    assert response.status == 202, await response.text()
+    return await response.json()

@@ -1,0 +1,64 @@
+"""The shared batch queue: full batches at once, partial ones after the wait, per model."""
+
+from __future__ import annotations
+
+import asyncio
+
+from service.batching import BatchQueue, Job
+
+
+def job(task: str, index: int, model: str = "m") -> Job:
+    return Job(task_id=task, index=index, model=model, top_k=1, data=b"")
+
+
+async def test_a_full_batch_leaves_at_once_and_mixes_tasks() -> None:
+    queue = BatchQueue(capacity=10)
+    for n in range(3):
+        await queue.put(job("a", n))
+        await queue.put(job("b", n))
+    batch = await asyncio.wait_for(queue.next_batch(max_size=4, max_wait=60), 1)
+    assert [(j.task_id, j.index) for j in batch] == [("a", 0), ("b", 0), ("a", 1), ("b", 1)]
+    assert len(queue) == 2
+
+
+async def test_a_partial_batch_leaves_after_the_wait() -> None:
+    queue = BatchQueue(capacity=10)
+    await queue.put(job("a", 0))
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    batch = await queue.next_batch(max_size=4, max_wait=0.05)
+    assert [j.index for j in batch] == [0]
+    assert 0.04 <= loop.time() - started < 1
+
+
+async def test_images_arriving_during_the_wait_join_the_batch() -> None:
+    queue = BatchQueue(capacity=10)
+    await queue.put(job("a", 0))
+    pending = asyncio.create_task(queue.next_batch(max_size=2, max_wait=5))
+    await asyncio.sleep(0.01)
+    await queue.put(job("b", 0))
+    batch = await asyncio.wait_for(pending, 1)
+    assert [j.task_id for j in batch] == ["a", "b"]
+
+
+async def test_batches_hold_one_model() -> None:
+    queue = BatchQueue(capacity=10)
+    for j in [job("a", 0, "x"), job("a", 1, "y"), job("b", 0, "x")]:
+        await queue.put(j)
+    first = await queue.next_batch(max_size=4, max_wait=0)
+    assert [(j.task_id, j.model) for j in first] == [("a", "x"), ("b", "x")]
+    second = await queue.next_batch(max_size=4, max_wait=0)
+    assert [(j.task_id, j.model) for j in second] == [("a", "y")]
+
+
+async def test_put_waits_while_full_and_drop_task_frees_room() -> None:
+    queue = BatchQueue(capacity=2)
+    await queue.put(job("a", 0))
+    await queue.put(job("a", 1))
+    blocked = asyncio.create_task(queue.put(job("b", 0)))
+    await asyncio.sleep(0.05)
+    assert not blocked.done()
+    assert await queue.drop_task("a") == 2
+    await asyncio.wait_for(blocked, 1)
+    batch = await queue.next_batch(max_size=4, max_wait=0)
+    assert [j.task_id for j in batch] == ["b"]

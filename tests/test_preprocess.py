@@ -1,0 +1,94 @@
+"""Decoding untrusted bytes: formats, modes, orientation, draft decoding and rejections."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from PIL import Image
+
+from inference.catalog import DEFAULT_MODEL, MODELS
+from inference.preprocess import ImageRejected, build_transform, decode_image, preprocess
+
+INFO = MODELS[DEFAULT_MODEL]
+MAX_PIXELS = 40_000_000
+
+
+def encode(image: Image.Image, fmt: str, **options: object) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **options)
+    return buffer.getvalue()
+
+
+def test_photo_becomes_a_normalised_input_tensor(photos: dict[str, bytes]) -> None:
+    tensor = preprocess(photos["coffee"], INFO, build_transform(INFO), MAX_PIXELS)
+    assert tensor.shape == (3, 224, 224)
+    assert tensor.dtype == torch.float32
+    # TF-Lite normalisation maps 0..255 to about -0.99..1.0
+    assert -1.0 <= float(tensor.min()) < 0 < float(tensor.max()) <= 1.0
+
+
+def test_large_jpegs_are_draft_decoded_but_keep_enough_pixels(photos: dict[str, bytes]) -> None:
+    big = Image.open(io.BytesIO(photos["coffee"])).resize((1920, 1280))
+    image = decode_image(encode(big, "JPEG", quality=90), min_side=256, max_pixels=MAX_PIXELS)
+    assert image.mode == "RGB"
+    assert min(image.size) >= 256
+    assert image.size[0] <= 1920 // 2  # the DCT-domain downscale happened
+
+
+@pytest.mark.parametrize(
+    ("mode", "fmt"),
+    [("L", "PNG"), ("LA", "PNG"), ("P", "PNG"), ("RGBA", "PNG"), ("CMYK", "JPEG"), ("I;16", "PNG"),
+     ("RGB", "WEBP"), ("RGB", "BMP"), ("RGB", "TIFF"), ("P", "GIF")],
+)
+def test_any_mode_and_common_format_becomes_rgb(mode: str, fmt: str) -> None:
+    if mode == "I;16":
+        source = Image.new("I;16", (300, 280))
+        source.putpixel((10, 10), 65535)
+    else:
+        source = Image.new("RGB", (300, 280), (200, 30, 30)).convert(mode)
+    image = decode_image(encode(source, fmt), min_side=256, max_pixels=MAX_PIXELS)
+    assert image.mode == "RGB"
+    assert image.size == (300, 280)
+    if mode == "I;16":
+        assert image.getpixel((10, 10)) == (255, 255, 255)  # scaled, not clipped
+        assert image.getpixel((0, 0)) == (0, 0, 0)
+
+
+def test_transparent_pixels_become_white() -> None:
+    source = Image.new("RGBA", (300, 300), (0, 0, 0, 0))
+    image = decode_image(encode(source, "PNG"), min_side=256, max_pixels=MAX_PIXELS)
+    assert image.getpixel((5, 5)) == (255, 255, 255)
+
+
+def test_exif_orientation_is_applied() -> None:
+    source = Image.new("RGB", (400, 300), (0, 128, 0))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° clockwise to display
+    image = decode_image(encode(source, "JPEG", exif=exif), min_side=256, max_pixels=MAX_PIXELS)
+    assert image.size == (300, 400)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"", b"plain text, not an image", b"\xff\xd8\xff\xe0" + b"\x00" * 100],
+    ids=["empty", "text", "jpeg-magic-then-garbage"],
+)
+def test_non_images_are_rejected(data: bytes) -> None:
+    with pytest.raises(ImageRejected) as caught:
+        decode_image(data, min_side=256, max_pixels=MAX_PIXELS)
+    assert caught.value.code == "not_an_image"
+
+
+def test_truncated_jpeg_is_rejected(photos: dict[str, bytes]) -> None:
+    with pytest.raises(ImageRejected) as caught:
+        decode_image(photos["coffee"][: len(photos["coffee"]) // 2], min_side=256, max_pixels=MAX_PIXELS)
+    assert caught.value.code == "not_an_image"
+
+
+def test_pixel_cap_is_checked_before_decoding() -> None:
+    data = encode(Image.new("L", (3000, 3000)), "PNG")
+    with pytest.raises(ImageRejected) as caught:
+        decode_image(data, min_side=256, max_pixels=3000 * 3000 - 1)
+    assert caught.value.code == "image_too_large"

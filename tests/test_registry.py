@@ -1,0 +1,122 @@
+"""The in-memory registry: transitions, sticky final states, listing and pagination."""
+
+from __future__ import annotations
+
+import pytest
+
+from service.registry import InMemoryRegistry, InvalidCursor
+from service.schemas import ErrorInfo, ItemStatus, Label, TaskStatus
+
+LABELS = [Label(label="espresso", class_index=967, score=0.9)]
+
+
+async def test_create_gives_a_queued_task_with_pending_items() -> None:
+    registry = InMemoryRegistry()
+    task = await registry.create(["http://a/1", "http://a/1"], "m", 5)
+    assert task.status is TaskStatus.QUEUED
+    assert task.started_at is None and task.finished_at is None
+    assert [(item.index, item.url, item.status) for item in task.items] == [
+        (0, "http://a/1", ItemStatus.PENDING),
+        (1, "http://a/1", ItemStatus.PENDING),
+    ]
+    assert await registry.unfinished_images() == 2
+    assert await registry.get(task.task_id) == task
+    assert await registry.get("nope") is None
+
+
+async def test_items_move_on_and_the_task_completes_when_all_are_final() -> None:
+    registry = InMemoryRegistry()
+    task = await registry.create(["u0", "u1"], "m", 1)
+    assert await registry.update_item(task.task_id, 0, ItemStatus.DOWNLOADING)
+    running = await registry.get(task.task_id)
+    assert running.status is TaskStatus.RUNNING and running.started_at is not None
+    assert await registry.update_item(task.task_id, 0, ItemStatus.SUCCEEDED, labels=LABELS)
+    error = ErrorInfo(code="http_error", message="404", http_status=404)
+    assert await registry.update_item(task.task_id, 1, ItemStatus.FAILED, error=error)
+
+    done = await registry.get(task.task_id)
+    assert done.status is TaskStatus.COMPLETED
+    assert done.finished_at is not None
+    assert done.progress.model_dump() == {"total": 2, "done": 2, "succeeded": 1, "failed": 1, "cancelled": 0}
+    assert done.items[0].labels == LABELS and done.items[1].error == error
+    assert await registry.unfinished_images() == 0
+
+
+async def test_final_states_are_sticky() -> None:
+    registry = InMemoryRegistry()
+    task = await registry.create(["u0", "u1"], "m", 1)
+    await registry.update_item(task.task_id, 0, ItemStatus.SUCCEEDED, labels=LABELS)
+    assert not await registry.update_item(task.task_id, 0, ItemStatus.FAILED)
+
+    cancelled = await registry.cancel(task.task_id)
+    assert cancelled.status is TaskStatus.CANCELLED
+    assert [item.status for item in cancelled.items] == [ItemStatus.SUCCEEDED, ItemStatus.CANCELLED]
+    # A batch that was already in a worker reports back after the cancel: refused.
+    assert not await registry.update_item(task.task_id, 1, ItemStatus.SUCCEEDED, labels=LABELS)
+    assert await registry.get(task.task_id) == cancelled
+    assert await registry.cancel(task.task_id) == cancelled  # cancelling twice changes nothing
+    assert await registry.unfinished_images() == 0
+
+
+async def test_snapshots_do_not_change_under_later_updates() -> None:
+    registry = InMemoryRegistry()
+    task = await registry.create(["u0"], "m", 1)
+    await registry.update_item(task.task_id, 0, ItemStatus.SUCCEEDED, labels=LABELS)
+    assert task.items[0].status is ItemStatus.PENDING
+    assert task.status is TaskStatus.QUEUED
+
+
+async def test_fail_closes_unfinished_items_with_the_task_error() -> None:
+    registry = InMemoryRegistry()
+    task = await registry.create(["u0", "u1"], "m", 1)
+    await registry.update_item(task.task_id, 0, ItemStatus.SUCCEEDED, labels=LABELS)
+    error = ErrorInfo(code="model_unavailable", message="no weights")
+    assert await registry.fail(task.task_id, error)
+    failed = await registry.get(task.task_id)
+    assert failed.status is TaskStatus.FAILED and failed.error == error
+    assert failed.items[1].status is ItemStatus.FAILED and failed.items[1].error == error
+    assert failed.items[0].status is ItemStatus.SUCCEEDED
+    assert not await registry.fail(task.task_id, error)
+    assert (await registry.cancel(task.task_id)).status is TaskStatus.FAILED
+
+
+async def test_remove_cancels_and_forgets() -> None:
+    registry = InMemoryRegistry()
+    task = await registry.create(["u0"], "m", 1)
+    removed = await registry.remove(task.task_id)
+    assert removed.status is TaskStatus.CANCELLED
+    assert await registry.get(task.task_id) is None
+    assert await registry.remove(task.task_id) is None
+    assert await registry.unfinished_images() == 0
+
+
+async def test_list_is_newest_first_with_filter_and_cursor() -> None:
+    registry = InMemoryRegistry()
+    ids = [(await registry.create([f"u{n}"], "m", 1)).task_id for n in range(5)]
+    await registry.cancel(ids[1])
+    await registry.cancel(ids[3])
+
+    first = await registry.list(None, 2, None)
+    assert [task.task_id for task in first.tasks] == [ids[4], ids[3]]
+    second = await registry.list(None, 2, first.next_cursor)
+    assert [task.task_id for task in second.tasks] == [ids[2], ids[1]]
+    third = await registry.list(None, 2, second.next_cursor)
+    assert [task.task_id for task in third.tasks] == [ids[0]]
+    assert third.next_cursor is None
+
+    cancelled = await registry.list(TaskStatus.CANCELLED, 1, None)
+    assert [task.task_id for task in cancelled.tasks] == [ids[3]]
+    rest = await registry.list(TaskStatus.CANCELLED, 1, cancelled.next_cursor)
+    assert [task.task_id for task in rest.tasks] == [ids[1]]
+    assert rest.next_cursor is None
+
+    # A cursor stays valid when the task it points at is removed meanwhile.
+    await registry.remove(ids[3])
+    assert [task.task_id for task in (await registry.list(None, 10, first.next_cursor)).tasks] == ids[2::-1]
+
+
+@pytest.mark.parametrize("cursor", ["=", "!!!", "c2VxOng", "bm9wZTox", "//79"])  # ..., "seq:x", "nope:1", bytes
+async def test_foreign_cursors_are_rejected(cursor: str) -> None:
+    registry = InMemoryRegistry()
+    with pytest.raises(InvalidCursor):
+        await registry.list(None, 10, cursor)
