@@ -23,6 +23,10 @@ class ModelInfo:
 
 DEFAULT_MODEL = "efficientnet_lite0"
 
+# Execution engines for the same weights (inference.runtimes builds them).
+RUNTIMES = ("onnx", "eager", "channels_last", "torchscript", "compile")
+DEFAULT_RUNTIME = "onnx"
+
 # TF-Lite's EfficientNet-Lite preprocessing: (x - 127) / 128 on 0..255 pixels.
 _TFLITE_MEAN = (127 / 255, 127 / 255, 127 / 255)
 _TFLITE_STD = (128 / 255, 128 / 255, 128 / 255)

@@ -10,6 +10,7 @@ from torchvision.transforms import v2
 
 from inference.catalog import MODELS, ModelInfo
 from inference.preprocess import build_transform
+from inference.runtimes import Runner, build_runner
 
 
 class ModelLoadError(Exception):
@@ -19,7 +20,7 @@ class ModelLoadError(Exception):
 @dataclass(frozen=True)
 class LoadedModel:
     info: ModelInfo
-    module: torch.nn.Module
+    run: Runner  # float batch -> logits
     transform: v2.Compose
     categories: tuple[str, ...]
 
@@ -29,20 +30,19 @@ def imagenet_categories() -> tuple[str, ...]:
     return tuple(EfficientNet_B0_Weights.IMAGENET1K_V1.meta["categories"])
 
 
-def load_model(name: str) -> LoadedModel:
+def load_model(name: str, runtime: str, threads: int) -> LoadedModel:
     info = MODELS.get(name)
     if info is None:
         raise ModelLoadError(f"unknown model {name!r}")
     try:
-        module = _load_module(info)
+        run = build_runner(_load_module(info), runtime, info.input_size, threads)
     except ModelLoadError:
         raise
-    except Exception as exc:  # a broken weights file, a missing package, ...
+    except Exception as exc:  # a broken weights file, a missing package, a failed export...
         raise ModelLoadError(f"model {name!r} could not be loaded: {exc}") from exc
-    module.eval()
     return LoadedModel(
         info=info,
-        module=module,
+        run=run,
         transform=build_transform(info),
         categories=imagenet_categories(),
     )

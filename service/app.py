@@ -6,6 +6,8 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
+from inference.worker import WorkerConfig
+
 from service.appkeys import DISPATCHER, POOL, REGISTRY, SESSION, SETTINGS
 from service.dispatcher import Dispatcher
 from service.errors import error_middleware
@@ -18,12 +20,13 @@ from service.settings import Settings
 
 async def pool_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
-    pool = ProcessInferencePool(
-        workers=settings.resolved_workers(),
-        threads=settings.resolved_threads(),
+    config = WorkerConfig(
         default_model=settings.default_model,
+        runtime=settings.runtime,
+        threads=settings.resolved_threads(),
         max_pixels=settings.max_image_pixels,
     )
+    pool = ProcessInferencePool(settings.resolved_workers(), config)
     try:
         await pool.check_started()
         app[POOL] = pool

@@ -15,7 +15,7 @@ from concurrent.futures.process import BrokenProcessPool
 from typing import Protocol
 
 from inference import worker
-from inference.worker import Outcome
+from inference.worker import Outcome, WorkerConfig
 
 log = logging.getLogger(__name__)
 
@@ -27,9 +27,9 @@ class InferencePool(Protocol):
 
 
 class ProcessInferencePool:
-    def __init__(self, workers: int, threads: int, default_model: str, max_pixels: int) -> None:
+    def __init__(self, workers: int, config: WorkerConfig) -> None:
         self.workers = workers
-        self._initargs = (default_model, threads, max_pixels)
+        self._config = config
         self._executor = self._new_executor()
 
     def _new_executor(self) -> ProcessPoolExecutor:
@@ -37,7 +37,7 @@ class ProcessInferencePool:
             max_workers=self.workers,
             mp_context=multiprocessing.get_context("spawn"),
             initializer=worker.init_worker,
-            initargs=self._initargs,
+            initargs=(self._config,),
         )
 
     async def check_started(self, timeout: float = 180.0) -> None:

@@ -11,7 +11,7 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 
-from inference.catalog import DEFAULT_MODEL
+from inference.catalog import DEFAULT_MODEL, DEFAULT_RUNTIME, RUNTIMES
 
 ENV_PREFIX = "ICS_"
 
@@ -30,6 +30,7 @@ class Settings:
     port: int = _opt(8080, "TCP port to listen on")
     workers: int = _opt(0, "inference worker processes; 0 = one per available core")
     threads_per_worker: int = _opt(0, "torch threads per worker; 0 = cores / workers (at least 1)")
+    runtime: str = _opt(DEFAULT_RUNTIME, f"inference engine: {', '.join(RUNTIMES)}")
     default_model: str = _opt(DEFAULT_MODEL, "model used when a request names none")
     default_top_k: int = _opt(5, "labels per image when a request gives no top_k")
     max_top_k: int = _opt(20, "largest top_k a request may ask for")
@@ -104,6 +105,8 @@ def validate(settings: Settings) -> list[str]:
                  "batch_size", "max_queued_images", "max_image_bytes", "max_image_pixels"):
         if getattr(settings, name) < 1:
             problems.append(f"{_flag(name)} must be at least 1")
+    if settings.runtime not in RUNTIMES:
+        problems.append(f"--runtime must be one of: {', '.join(RUNTIMES)}")
     if settings.default_top_k > settings.max_top_k:
         problems.append("--default-top-k must not exceed --max-top-k")
     return problems
