@@ -10,11 +10,8 @@ from torchvision.transforms import v2
 
 from inference.catalog import MODELS, ModelInfo
 from inference.preprocess import build_transform
+from inference.protocol import ModelLoadError
 from inference.runtimes import Runner, build_runner
-
-
-class ModelLoadError(Exception):
-    """A model is unknown or its weights cannot be loaded."""
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,8 @@
 
 Decoding is the most expensive step for large photos, so JPEGs are decoded with Pillow's
 draft mode (a DCT-domain downscale) to the smallest size that is still at least the
-resize target; the exact torchvision transform then runs on a much smaller image.
+resize target, and any image still twice that size or more is box-reduced by an integer
+factor; the exact torchvision transform then runs on a much smaller image.
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ def decode_image(data: bytes, min_side: int, max_pixels: int) -> Image.Image:
             if image.format == "JPEG":
                 image.draft("RGB", _draft_request(width, height, min_side))
             image.load()
+            image = _reduce(image, min_side)
             image = ImageOps.exif_transpose(image)
             return _to_rgb(image)
     except ImageRejected:
@@ -73,6 +75,18 @@ def _draft_request(width: int, height: int, min_side: int) -> tuple[int, int]:
     """Size to ask draft() for so that the shorter side stays >= min_side."""
     scale = min_side / min(width, height)
     return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def _reduce(image: Image.Image, min_side: int) -> Image.Image:
+    """Cheap integer-factor box downscale, keeping the shorter side >= min_side.
+
+    Draft mode only helps JPEGs (and only by 1/2, 1/4, 1/8); this brings any large image
+    close to the target before the exact, more expensive antialiased resize.
+    """
+    factor = min(image.size) // min_side
+    if factor < 2 or image.mode not in ("RGB", "RGBA", "L", "LA", "CMYK", "I", "F"):
+        return image
+    return image.reduce(factor)
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from inference.worker import WorkerConfig
+from inference.protocol import WorkerConfig
 
 from service.appkeys import DISPATCHER, POOL, REGISTRY, SESSION, SETTINGS
 from service.dispatcher import Dispatcher
@@ -25,6 +25,7 @@ async def pool_ctx(app: web.Application) -> AsyncIterator[None]:
         runtime=settings.runtime,
         threads=settings.resolved_threads(),
         max_pixels=settings.max_image_pixels,
+        nice=settings.worker_nice,
     )
     pool = ProcessInferencePool(settings.resolved_workers(), config)
     try:

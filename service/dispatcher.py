@@ -17,8 +17,7 @@ from concurrent.futures.process import BrokenProcessPool
 
 import aiohttp
 
-from inference.models import ModelLoadError
-from inference.worker import Prediction
+from inference.protocol import ModelLoadError, Prediction
 from service.batching import BatchQueue, Job
 from service.fetcher import FetchError, FetchLimits, fetch
 from service.pool import InferencePool

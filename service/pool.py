@@ -15,14 +15,14 @@ from concurrent.futures.process import BrokenProcessPool
 from typing import Protocol
 
 from inference import worker
-from inference.worker import Outcome, WorkerConfig
+from inference.protocol import Outcome, WorkerConfig
 
 log = logging.getLogger(__name__)
 
 
 class InferencePool(Protocol):
     async def classify(self, model: str, images: list[bytes], top_k: list[int]) -> list[Outcome]:
-        """One forward pass; raises inference.models.ModelLoadError if `model` cannot load."""
+        """One forward pass; raises inference.protocol.ModelLoadError if `model` cannot load."""
         ...
 
 

@@ -30,6 +30,7 @@ class Settings:
     port: int = _opt(8080, "TCP port to listen on")
     workers: int = _opt(0, "inference worker processes; 0 = one per available core")
     threads_per_worker: int = _opt(0, "torch threads per worker; 0 = cores / workers (at least 1)")
+    worker_nice: int = _opt(5, "niceness added to workers, so the event loop stays responsive under load")
     runtime: str = _opt(DEFAULT_RUNTIME, f"inference engine: {', '.join(RUNTIMES)}")
     default_model: str = _opt(DEFAULT_MODEL, "model used when a request names none")
     default_top_k: int = _opt(5, "labels per image when a request gives no top_k")
@@ -105,6 +106,8 @@ def validate(settings: Settings) -> list[str]:
                  "batch_size", "max_queued_images", "max_image_bytes", "max_image_pixels"):
         if getattr(settings, name) < 1:
             problems.append(f"{_flag(name)} must be at least 1")
+    if settings.worker_nice > 19:
+        problems.append("--worker-nice must be at most 19")
     if settings.runtime not in RUNTIMES:
         problems.append(f"--runtime must be one of: {', '.join(RUNTIMES)}")
     if settings.default_top_k > settings.max_top_k:

@@ -92,3 +92,10 @@ def test_pixel_cap_is_checked_before_decoding() -> None:
     with pytest.raises(ImageRejected) as caught:
         decode_image(data, min_side=256, max_pixels=3000 * 3000 - 1)
     assert caught.value.code == "image_too_large"
+
+
+def test_large_non_jpeg_images_are_reduced_before_the_exact_resize(photos: dict[str, bytes]) -> None:
+    big = Image.open(io.BytesIO(photos["rocket"])).resize((2400, 1600))
+    image = decode_image(encode(big, "PNG"), min_side=256, max_pixels=MAX_PIXELS)
+    assert 256 <= min(image.size) < 2 * 256
+    assert image.size == (400, 267)  # reduced by 1600 // 256 = 6, rounding up

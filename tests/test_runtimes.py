@@ -7,6 +7,7 @@ import torch
 
 from inference.catalog import DEFAULT_MODEL, RUNTIMES
 from inference.models import load_model
+from inference.protocol import ModelLoadError
 from inference.preprocess import preprocess
 
 
@@ -35,7 +36,5 @@ def test_runtime_agrees_with_eager(runtime: str, batch: torch.Tensor, eager_prob
 
 
 def test_unknown_runtime_is_a_load_error() -> None:
-    from inference.models import ModelLoadError
-
     with pytest.raises(ModelLoadError):
         load_model(DEFAULT_MODEL, "tensorflow", threads=1)

@@ -46,3 +46,24 @@ def test_help_documents_every_setting_and_its_variable() -> None:
     for spec in fields(Settings):
         assert "--" + spec.name.replace("_", "-") in text
         assert "ICS_" + spec.name.upper() in text
+
+
+def test_the_web_process_does_not_import_torch() -> None:
+    """Only workers load torch (~900 MiB RSS); the service side must stay light."""
+    import subprocess
+    import sys
+
+    code = "import sys, run_service, service.app; print(sorted({'torch', 'torchvision', 'onnxruntime'} & set(sys.modules)))"
+    output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert output.strip() == "[]"
+
+
+def test_workers_and_threads_follow_the_usable_cores() -> None:
+    import os
+
+    cores = len(os.sched_getaffinity(0))
+    settings = Settings()
+    assert settings.resolved_workers() == cores
+    assert settings.resolved_workers() * settings.resolved_threads() <= max(cores, 1)
+    assert Settings(workers=1).resolved_threads() == cores
+    assert Settings(workers=3, threads_per_worker=2).resolved_threads() == 2

@@ -1,0 +1,309 @@
+"""Throughput and latency benchmark: offline limit vs the real service end to end.
+
+    .venv/bin/python -m bench.run_bench            # ~2-3 minutes on 2 cores
+
+In one run it (1) makes >= 1,000 realistic JPEGs and serves them from a loopback image
+server in its own process; (2) measures the offline limit: the service's own worker code,
+model, runtime and preprocessing on the same bytes, all workers busy, no HTTP; (3) starts
+`run_service.py` as a subprocess and times one 1,000-URL task and 100 concurrent 10-URL
+tasks from the first POST to the last item done; (4) measures GET /tasks/<id> and
+POST /submit latency while the service is saturated; (5) reports peak memory of the
+service and its workers. It prints a table with the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import psutil
+from aiohttp import web
+
+from bench.images import make_images
+from inference.catalog import DEFAULT_MODEL
+from inference.protocol import WorkerConfig
+from inference.worker import classify_batch, init_worker
+from service.settings import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# --- the image server (its own process, so it does not share the bench's event loop) ---
+
+
+def _serve_images(directory: str, port: int) -> None:
+    app = web.Application()
+    app.router.add_static("/img", directory)
+    web.run_app(app, host="127.0.0.1", port=port, print=None, access_log=None)
+
+
+def start_image_server(directory: str) -> tuple[multiprocessing.Process, int]:
+    port = free_port()
+    process = multiprocessing.get_context("spawn").Process(target=_serve_images, args=(directory, port), daemon=True)
+    process.start()
+    _wait_for_port(port)
+    return process, port
+
+
+def _wait_for_port(port: int, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise TimeoutError(f"nothing listens on port {port}")
+
+
+# --- (2) the offline limit ---
+
+
+def offline_limit(images: list[bytes], settings: Settings) -> float:
+    """Images/s of the worker code itself: same bytes, batches on every worker, no HTTP."""
+    workers, size = settings.resolved_workers(), settings.batch_size
+    config = WorkerConfig(
+        DEFAULT_MODEL, settings.runtime, settings.resolved_threads(), settings.max_image_pixels, settings.worker_nice
+    )
+    batches = [images[start:start + size] for start in range(0, len(images), size)]
+    with ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"), init_worker, (config,)) as pool:
+        warm = [pool.submit(classify_batch, DEFAULT_MODEL, batches[0], [5] * len(batches[0])) for _ in range(workers * 2)]
+        [future.result() for future in warm]
+        started = time.perf_counter()
+        futures = [pool.submit(classify_batch, DEFAULT_MODEL, batch, [5] * len(batch)) for batch in batches]
+        done = sum(len(future.result()) for future in futures)
+        return done / (time.perf_counter() - started)
+
+
+# --- (3)-(5) the service end to end ---
+
+
+class MemoryWatch:
+    """Samples the memory of the service process and its workers; keeps the peaks.
+
+    RSS counts the shared pages of the torch/CUDA libraries once per process; PSS shares
+    them out, so the PSS total is what the service really costs the machine.
+    """
+
+    def __init__(self, pid: int) -> None:
+        self.process = psutil.Process(pid)
+        self.peak: dict[str, int] = {"main_rss": 0, "workers_rss": 0, "total_rss": 0, "total_pss": 0}
+
+    def sample(self) -> None:
+        try:
+            processes = [self.process, *self.process.children(recursive=True)]
+            infos = [process.memory_full_info() for process in processes]
+        except psutil.Error:
+            return
+        now = {
+            "main_rss": infos[0].rss,
+            "workers_rss": sum(info.rss for info in infos[1:]),
+            "total_rss": sum(info.rss for info in infos),
+            "total_pss": sum(info.pss for info in infos),
+        }
+        self.peak = {key: max(value, now[key]) for key, value in self.peak.items()}
+
+    async def run(self) -> None:
+        while True:
+            self.sample()
+            await asyncio.sleep(0.25)
+
+
+async def submit(http: aiohttp.ClientSession, base: str, urls: list[str]) -> str:
+    async with http.post(f"{base}/submit", json={"urls": urls}) as response:
+        body = await response.json()
+        if response.status != 202:
+            raise RuntimeError(f"submit failed: {response.status} {body}")
+        return body["task_id"]
+
+
+async def wait_all_done(http: aiohttp.ClientSession, base: str, task_ids: set[str]) -> None:
+    """Poll the task list (summaries only) until every task in `task_ids` is final."""
+    pending = set(task_ids)
+    while pending:
+        async with http.get(f"{base}/tasks", params={"limit": "500"}) as response:
+            page = await response.json()
+        for task in page["tasks"]:
+            if task["task_id"] in pending and task["status"] in ("completed", "failed", "cancelled"):
+                if task["status"] != "completed" or task["progress"]["failed"]:
+                    raise RuntimeError(f"task {task['task_id']} ended {task['status']}: {task['progress']}")
+                pending.discard(task["task_id"])
+        await asyncio.sleep(0.1)  # coarse enough not to steal CPU from the service
+
+
+async def one_big_task(http: aiohttp.ClientSession, base: str, urls: list[str]) -> float:
+    started = time.perf_counter()
+    task_id = await submit(http, base, urls)
+    await wait_all_done(http, base, {task_id})
+    return len(urls) / (time.perf_counter() - started)
+
+
+async def many_small_tasks(http: aiohttp.ClientSession, base: str, urls: list[str], tasks: int) -> float:
+    size = len(urls) // tasks
+    started = time.perf_counter()
+    task_ids = await asyncio.gather(*(submit(http, base, urls[n * size:(n + 1) * size]) for n in range(tasks)))
+    await wait_all_done(http, base, set(task_ids))
+    return size * tasks / (time.perf_counter() - started)
+
+
+async def latency_under_load(http: aiohttp.ClientSession, base: str, urls: list[str]) -> dict[str, list[float]]:
+    """Time GET /tasks/<id> (the running 1,000-item task) and POST /submit while it runs."""
+    big = await submit(http, base, urls)
+    timings: dict[str, list[float]] = {"get": [], "submit": []}
+    small_tasks: set[str] = set()
+    while True:
+        started = time.perf_counter()
+        async with http.get(f"{base}/tasks/{big}") as response:
+            task = await response.json()
+        timings["get"].append(time.perf_counter() - started)
+        if task["status"] != "running":
+            break
+        if len(timings["get"]) % 4 == 0:
+            started = time.perf_counter()
+            small_tasks.add(await submit(http, base, urls[:1]))
+            timings["submit"].append(time.perf_counter() - started)
+        await asyncio.sleep(0.05)
+    await wait_all_done(http, base, small_tasks)
+    return timings
+
+
+def cpu_seconds(processes: list[psutil.Process]) -> float:
+    return sum(sum(process.cpu_times()[:2]) for process in processes)
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(fraction * (len(ordered) - 1))))]
+
+
+async def service_run(args: argparse.Namespace, image_server_pid: int, image_port: int, count: int) -> dict[str, Any]:
+    port = free_port()
+    command = [sys.executable, "run_service.py", "--host", "127.0.0.1", "--port", str(port),
+               "--runtime", args.runtime, "--workers", str(args.workers), "--threads-per-worker", str(args.threads)]
+    service = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    urls = [f"http://127.0.0.1:{image_port}/img/{n}.jpg" for n in range(count)]
+    try:
+        await asyncio.to_thread(_wait_for_port, port)
+        memory = MemoryWatch(service.pid)
+        sampler = asyncio.create_task(memory.run())
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=200)) as http:
+            await wait_all_done(http, base, {await submit(http, base, urls[:32])})  # warm-up
+            workers = [child for child in memory.process.children() if "spawn_main" in " ".join(child.cmdline())]
+            others = [psutil.Process(image_server_pid), psutil.Process()]
+            web_before, workers_before, started = cpu_seconds([memory.process]), cpu_seconds(workers), time.perf_counter()
+            others_before = [cpu_seconds([process]) for process in others]
+            big = [await one_big_task(http, base, urls) for _ in range(args.repeat)]
+            web_cpu_per_image = (cpu_seconds([memory.process]) - web_before) / len(urls) / args.repeat
+            elapsed = time.perf_counter() - started
+            worker_busy = (cpu_seconds(workers) - workers_before) / elapsed / len(workers)
+            other_cpu = [(cpu_seconds([process]) - before) / elapsed for process, before in zip(others, others_before)]
+            small = [await many_small_tasks(http, base, urls, tasks=args.small_tasks) for _ in range(args.repeat)]
+            latency = await latency_under_load(http, base, urls)
+        sampler.cancel()
+        return {"big": big, "small": small, "latency": latency, "memory": memory, "web_cpu": web_cpu_per_image,
+                "worker_busy": worker_busy, "other_cpu": other_cpu}
+    finally:
+        service.terminate()
+        service.wait(timeout=60)
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def runs(values: list[float]) -> str:
+    return f" (median of {', '.join(f'{value:.1f}' for value in values)})" if len(values) > 1 else ""
+
+
+def mib(size: int) -> str:
+    return f"{size / 2**20:.0f} MiB"
+
+
+def main() -> None:
+    defaults = Settings()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=1000)
+    parser.add_argument("--small-tasks", type=int, default=100)
+    parser.add_argument("--runtime", default=defaults.runtime)
+    parser.add_argument("--workers", type=int, default=defaults.resolved_workers())
+    parser.add_argument("--threads", type=int, default=defaults.resolved_threads())
+    parser.add_argument("--repeat", type=int, default=3, help="runs per throughput figure; the median is reported")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args()
+    settings = Settings(runtime=args.runtime, workers=args.workers, threads_per_worker=args.threads)
+
+    print(f"making {args.images} JPEGs ...", flush=True)
+    images = make_images(args.images)
+    with tempfile.TemporaryDirectory() as directory:
+        for number, data in enumerate(images):
+            Path(directory, f"{number}.jpg").write_bytes(data)
+        server, image_port = start_image_server(directory)
+        try:
+            print("offline limit ...", flush=True)
+            offline = [offline_limit(images, settings) for _ in range(args.repeat)]
+            print("service end to end ...", flush=True)
+            result = asyncio.run(service_run(args, server.pid, image_port, len(images)))
+            result["offline"] = offline
+        finally:
+            server.terminate()
+
+    memory: MemoryWatch = result["memory"]
+    offline, big, small = median(offline), median(result["big"]), median(result["small"])
+    get, post = result["latency"]["get"], result["latency"]["submit"]
+    sizes = sorted(len(data) for data in images)
+    rows = [
+        ("machine", f"{os.cpu_count()} CPUs, {len(os.sched_getaffinity(0))} usable; "
+                    f"{args.workers} workers x {args.threads} threads; runtime {args.runtime}"),
+        ("images", f"{len(images)} JPEGs, 640x480..1600x1200, median {sizes[len(sizes) // 2] // 1024} KiB"),
+        ("offline limit", f"{offline:.1f} images/s" + runs(result["offline"])),
+        ("1 task x 1,000 URLs", f"{big:.1f} images/s = {big / offline:.0%} of offline" + runs(result["big"])),
+        (f"{args.small_tasks} tasks x {len(images) // args.small_tasks} URLs",
+         f"{small:.1f} images/s = {small / offline:.0%} of offline" + runs(result["small"])),
+        ("GET /tasks/<id> (1,000 items), saturated",
+         f"p50 {percentile(get, 0.5) * 1000:.1f} ms, p99 {percentile(get, 0.99) * 1000:.1f} ms (n={len(get)})"),
+        ("POST /submit, saturated",
+         f"p50 {percentile(post, 0.5) * 1000:.1f} ms, p99 {percentile(post, 0.99) * 1000:.1f} ms (n={len(post)})"),
+        ("web process CPU per image", f"{result['web_cpu'] * 1000:.2f} ms (HTTP, downloads, registry, dispatch)"),
+        ("worker CPU busy, 1,000-URL task", f"{result['worker_busy']:.0%} of each worker's wall time"),
+        ("bench's own CPU, 1,000-URL task", f"image server {result['other_cpu'][0]:.0%}, "
+                                            f"client {result['other_cpu'][1]:.0%} of a core"),
+        ("peak memory", f"RSS service {mib(memory.peak['main_rss'])}, workers {mib(memory.peak['workers_rss'])}, "
+                        f"total {mib(memory.peak['total_rss'])}; PSS total {mib(memory.peak['total_pss'])}"),
+    ]
+    width = max(len(name) for name, _ in rows)
+    print()
+    for name, value in rows:
+        print(f"| {name.ljust(width)} | {value} |")
+    if args.json:
+        args.json.write_text(json.dumps({
+            "offline_images_per_s": result["offline"], "big_task_images_per_s": result["big"],
+            "small_tasks_images_per_s": result["small"],
+            "get_p50_s": percentile(get, 0.5), "get_p99_s": percentile(get, 0.99),
+            "submit_p50_s": percentile(post, 0.5), "submit_p99_s": percentile(post, 0.99),
+            "peak_memory_bytes": memory.peak, "get_samples": len(get), "submit_samples": len(post),
+            "mean_image_bytes": statistics.mean(sizes), "web_cpu_s_per_image": result["web_cpu"],
+            "worker_busy": result["worker_busy"],
+        }, indent=2))
+
+
+if __name__ == "__main__":
+    main()

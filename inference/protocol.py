@@ -1,0 +1,45 @@
+"""What crosses between the service and the worker processes: config, results, errors.
+
+Plain picklable data with no torch import, so the web process can use it without loading
+torch (importing torch costs ~900 MiB of RSS with the PyPI build).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    default_model: str
+    runtime: str
+    threads: int
+    max_pixels: int
+    nice: int = 0  # added to the worker's niceness: the web process then wins the CPU
+
+
+@dataclass(frozen=True)
+class Label:
+    class_index: int
+    label: str
+    score: float
+
+
+@dataclass(frozen=True)
+class Prediction:
+    labels: tuple[Label, ...]
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """An image this service will not classify; `code` is API-stable."""
+
+    code: str
+    message: str
+
+
+Outcome = Prediction | Rejection
+
+
+class ModelLoadError(Exception):
+    """A model is unknown or its weights cannot be loaded."""
