@@ -1,7 +1,8 @@
-"""Download image bytes over HTTP(S) with hard limits on time and size.
+"""Download image bytes over HTTP(S) with hard limits on time, size, redirects and address.
 
 Every way a download can go wrong becomes a `FetchError` with a stable `code`, so that the
-dispatcher can record it on the item without knowing about aiohttp.
+dispatcher can record it on the item without knowing about aiohttp. Redirects are followed
+here, not by aiohttp, so that every hop's URL passes the same checks as a submitted one.
 """
 
 from __future__ import annotations
@@ -10,10 +11,13 @@ import errno
 from dataclasses import dataclass
 
 import aiohttp
+from yarl import URL
 
+from service.netpolicy import AddressPolicy, BlockedAddressError, PolicyResolver, url_problem
 from service.settings import Settings
 
 CHUNK_BYTES = 64 * 1024
+REDIRECT_STATUSES = {301, 302, 303, 307, 308}
 
 
 class FetchError(Exception):
@@ -28,21 +32,25 @@ class FetchError(Exception):
 class FetchLimits:
     max_bytes: int
     max_redirects: int
+    max_url_length: int
 
     @classmethod
     def from_settings(cls, settings: Settings) -> FetchLimits:
-        return cls(max_bytes=settings.max_image_bytes, max_redirects=settings.max_redirects)
+        return cls(settings.max_image_bytes, settings.max_redirects, settings.max_url_length)
 
 
 def make_session(settings: Settings) -> aiohttp.ClientSession:
-    """The one shared client: aiodns resolution, bounded connections, every timeout set."""
+    """The one shared client: aiodns resolution behind the address policy, bounded
+    connections, every timeout set, no proxies or credentials from the environment."""
+    policy = AddressPolicy.from_strings(settings.allow_private_networks, settings.allowed_network_list())
     connector = aiohttp.TCPConnector(
-        resolver=aiohttp.AsyncResolver(),
+        resolver=PolicyResolver(aiohttp.AsyncResolver(), policy),
+        socket_factory=policy.socket_factory,
         limit=settings.download_concurrency,
         ttl_dns_cache=60,
     )
     timeout = aiohttp.ClientTimeout(
-        total=settings.download_timeout,
+        total=settings.download_timeout,  # also ends a server that drips a byte at a time
         connect=settings.connect_timeout,
         sock_connect=settings.connect_timeout,
         sock_read=settings.read_timeout,
@@ -59,33 +67,54 @@ def make_session(settings: Settings) -> aiohttp.ClientSession:
 async def fetch(session: aiohttp.ClientSession, url: str, limits: FetchLimits) -> bytes:
     """The body of `url`, at most `limits.max_bytes` long, or FetchError."""
     try:
-        async with session.get(url, max_redirects=limits.max_redirects) as response:
-            if response.status >= 400:
-                raise FetchError(
-                    "http_error", f"the image host answered HTTP {response.status}", response.status
-                )
-            if response.content_length is not None and response.content_length > limits.max_bytes:
-                raise _too_large(limits.max_bytes)
-            body = bytearray()
-            async for chunk in response.content.iter_chunked(CHUNK_BYTES):
-                body += chunk
-                if len(body) > limits.max_bytes:
-                    raise _too_large(limits.max_bytes)
-            return bytes(body)
-    except aiohttp.TooManyRedirects as exc:
-        raise FetchError("too_many_redirects", f"more than {limits.max_redirects} redirects") from exc
-    except aiohttp.ClientConnectorDNSError as exc:
-        raise FetchError("dns_error", f"the host name could not be resolved: {exc.os_error}") from exc
+        for _ in range(limits.max_redirects + 1):
+            async with session.get(url, allow_redirects=False) as response:
+                if response.status in REDIRECT_STATUSES:
+                    url = _next_hop(url, response, limits)
+                    continue
+                if response.status >= 400:
+                    raise FetchError("http_error", f"the image host answered HTTP {response.status}", response.status)
+                return await _read_body(response, limits.max_bytes)
+        raise FetchError("too_many_redirects", f"more than {limits.max_redirects} redirects")
     except aiohttp.ClientConnectorError as exc:
+        if isinstance(exc.os_error, BlockedAddressError):
+            raise FetchError("blocked_address", str(exc.os_error)) from exc
+        if isinstance(exc, aiohttp.ClientConnectorDNSError):
+            raise FetchError("dns_error", f"the host name could not be resolved: {exc.os_error}") from exc
         refused = isinstance(exc.os_error, ConnectionRefusedError) or exc.os_error.errno == errno.ECONNREFUSED
         code = "connection_refused" if refused else "connection_error"
         raise FetchError(code, f"could not connect: {exc.os_error}") from exc
-    except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
+    except TimeoutError as exc:  # aiohttp's ServerTimeoutError is one too
         raise FetchError("timeout", "the download timed out") from exc
     except aiohttp.InvalidURL as exc:
         raise FetchError("invalid_url", f"invalid URL: {exc}") from exc
     except aiohttp.ClientError as exc:
         raise FetchError("download_error", f"the download failed: {exc!r}") from exc
+
+
+def _next_hop(url: str, response: aiohttp.ClientResponse, limits: FetchLimits) -> str:
+    location = response.headers.get("Location")
+    if not location:
+        raise FetchError("invalid_redirect", f"HTTP {response.status} redirect without a Location")
+    try:
+        target = str(URL(url).join(URL(location)))
+    except ValueError as exc:
+        raise FetchError("invalid_redirect", f"redirect to an invalid URL: {exc}") from exc
+    problem = url_problem(target, limits.max_url_length)
+    if problem:
+        raise FetchError("invalid_redirect", f"redirect refused: {problem}")
+    return target
+
+
+async def _read_body(response: aiohttp.ClientResponse, max_bytes: int) -> bytes:
+    if response.content_length is not None and response.content_length > max_bytes:
+        raise _too_large(max_bytes)
+    body = bytearray()
+    async for chunk in response.content.iter_chunked(CHUNK_BYTES):
+        body += chunk
+        if len(body) > max_bytes:
+            raise _too_large(max_bytes)
+    return bytes(body)
 
 
 def _too_large(max_bytes: int) -> FetchError:

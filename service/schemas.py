@@ -12,7 +12,8 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
-from yarl import URL
+
+from service.netpolicy import url_problem
 
 
 class TaskStatus(StrEnum):
@@ -153,20 +154,3 @@ class SubmitLimits(BaseModel):
     max_urls: int
     max_url_length: int
     max_top_k: int
-
-
-def url_problem(url: str, max_length: int) -> str | None:
-    """Why `url` is not an absolute http(s) URL this service will fetch, or None."""
-    if len(url) > max_length:
-        return f"URL is longer than {max_length} characters"
-    try:
-        parsed = URL(url)
-    except (ValueError, TypeError):
-        return "not a valid URL"
-    if parsed.scheme not in ("http", "https"):
-        return "only absolute http and https URLs are accepted"
-    if not parsed.host:
-        return "URL has no host"
-    if parsed.user is not None or parsed.password is not None:
-        return "URLs with user credentials are not accepted"
-    return None

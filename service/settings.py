@@ -7,6 +7,7 @@ prefix (`ICS_MAX_URLS_PER_TASK`); a flag wins over the variable, the variable ov
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
@@ -20,8 +21,8 @@ def available_cores() -> int:
     return len(os.sched_getaffinity(0))
 
 
-def _opt(default: object, help: str) -> object:
-    return field(default=default, metadata={"help": help})
+def _opt(default: object, help: str, secret: bool = False) -> object:
+    return field(default=default, repr=not secret, metadata={"help": help})
 
 
 @dataclass(frozen=True)
@@ -50,12 +51,33 @@ class Settings:
     batch_wait_ms: float = _opt(10.0, "how long a partial batch waits for more images")
     max_queued_images: int = _opt(256, "downloaded images waiting for the model (bounds memory)")
     shutdown_timeout: float = _opt(10.0, "seconds to finish open requests on shutdown")
+    shutdown_grace: float = _opt(30.0, "seconds active tasks may keep running after SIGTERM before they are cancelled")
+    allow_private_networks: bool = _opt(False, "let downloads reach loopback, private and other non-public addresses")
+    allowed_networks: str = _opt("", "comma-separated CIDRs downloads may reach even though not public")
+    batch_timeout: float = _opt(120.0, "seconds a batch may run before its worker is recycled and its images fail")
+    finished_task_ttl: float = _opt(3600.0, "seconds a finished task stays visible")
+    max_finished_tasks: int = _opt(10_000, "finished tasks kept at most (oldest evicted first)")
+    api_keys: str = _opt("", "comma-separated API keys; when set, every endpoint but /healthz needs one", secret=True)
+
+    def allowed_network_list(self) -> list[str]:
+        return _split(self.allowed_networks)
+
+    def api_key_list(self) -> list[str]:
+        return _split(self.api_keys)
 
     def resolved_workers(self) -> int:
         return self.workers or available_cores()
 
     def resolved_threads(self) -> int:
         return self.threads_per_worker or max(1, available_cores() // self.resolved_workers())
+
+
+def _split(value: str) -> list[str]:
+    return [part.strip() for part in value.split(",") if part.strip()]
+
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
 
 
 def _flag(name: str) -> str:
@@ -75,12 +97,20 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     for spec in fields(Settings):
         kind = type(spec.default)
         default = env.get(_env_name(spec.name), spec.default)
+        help = f"{spec.metadata['help']} [env {_env_name(spec.name)}]"
+        if kind is bool:
+            # A string from the environment is checked in load_settings.
+            parser.add_argument(
+                _flag(spec.name), dest=spec.name, action=argparse.BooleanOptionalAction, default=default, help=help
+            )
+            continue
         parser.add_argument(
             _flag(spec.name),
             dest=spec.name,
             type=kind,
             default=default,  # argparse converts a string default with `type`, and reports errors
-            help=f"{spec.metadata['help']} [env {_env_name(spec.name)}]",
+            # A secret's default (maybe from the environment) must not show in --help.
+            help=help if spec.repr else f"{help}; prefer the variable: flags show in ps %(default).0s",
         )
     return parser
 
@@ -88,8 +118,14 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
 def load_settings(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> Settings:
     environ = os.environ if env is None else env
     parser = build_parser(environ)
-    namespace = parser.parse_args(argv)
-    settings = Settings(**vars(namespace))
+    values = vars(parser.parse_args(argv))
+    for spec in fields(Settings):
+        value = values[spec.name]
+        if type(spec.default) is bool and isinstance(value, str):
+            if value.strip().lower() not in _TRUE | _FALSE:
+                parser.error(f"{_env_name(spec.name)} must be true or false, not {value!r}")
+            values[spec.name] = value.strip().lower() in _TRUE
+    settings = Settings(**values)
     problems = validate(settings)
     if problems:
         parser.error("; ".join(problems))
@@ -108,6 +144,11 @@ def validate(settings: Settings) -> list[str]:
             problems.append(f"{_flag(name)} must be at least 1")
     if settings.worker_nice > 19:
         problems.append("--worker-nice must be at most 19")
+    for network in settings.allowed_network_list():
+        try:
+            ipaddress.ip_network(network, strict=False)
+        except ValueError:
+            problems.append(f"--allowed-networks: {network!r} is not a CIDR network")
     if settings.runtime not in RUNTIMES:
         problems.append(f"--runtime must be one of: {', '.join(RUNTIMES)}")
     if settings.default_top_k > settings.max_top_k:

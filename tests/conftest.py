@@ -28,6 +28,7 @@ TEST_SETTINGS = Settings(
     max_image_bytes=1_000_000,
     batch_wait_ms=20.0,
     max_redirects=3,
+    allow_private_networks=True,  # the test image server is on 127.0.0.1
 )
 
 
@@ -41,6 +42,7 @@ class ImageServer:
 
     def __init__(self, photos: dict[str, bytes]) -> None:
         self.photos = photos
+        self.files: dict[str, bytes] = {}
         self.hits: Counter[str] = Counter()
         self.server: TestServer | None = None
         self.app = web.Application()
@@ -54,6 +56,9 @@ class ImageServer:
                 web.get("/big-stream", self._big_stream),
                 web.get("/hang", self._hang),
                 web.get("/loop", self._loop),
+                web.get("/redirect", self._redirect),
+                web.get("/drip", self._drip),
+                web.get("/file/{name}", self._file),
             ]
         )
 
@@ -111,12 +116,49 @@ class ImageServer:
         self.hits[request.path] += 1
         raise web.HTTPFound("/loop")
 
+    async def _redirect(self, request: web.Request) -> web.Response:
+        self.hits[request.path] += 1
+        raise web.HTTPFound(request.query["to"])
+
+    async def _drip(self, request: web.Request) -> web.StreamResponse:
+        """One byte every 0.2 s: never idle long enough for a read timeout."""
+        self.hits[request.path] += 1
+        response = web.StreamResponse(headers={"Content-Type": "image/jpeg"})
+        await response.prepare(request)
+        for _ in range(300):
+            await response.write(b"\xff")
+            await asyncio.sleep(0.2)
+        return response
+
+    async def _file(self, request: web.Request) -> web.Response:
+        """Any bytes a test put in `files`, served as image/jpeg whatever they are."""
+        self.hits[request.path] += 1
+        name = request.match_info["name"]
+        if name not in self.files:
+            raise web.HTTPNotFound()
+        return web.Response(body=self.files[name], content_type="image/jpeg")
+
+
+ImageServerFactory = Callable[[str], Awaitable[ImageServer]]
+
 
 @pytest.fixture
-async def image_server(aiohttp_server: Callable[..., Awaitable[TestServer]], photos: dict[str, bytes]) -> ImageServer:
-    images = ImageServer(photos)
-    images.server = await aiohttp_server(images.app, host="127.0.0.1")
-    return images
+def make_image_server(
+    aiohttp_server: Callable[..., Awaitable[TestServer]], photos: dict[str, bytes]
+) -> ImageServerFactory:
+    """`await make_image_server("127.0.0.2")`: another image server on that address."""
+
+    async def make(host: str) -> ImageServer:
+        images = ImageServer(photos)
+        images.server = await aiohttp_server(images.app, host=host)
+        return images
+
+    return make
+
+
+@pytest.fixture
+async def image_server(make_image_server: ImageServerFactory) -> ImageServer:
+    return await make_image_server("127.0.0.1")
 
 
 ServiceFactory = Callable[..., Awaitable[TestClient]]
