@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import AsyncIterator
 
 from aiohttp import web
@@ -17,6 +19,8 @@ from service.pool import ProcessInferencePool
 from service.registry import InMemoryRegistry
 from service.settings import Settings
 
+log = logging.getLogger(__name__)
+
 
 async def pool_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
@@ -27,7 +31,7 @@ async def pool_ctx(app: web.Application) -> AsyncIterator[None]:
         max_pixels=settings.max_image_pixels,
         nice=settings.worker_nice,
     )
-    pool = ProcessInferencePool(settings.resolved_workers(), config)
+    pool = ProcessInferencePool(settings.resolved_workers(), config, settings.batch_timeout)
     try:
         await pool.check_started()
         app[POOL] = pool
@@ -52,11 +56,24 @@ async def dispatcher_ctx(app: web.Application) -> AsyncIterator[None]:
     await dispatcher.close()
 
 
+async def drain_tasks(app: web.Application) -> None:
+    """On shutdown (new connections are already refused): give active tasks the grace
+    period to finish; whatever is left is cancelled when the dispatcher closes."""
+    registry, grace = app[REGISTRY], app[SETTINGS].shutdown_grace
+    unfinished = await registry.unfinished_images()
+    if unfinished:
+        log.info("shutting down: waiting up to %gs for %d unfinished images", grace, unfinished)
+    deadline = asyncio.get_running_loop().time() + grace
+    while await registry.unfinished_images() and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.1)
+
+
 def create_app(settings: Settings) -> web.Application:
     app = web.Application(middlewares=[error_middleware], client_max_size=settings.max_request_bytes)
     app[SETTINGS] = settings
-    app[REGISTRY] = InMemoryRegistry()
+    app[REGISTRY] = InMemoryRegistry(settings.finished_task_ttl, settings.max_finished_tasks)
     # Started in this order, closed in reverse: the dispatcher stops before the session and pool.
     app.cleanup_ctx.extend([pool_ctx, session_ctx, dispatcher_ctx])
+    app.on_shutdown.append(drain_tasks)
     app.add_routes(routes)
     return app

@@ -20,7 +20,7 @@ import aiohttp
 from inference.protocol import ModelLoadError, Prediction
 from service.batching import BatchQueue, Job
 from service.fetcher import FetchError, FetchLimits, fetch
-from service.pool import InferencePool
+from service.pool import InferencePool, InferenceTimeout
 from service.registry import TaskRegistry
 from service.schemas import ErrorInfo, ItemStatus, Label, TaskDetail
 from service.settings import Settings
@@ -66,6 +66,10 @@ class Dispatcher:
         return snapshot
 
     async def close(self) -> None:
+        """Cancel whatever is still active and stop all work."""
+        cancelled = await self._registry.cancel_active()
+        if cancelled:
+            log.info("cancelled %d active tasks at shutdown", cancelled)
         tasks = [*self._consumers, *self._pipelines.values()]
         for task in tasks:
             task.cancel()
@@ -107,7 +111,7 @@ class Dispatcher:
             batch = await self._queue.next_batch(self._batch_size, self._batch_wait)
             await self._classify(batch)
 
-    async def _classify(self, batch: list[Job]) -> None:
+    async def _classify(self, batch: list[Job], retried: bool = False) -> None:
         model = batch[0].model
         try:
             outcomes = await self._pool.classify(model, [job.data for job in batch], [job.top_k for job in batch])
@@ -119,8 +123,16 @@ class Dispatcher:
                 await self._stop(task_id)
             return
         except BrokenProcessPool:
-            log.exception("an inference worker died during a batch of %d images", len(batch))
+            if not retried:
+                log.warning("an inference worker died during a batch of %d images; retrying it once", len(batch))
+                await self._classify(batch, retried=True)
+                return
+            log.error("an inference worker died again on a batch of %d images; failing them", len(batch))
             await self._fail_jobs(batch, ErrorInfo(code="worker_crashed", message="the inference worker crashed"))
+            return
+        except InferenceTimeout as exc:
+            log.error("inference timed out for a batch of %d images", len(batch))
+            await self._fail_jobs(batch, ErrorInfo(code="inference_timeout", message=str(exc)))
             return
         except Exception:
             log.exception("inference failed for a batch of %d images", len(batch))

@@ -3,6 +3,10 @@
 `InferencePool` is the interface the dispatcher sees; `ProcessInferencePool` runs
 `inference.worker` in a `ProcessPoolExecutor` (spawn context, model loaded once per process
 by the initializer). A distributed executor can replace it behind the same interface.
+
+A dead worker breaks a `ProcessPoolExecutor` for good, so the pool replaces the executor
+once per breakage; a batch that overruns `batch_timeout` gets its workers killed and the
+executor replaced the same way.
 """
 
 from __future__ import annotations
@@ -10,8 +14,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import multiprocessing
+import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from multiprocessing.process import BaseProcess
 from typing import Protocol
 
 from inference import worker
@@ -20,17 +26,26 @@ from inference.protocol import Outcome, WorkerConfig
 log = logging.getLogger(__name__)
 
 
+class InferenceTimeout(Exception):
+    """A batch ran longer than the batch timeout; its worker was recycled."""
+
+
 class InferencePool(Protocol):
     async def classify(self, model: str, images: list[bytes], top_k: list[int]) -> list[Outcome]:
-        """One forward pass; raises inference.protocol.ModelLoadError if `model` cannot load."""
+        """One forward pass. Raises inference.protocol.ModelLoadError if `model` cannot
+        load, BrokenProcessPool if a worker died (the next call gets fresh workers), and
+        InferenceTimeout if the batch overran."""
         ...
 
 
 class ProcessInferencePool:
-    def __init__(self, workers: int, config: WorkerConfig) -> None:
+    def __init__(self, workers: int, config: WorkerConfig, batch_timeout: float) -> None:
         self.workers = workers
+        self.restarts = 0
         self._config = config
+        self._batch_timeout = batch_timeout
         self._executor = self._new_executor()
+        self._starting: asyncio.Task[None] | None = None  # a replacement's start-up
 
     def _new_executor(self) -> ProcessPoolExecutor:
         return ProcessPoolExecutor(
@@ -40,37 +55,81 @@ class ProcessInferencePool:
             initargs=(self._config,),
         )
 
-    async def check_started(self, timeout: float = 180.0) -> None:
+    def worker_pids(self) -> list[int]:
+        return [process.pid for process in self._processes(self._executor) if process.pid is not None]
+
+    async def check_started(self) -> None:
         """Start every worker and wait until each has loaded the default model.
 
-        Probes are sent until each worker process has answered one (a fast worker may take
-        several probes of a round). A worker whose initializer fails breaks the pool, so a
-        default model that cannot load fails start-up here, not every task later.
-        """
+        A worker whose initializer fails breaks the pool, so a default model that cannot
+        load fails start-up here, not every task later."""
+        await self._wait_ready(self._executor)
+
+    async def _wait_ready(self, executor: ProcessPoolExecutor, timeout: float = 180.0) -> None:
+        # Probes are sent until each worker process has answered one (a fast worker may
+        # take several probes of a round).
         loop = asyncio.get_running_loop()
         ready: set[int] = set()
         async with asyncio.timeout(timeout):
             while len(ready) < self.workers:
                 infos = await asyncio.gather(
-                    *(loop.run_in_executor(self._executor, worker.worker_info) for _ in range(self.workers))
+                    *(loop.run_in_executor(executor, worker.worker_info) for _ in range(self.workers))
                 )
                 ready.update(pid for pid, _ in infos)
         log.info("%d inference workers ready (pids %s)", len(ready), sorted(ready))
 
     async def classify(self, model: str, images: list[bytes], top_k: list[int]) -> list[Outcome]:
-        """Raises BrokenProcessPool if a worker died; the next call gets a fresh pool."""
-        executor = self._executor
+        executor, starting = self._executor, self._starting
         loop = asyncio.get_running_loop()
         try:
-            return await loop.run_in_executor(executor, worker.classify_batch, model, images, top_k)
+            if starting is not None:  # fresh workers: their start-up is not the batch's time
+                await asyncio.shield(starting)
+            call = loop.run_in_executor(executor, worker.classify_batch, model, images, top_k)
+            return await asyncio.wait_for(call, self._batch_timeout)
         except BrokenProcessPool:
-            if self._executor is executor:  # the first caller to see the breakage replaces it
-                log.error("an inference worker died; replacing the process pool")
-                self._executor = self._new_executor()
-                executor.shutdown(wait=False, cancel_futures=True)
+            self._replace(executor, reason="an inference worker died")
             raise
+        except TimeoutError:
+            self._replace(executor, reason=f"a batch ran over {self._batch_timeout:g}s", kill=True)
+            raise InferenceTimeout(f"the batch ran over {self._batch_timeout:g}s") from None
 
-    async def close(self) -> None:
-        """Drop queued batches and wait, off the event loop, for the worker processes to exit."""
-        self._executor.shutdown(wait=False, cancel_futures=True)
-        await asyncio.to_thread(self._executor.shutdown, wait=True)
+    def _replace(self, executor: ProcessPoolExecutor, reason: str, kill: bool = False) -> None:
+        """Swap in a fresh executor, once per broken one (concurrent callers all see it)."""
+        if self._executor is not executor:
+            return
+        log.error("%s; replacing the inference workers", reason)
+        self.restarts += 1
+        if kill:
+            for process in self._processes(executor):
+                process.kill()
+        executor.shutdown(wait=False, cancel_futures=True)
+        self._executor = self._new_executor()
+        self._starting = asyncio.ensure_future(self._wait_ready(self._executor))
+
+    async def close(self, timeout: float = 10.0) -> None:
+        """Drop queued batches, give workers `timeout` to exit, then kill what is left.
+
+        Waits off the event loop, and never leaves a worker process behind."""
+        executor = self._executor
+        if self._starting is not None:
+            self._starting.cancel()
+        processes = self._processes(executor)
+        executor.shutdown(wait=False, cancel_futures=True)
+        await asyncio.to_thread(_join_or_kill, processes, timeout)
+        await asyncio.to_thread(executor.shutdown, wait=True)
+
+    @staticmethod
+    def _processes(executor: ProcessPoolExecutor) -> list[BaseProcess]:
+        # The executor keeps its processes in a private dict; there is no public accessor.
+        return list((executor._processes or {}).values())  # type: ignore[attr-defined]
+
+
+def _join_or_kill(processes: list[BaseProcess], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    for process in processes:
+        process.join(max(0.0, deadline - time.monotonic()))
+    for process in processes:
+        if process.is_alive():
+            log.warning("inference worker %s did not exit; killing it", process.pid)
+            process.kill()
+            process.join()

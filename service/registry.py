@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+import time
 import uuid
+from collections.abc import Callable
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -54,6 +56,8 @@ class TaskRegistry(Protocol):
     async def cancel(self, task_id: str) -> TaskDetail | None: ...
 
     async def remove(self, task_id: str) -> TaskDetail | None: ...
+
+    async def cancel_active(self) -> int: ...
 
     async def unfinished_images(self) -> int: ...
 
@@ -108,14 +112,29 @@ class _TaskRecord:
 
 
 class InMemoryRegistry:
-    """Keeps every task in a dict, in creation order."""
+    """Keeps tasks in a dict, in creation order.
 
-    def __init__(self) -> None:
+    Memory stays bounded: a finished task is forgotten `finished_ttl` seconds after it
+    finished, and at most `max_finished` finished tasks are kept (oldest finished go
+    first). Expiry is checked on every call, so no background task is needed.
+    """
+
+    def __init__(
+        self,
+        finished_ttl: float = 3600.0,
+        max_finished: int = 10_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._tasks: dict[str, _TaskRecord] = {}
+        self._finished: dict[str, float] = {}  # task id -> when it finished, oldest first
+        self._finished_ttl = finished_ttl
+        self._max_finished = max_finished
+        self._clock = clock
         self._next_seq = 1
         self._unfinished = 0
 
     async def create(self, urls: list[str], model: str, top_k: int) -> TaskDetail:
+        self._expire()
         record = _TaskRecord(
             seq=self._next_seq,
             task_id=uuid.uuid4().hex,
@@ -129,11 +148,13 @@ class InMemoryRegistry:
         return record.detail()
 
     async def get(self, task_id: str) -> TaskDetail | None:
+        self._expire()
         record = self._tasks.get(task_id)
         return record.detail() if record else None
 
     async def list(self, status: TaskStatus | None, limit: int, cursor: str | None) -> TaskPage:
         """Newest first. The cursor is the sequence number of the last task already seen."""
+        self._expire()
         before = _decode_cursor(cursor) if cursor else None
         page: list[_TaskRecord] = []
         more = False
@@ -193,9 +214,16 @@ class InMemoryRegistry:
             self._finish(record, TaskStatus.CANCELLED)
         return record.detail()
 
+    async def cancel_active(self) -> int:
+        """Cancel every task still active (at shutdown); how many there were."""
+        active = [task_id for task_id, record in self._tasks.items() if not record.status.is_final]
+        for task_id in active:
+            await self.cancel(task_id)
+        return len(active)
+
     async def remove(self, task_id: str) -> TaskDetail | None:
         snapshot = await self.cancel(task_id)
-        self._tasks.pop(task_id, None)
+        self._forget(task_id)
         return snapshot
 
     async def unfinished_images(self) -> int:
@@ -211,10 +239,24 @@ class InMemoryRegistry:
         record.finals[status] += 1
         self._unfinished -= 1
 
-    @staticmethod
-    def _finish(record: _TaskRecord, status: TaskStatus) -> None:
+    def _finish(self, record: _TaskRecord, status: TaskStatus) -> None:
         record.status = status
         record.finished_at = utcnow()
+        self._finished[record.task_id] = self._clock()
+        while len(self._finished) > self._max_finished:
+            self._forget(next(iter(self._finished)))
+
+    def _expire(self) -> None:
+        deadline = self._clock() - self._finished_ttl
+        while self._finished:
+            task_id, finished = next(iter(self._finished.items()))
+            if finished > deadline:
+                break
+            self._forget(task_id)
+
+    def _forget(self, task_id: str) -> None:
+        self._tasks.pop(task_id, None)
+        self._finished.pop(task_id, None)
 
 
 def _encode_cursor(seq: int) -> str:

@@ -120,3 +120,35 @@ async def test_foreign_cursors_are_rejected(cursor: str) -> None:
     registry = InMemoryRegistry()
     with pytest.raises(InvalidCursor):
         await registry.list(None, 10, cursor)
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def test_finished_tasks_expire_after_the_ttl() -> None:
+    clock = FakeClock()
+    registry = InMemoryRegistry(finished_ttl=60, max_finished=100, clock=clock)
+    done = await registry.create(["u0"], "m", 1)
+    active = await registry.create(["u1"], "m", 1)
+    await registry.update_item(done.task_id, 0, ItemStatus.SUCCEEDED, labels=LABELS)
+    clock.now += 59
+    assert await registry.get(done.task_id) is not None
+    clock.now += 2
+    assert await registry.get(done.task_id) is None
+    assert [task.task_id for task in (await registry.list(None, 10, None)).tasks] == [active.task_id]
+    clock.now += 10_000
+    assert await registry.get(active.task_id) is not None  # unfinished tasks never expire
+
+
+async def test_at_most_max_finished_tasks_are_kept_oldest_finished_first() -> None:
+    registry = InMemoryRegistry(finished_ttl=3600, max_finished=2, clock=FakeClock())
+    ids = [(await registry.create([f"u{n}"], "m", 1)).task_id for n in range(4)]
+    for task_id in (ids[2], ids[0], ids[3]):  # finish order: 2, 0, 3
+        await registry.cancel(task_id)
+    remaining = {task.task_id for task in (await registry.list(None, 10, None)).tasks}
+    assert remaining == {ids[0], ids[3], ids[1]}  # 2 finished first, so it went; 1 is still active
