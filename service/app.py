@@ -11,6 +11,7 @@ from aiohttp import web
 from inference.protocol import WorkerConfig
 
 from service.appkeys import DISPATCHER, POOL, REGISTRY, SESSION, SETTINGS
+from service.auth import auth_middleware
 from service.dispatcher import Dispatcher
 from service.errors import error_middleware
 from service.fetcher import make_session
@@ -69,7 +70,10 @@ async def drain_tasks(app: web.Application) -> None:
 
 
 def create_app(settings: Settings) -> web.Application:
-    app = web.Application(middlewares=[error_middleware], client_max_size=settings.max_request_bytes)
+    middlewares = [error_middleware]  # outermost: it renders every error below it as JSON
+    if settings.api_key_list():
+        middlewares.append(auth_middleware(settings.api_key_list()))
+    app = web.Application(middlewares=middlewares, client_max_size=settings.max_request_bytes)
     app[SETTINGS] = settings
     app[REGISTRY] = InMemoryRegistry(settings.finished_task_ttl, settings.max_finished_tasks)
     # Started in this order, closed in reverse: the dispatcher stops before the session and pool.

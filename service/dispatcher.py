@@ -54,15 +54,17 @@ class Dispatcher:
         self._pipelines[task.task_id] = pipeline
         pipeline.add_done_callback(lambda _: self._pipelines.pop(task.task_id, None))
 
-    async def cancel(self, task_id: str) -> TaskDetail | None:
+    async def cancel(self, task_id: str, owner: str | None = None) -> TaskDetail | None:
         """Cancel a task and stop its work; the final snapshot, or None if unknown."""
-        snapshot = await self._registry.cancel(task_id)
-        await self._stop(task_id)
+        snapshot = await self._registry.cancel(task_id, owner)
+        if snapshot is not None:
+            await self._stop(task_id)
         return snapshot
 
-    async def remove(self, task_id: str) -> TaskDetail | None:
-        snapshot = await self.cancel(task_id)
-        await self._registry.remove(task_id)
+    async def remove(self, task_id: str, owner: str | None = None) -> TaskDetail | None:
+        snapshot = await self.cancel(task_id, owner)
+        if snapshot is not None:
+            await self._registry.remove(task_id, owner)
         return snapshot
 
     async def close(self) -> None:

@@ -10,6 +10,7 @@ from pydantic import ValidationError
 
 from inference.catalog import MODELS
 from service.appkeys import DISPATCHER, REGISTRY, SETTINGS
+from service.auth import request_owner
 from service.errors import ApiError
 from service.registry import InvalidCursor
 from service.schemas import SubmitLimits, SubmitRequest, SubmitResponse, TaskStatus
@@ -67,7 +68,8 @@ async def submit(request: web.Request) -> web.Response:
             f"the service already has {unfinished} unfinished images; retry later",
             headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
         )
-    task = await registry.create(submission.urls, model, submission.top_k or settings.default_top_k)
+    top_k = submission.top_k or settings.default_top_k
+    task = await registry.create(submission.urls, model, top_k, request_owner(request))
     request.app[DISPATCHER].submit(task)
     response = SubmitResponse(task_id=task.task_id, status=task.status, total=len(task.items))
     return _json(response, status=202, headers={"Location": f"/tasks/{task.task_id}"})
@@ -88,7 +90,7 @@ async def list_tasks(request: web.Request) -> web.Response:
             raise ApiError(400, "invalid_status", f"status must be one of: {allowed}") from None
     limit = _parse_limit(query.get("limit"))
     try:
-        page = await request.app[REGISTRY].list(status, limit, query.get("cursor"))
+        page = await request.app[REGISTRY].list(status, limit, query.get("cursor"), request_owner(request))
     except InvalidCursor:
         raise ApiError(400, "invalid_cursor", "the cursor is not one this service issued") from None
     return _json(page)
@@ -96,7 +98,7 @@ async def list_tasks(request: web.Request) -> web.Response:
 
 @routes.get("/tasks/{task_id}")
 async def get_task(request: web.Request) -> web.Response:
-    task = await request.app[REGISTRY].get(request.match_info["task_id"])
+    task = await request.app[REGISTRY].get(request.match_info["task_id"], request_owner(request))
     if task is None:
         raise _unknown_task(request)
     return _json(task)
@@ -104,7 +106,7 @@ async def get_task(request: web.Request) -> web.Response:
 
 @routes.delete("/tasks/{task_id}")
 async def delete_task(request: web.Request) -> web.Response:
-    task = await request.app[DISPATCHER].remove(request.match_info["task_id"])
+    task = await request.app[DISPATCHER].remove(request.match_info["task_id"], request_owner(request))
     if task is None:
         raise _unknown_task(request)
     return _json(task)
@@ -112,7 +114,7 @@ async def delete_task(request: web.Request) -> web.Response:
 
 @routes.post("/tasks/{task_id}/cancel")
 async def cancel_task(request: web.Request) -> web.Response:
-    task = await request.app[DISPATCHER].cancel(request.match_info["task_id"])
+    task = await request.app[DISPATCHER].cancel(request.match_info["task_id"], request_owner(request))
     if task is None:
         raise _unknown_task(request)
     return _json(task)

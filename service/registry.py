@@ -36,11 +36,15 @@ class InvalidCursor(ValueError):
 
 
 class TaskRegistry(Protocol):
-    async def create(self, urls: list[str], model: str, top_k: int) -> TaskDetail: ...
+    # `owner` identifies the API key that created a task (None without keys); a task is
+    # invisible, as if it did not exist, to every other owner.
+    async def create(self, urls: list[str], model: str, top_k: int, owner: str | None = None) -> TaskDetail: ...
 
-    async def get(self, task_id: str) -> TaskDetail | None: ...
+    async def get(self, task_id: str, owner: str | None = None) -> TaskDetail | None: ...
 
-    async def list(self, status: TaskStatus | None, limit: int, cursor: str | None) -> TaskPage: ...
+    async def list(
+        self, status: TaskStatus | None, limit: int, cursor: str | None, owner: str | None = None
+    ) -> TaskPage: ...
 
     async def update_item(
         self,
@@ -53,9 +57,9 @@ class TaskRegistry(Protocol):
 
     async def fail(self, task_id: str, error: ErrorInfo) -> bool: ...
 
-    async def cancel(self, task_id: str) -> TaskDetail | None: ...
+    async def cancel(self, task_id: str, owner: str | None = None) -> TaskDetail | None: ...
 
-    async def remove(self, task_id: str) -> TaskDetail | None: ...
+    async def remove(self, task_id: str, owner: str | None = None) -> TaskDetail | None: ...
 
     async def cancel_active(self) -> int: ...
 
@@ -73,6 +77,7 @@ class _TaskRecord:
     model: str
     top_k: int
     items: list[Item]
+    owner: str | None = None
     created_at: datetime = field(default_factory=utcnow)
     started_at: datetime | None = None
     finished_at: datetime | None = None
@@ -133,7 +138,7 @@ class InMemoryRegistry:
         self._next_seq = 1
         self._unfinished = 0
 
-    async def create(self, urls: list[str], model: str, top_k: int) -> TaskDetail:
+    async def create(self, urls: list[str], model: str, top_k: int, owner: str | None = None) -> TaskDetail:
         self._expire()
         record = _TaskRecord(
             seq=self._next_seq,
@@ -141,18 +146,21 @@ class InMemoryRegistry:
             model=model,
             top_k=top_k,
             items=[Item(index=index, url=url) for index, url in enumerate(urls)],
+            owner=owner,
         )
         self._next_seq += 1
         self._tasks[record.task_id] = record
         self._unfinished += len(urls)
         return record.detail()
 
-    async def get(self, task_id: str) -> TaskDetail | None:
+    async def get(self, task_id: str, owner: str | None = None) -> TaskDetail | None:
         self._expire()
-        record = self._tasks.get(task_id)
+        record = self._owned(task_id, owner)
         return record.detail() if record else None
 
-    async def list(self, status: TaskStatus | None, limit: int, cursor: str | None) -> TaskPage:
+    async def list(
+        self, status: TaskStatus | None, limit: int, cursor: str | None, owner: str | None = None
+    ) -> TaskPage:
         """Newest first. The cursor is the sequence number of the last task already seen."""
         self._expire()
         before = _decode_cursor(cursor) if cursor else None
@@ -161,7 +169,7 @@ class InMemoryRegistry:
         for record in reversed(self._tasks.values()):
             if before is not None and record.seq >= before:
                 continue
-            if status is not None and record.status != status:
+            if record.owner != owner or (status is not None and record.status != status):
                 continue
             if len(page) == limit:
                 more = True
@@ -204,9 +212,9 @@ class InMemoryRegistry:
         self._finish(record, TaskStatus.FAILED)
         return True
 
-    async def cancel(self, task_id: str) -> TaskDetail | None:
+    async def cancel(self, task_id: str, owner: str | None = None) -> TaskDetail | None:
         """Cancel an active task (a finished one is left as it is); None if unknown."""
-        record = self._tasks.get(task_id)
+        record = self._owned(task_id, owner)
         if record is None:
             return None
         if not record.status.is_final:
@@ -218,16 +226,21 @@ class InMemoryRegistry:
         """Cancel every task still active (at shutdown); how many there were."""
         active = [task_id for task_id, record in self._tasks.items() if not record.status.is_final]
         for task_id in active:
-            await self.cancel(task_id)
+            await self.cancel(task_id, self._tasks[task_id].owner)
         return len(active)
 
-    async def remove(self, task_id: str) -> TaskDetail | None:
-        snapshot = await self.cancel(task_id)
-        self._forget(task_id)
+    async def remove(self, task_id: str, owner: str | None = None) -> TaskDetail | None:
+        snapshot = await self.cancel(task_id, owner)
+        if snapshot is not None:
+            self._forget(task_id)
         return snapshot
 
     async def unfinished_images(self) -> int:
         return self._unfinished
+
+    def _owned(self, task_id: str, owner: str | None) -> _TaskRecord | None:
+        record = self._tasks.get(task_id)
+        return record if record is not None and record.owner == owner else None
 
     def _close_items(self, record: _TaskRecord, status: ItemStatus, error: ErrorInfo | None) -> None:
         for index, item in enumerate(record.items):
