@@ -111,7 +111,11 @@ class Dispatcher:
     async def _consume(self) -> None:
         while True:
             batch = await self._queue.next_batch(self._batch_size, self._batch_wait)
-            await self._classify(batch)
+            try:
+                await self._classify(batch)
+            except Exception:  # a bug must not kill the consumer and stall every task
+                log.exception("handling a batch of %d images failed", len(batch))
+                await self._fail_jobs(batch, ErrorInfo(code="internal_error", message="internal error"))
 
     async def _classify(self, batch: list[Job], retried: bool = False) -> None:
         model = batch[0].model
