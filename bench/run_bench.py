@@ -200,7 +200,8 @@ def percentile(values: list[float], fraction: float) -> float:
 async def service_run(args: argparse.Namespace, image_server_pid: int, image_port: int, count: int) -> dict[str, Any]:
     port = free_port()
     command = [sys.executable, "run_service.py", "--host", "127.0.0.1", "--port", str(port),
-               "--runtime", args.runtime, "--workers", str(args.workers), "--threads-per-worker", str(args.threads)]
+               "--runtime", args.runtime, "--workers", str(args.workers), "--threads-per-worker", str(args.threads),
+               "--allowed-networks", "127.0.0.1/32"]  # the loopback image server
     service = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
     urls = [f"http://127.0.0.1:{image_port}/img/{n}.jpg" for n in range(count)]

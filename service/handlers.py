@@ -13,7 +13,7 @@ from service.appkeys import DISPATCHER, REGISTRY, SETTINGS
 from service.auth import request_owner
 from service.errors import ApiError
 from service.registry import InvalidCursor
-from service.schemas import SubmitLimits, SubmitRequest, SubmitResponse, TaskStatus
+from service.schemas import SubmitLimits, SubmitRequest, SubmitResponse, TaskDetail, TaskStatus
 
 routes = web.RouteTableDef()
 
@@ -98,26 +98,20 @@ async def list_tasks(request: web.Request) -> web.Response:
 
 @routes.get("/tasks/{task_id}")
 async def get_task(request: web.Request) -> web.Response:
-    task = await request.app[REGISTRY].get(request.match_info["task_id"], request_owner(request))
-    if task is None:
-        raise _unknown_task(request)
-    return _json(task)
+    body = await request.app[REGISTRY].get_json(_task_id(request), request_owner(request))
+    if body is None:
+        raise _not_found(request)
+    return web.Response(body=body, content_type="application/json")
 
 
 @routes.delete("/tasks/{task_id}")
 async def delete_task(request: web.Request) -> web.Response:
-    task = await request.app[DISPATCHER].remove(request.match_info["task_id"], request_owner(request))
-    if task is None:
-        raise _unknown_task(request)
-    return _json(task)
+    return _task_or_404(request, await request.app[DISPATCHER].remove(_task_id(request), request_owner(request)))
 
 
 @routes.post("/tasks/{task_id}/cancel")
 async def cancel_task(request: web.Request) -> web.Response:
-    task = await request.app[DISPATCHER].cancel(request.match_info["task_id"], request_owner(request))
-    if task is None:
-        raise _unknown_task(request)
-    return _json(task)
+    return _task_or_404(request, await request.app[DISPATCHER].cancel(_task_id(request), request_owner(request)))
 
 
 async def _read_json_object(request: web.Request) -> dict[str, Any]:
@@ -164,5 +158,16 @@ def _parse_limit(raw: str | None) -> int:
     return int(raw)
 
 
-def _unknown_task(request: web.Request) -> ApiError:
-    return ApiError(404, "task_not_found", f"no task {request.match_info['task_id']!r}")
+def _task_id(request: web.Request) -> str:
+    return request.match_info["task_id"]
+
+
+def _task_or_404(request: web.Request, task: TaskDetail | None) -> web.Response:
+    if task is None:
+        raise _not_found(request)
+    return _json(task)
+
+
+def _not_found(request: web.Request) -> ApiError:
+    """Unknown ids and other keys' tasks look the same."""
+    return ApiError(404, "task_not_found", f"no task {_task_id(request)!r}")

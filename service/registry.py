@@ -42,6 +42,10 @@ class TaskRegistry(Protocol):
 
     async def get(self, task_id: str, owner: str | None = None) -> TaskDetail | None: ...
 
+    async def get_json(self, task_id: str, owner: str | None = None) -> bytes | None:
+        """The same snapshot as `get`, serialised (what GET /tasks/<id> sends)."""
+        ...
+
     async def list(
         self, status: TaskStatus | None, limit: int, cursor: str | None, owner: str | None = None
     ) -> TaskPage: ...
@@ -76,7 +80,7 @@ class _TaskRecord:
     task_id: str
     model: str
     top_k: int
-    items: list[Item]
+    items: list[Item]  # emptied once the task is final: `frozen` holds them then
     owner: str | None = None
     created_at: datetime = field(default_factory=utcnow)
     started_at: datetime | None = None
@@ -84,6 +88,8 @@ class _TaskRecord:
     status: TaskStatus = TaskStatus.QUEUED
     error: ErrorInfo | None = None
     finals: Counter[ItemStatus] = field(default_factory=Counter)
+    total: int = 0
+    frozen: bytes | None = None  # the final snapshot as JSON
 
     @property
     def done(self) -> int:
@@ -93,8 +99,20 @@ class _TaskRecord:
         return TaskSummary(**self._fields())
 
     def detail(self) -> TaskDetail:
-        # Items are frozen, so a shallow copy of the list is a consistent snapshot.
+        if self.frozen is not None:
+            return TaskDetail.model_validate_json(self.frozen)
+        # Items are frozen models, so a shallow copy of the list is a consistent snapshot.
         return TaskDetail(**self._fields(), items=list(self.items))
+
+    def detail_json(self) -> bytes:
+        return self.frozen if self.frozen is not None else self.detail().model_dump_json().encode()
+
+    def freeze(self) -> None:
+        """Keep a final task as one JSON blob instead of thousands of small objects: less
+        memory, nothing for the garbage collector to walk (a full collection over 10,000
+        live items took 70 ms), and GET serves the bytes as they are."""
+        self.frozen = self.detail_json()
+        self.items = []
 
     def _fields(self) -> dict[str, object]:
         return {
@@ -107,7 +125,7 @@ class _TaskRecord:
             "finished_at": self.finished_at,
             "error": self.error,
             "progress": Progress(
-                total=len(self.items),
+                total=self.total,
                 done=self.done,
                 succeeded=self.finals[ItemStatus.SUCCEEDED],
                 failed=self.finals[ItemStatus.FAILED],
@@ -147,6 +165,7 @@ class InMemoryRegistry:
             top_k=top_k,
             items=[Item(index=index, url=url) for index, url in enumerate(urls)],
             owner=owner,
+            total=len(urls),
         )
         self._next_seq += 1
         self._tasks[record.task_id] = record
@@ -157,6 +176,11 @@ class InMemoryRegistry:
         self._expire()
         record = self._owned(task_id, owner)
         return record.detail() if record else None
+
+    async def get_json(self, task_id: str, owner: str | None = None) -> bytes | None:
+        self._expire()
+        record = self._owned(task_id, owner)
+        return record.detail_json() if record else None
 
     async def list(
         self, status: TaskStatus | None, limit: int, cursor: str | None, owner: str | None = None
@@ -198,7 +222,7 @@ class InMemoryRegistry:
             record.started_at = utcnow()
         if status.is_final:
             self._count_final(record, status)
-            if record.done == len(record.items):
+            if record.done == record.total:
                 self._finish(record, TaskStatus.COMPLETED)
         return True
 
@@ -255,6 +279,7 @@ class InMemoryRegistry:
     def _finish(self, record: _TaskRecord, status: TaskStatus) -> None:
         record.status = status
         record.finished_at = utcnow()
+        record.freeze()
         self._finished[record.task_id] = self._clock()
         while len(self._finished) > self._max_finished:
             self._forget(next(iter(self._finished)))

@@ -152,3 +152,20 @@ async def test_at_most_max_finished_tasks_are_kept_oldest_finished_first() -> No
         await registry.cancel(task_id)
     remaining = {task.task_id for task in (await registry.list(None, 10, None)).tasks}
     assert remaining == {ids[0], ids[3], ids[1]}  # 2 finished first, so it went; 1 is still active
+
+
+async def test_finished_tasks_are_kept_as_one_serialised_snapshot() -> None:
+    registry = InMemoryRegistry()
+    task = await registry.create(["u0", "u1"], "m", 1)
+    await registry.update_item(task.task_id, 0, ItemStatus.SUCCEEDED, labels=LABELS)
+    running_json = await registry.get_json(task.task_id)
+    assert running_json == (await registry.get(task.task_id)).model_dump_json().encode()
+
+    await registry.update_item(task.task_id, 1, ItemStatus.FAILED, error=ErrorInfo(code="timeout", message="slow"))
+    done = await registry.get(task.task_id)
+    assert done.status is TaskStatus.COMPLETED
+    assert [item.status for item in done.items] == [ItemStatus.SUCCEEDED, ItemStatus.FAILED]
+    assert done.items[0].labels == LABELS
+    assert await registry.get_json(task.task_id) == done.model_dump_json().encode()
+    assert registry._tasks[task.task_id].items == []  # no per-item objects left to walk
+    assert await registry.get_json(task.task_id, owner="someone else") is None
