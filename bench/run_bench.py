@@ -229,7 +229,7 @@ async def service_run(
                     elapsed = time.perf_counter() - started
                     result["web_cpu"] = (cpu_seconds([memory.process]) - before[0]) / len(urls)
                     result["worker_busy"] = (cpu_seconds(workers) - before[1]) / elapsed / len(workers)
-                    result["other_cpu"] = [(cpu_seconds([p]) - b) / elapsed for p, b in zip(others, before[2:])]
+                    result["other_cpu"] = [(cpu_seconds([p]) - b) / elapsed for p, b in zip(others, before[2:], strict=True)]
                 result["small"].append(await many_small_tasks(http, base, urls, tasks=args.small_tasks))
             result["latency"] = await latency_under_load(http, base, urls)
         sampler.cancel()
@@ -282,8 +282,8 @@ def main() -> None:
 
     memory: MemoryWatch = result["memory"]
     offline, big, small = median(result["offline"]), median(result["big"]), median(result["small"])
-    big_ratios = [b / o for b, o in zip(result["big"], result["offline"])]
-    small_ratios = [s / o for s, o in zip(result["small"], result["offline"])]
+    big_ratios = [b / o for b, o in zip(result["big"], result["offline"], strict=True)]
+    small_ratios = [s / o for s, o in zip(result["small"], result["offline"], strict=True)]
     get, post = result["latency"]["get"], result["latency"]["submit"]
     sizes = sorted(len(data) for data in images)
     rows = [

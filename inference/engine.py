@@ -39,12 +39,12 @@ class Engine:
                 outcomes[slot] = Rejection(exc.code, exc.message)
         if tensors:
             probabilities = model.run(torch.stack(list(tensors.values()))).softmax(dim=1)
-            for slot, row in zip(tensors, probabilities):
+            for slot, row in zip(tensors, probabilities, strict=True):
                 scores, indices = row.topk(top_k[slot])
                 outcomes[slot] = Prediction(
                     tuple(
                         Label(class_index=int(index), label=model.categories[int(index)], score=float(score))
-                        for score, index in zip(scores, indices)
+                        for score, index in zip(scores, indices, strict=True)
                     )
                 )
         return [outcomes[slot] for slot in range(len(images))]

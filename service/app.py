@@ -9,7 +9,6 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from inference.protocol import WorkerConfig
-
 from service.appkeys import DISPATCHER, POOL, REGISTRY, SESSION, SETTINGS
 from service.auth import auth_middleware
 from service.dispatcher import Dispatcher

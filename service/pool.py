@@ -105,6 +105,7 @@ class ProcessInferencePool:
         executor.shutdown(wait=False, cancel_futures=True)
         self._executor = self._new_executor()
         self._starting = asyncio.ensure_future(self._wait_ready(self._executor))
+        self._starting.add_done_callback(_log_failed_start)
 
     async def close(self, timeout: float = 10.0) -> None:
         """Drop queued batches, give workers `timeout` to exit, then kill what is left.
@@ -122,6 +123,12 @@ class ProcessInferencePool:
     def _processes(executor: ProcessPoolExecutor) -> list[BaseProcess]:
         # The executor keeps its processes in a private dict; there is no public accessor.
         return list((executor._processes or {}).values())  # type: ignore[attr-defined]
+
+
+def _log_failed_start(starting: asyncio.Task[None]) -> None:
+    # Batches waiting on it see the error too; this also marks it as retrieved.
+    if not starting.cancelled() and starting.exception() is not None:
+        log.error("replacement inference workers failed to start: %r", starting.exception())
 
 
 def _join_or_kill(processes: list[BaseProcess], timeout: float) -> None:

@@ -119,7 +119,7 @@ async def test_images_from_concurrent_tasks_all_complete(
     client = await make_service(batch_size=4)
     names = ["coffee", "chelsea", "rocket"]
     tasks = [await submit(client, [image_server.url(f"/photos/{name}")] * 2) for name in names]
-    for name, accepted in zip(names, tasks):
+    for name, accepted in zip(names, tasks, strict=True):
         task = await wait_for_task(client, accepted["task_id"])
         assert task["progress"]["succeeded"] == 2
         expected = {"coffee": {"espresso"}, "chelsea": CAT_LABELS, "rocket": {"missile"}}[name]

@@ -42,7 +42,7 @@ async def test_hostile_and_unusual_images(
 
     outcomes = {
         name: item["error"]["code"] if item["error"] else item["labels"][0]["label"]
-        for name, item in zip(names, task["items"])
+        for name, item in zip(names, task["items"], strict=True)
     }
     assert outcomes["bomb.png"] == "image_too_large"
     assert outcomes["truncated.jpg"] == "not_an_image"
