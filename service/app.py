@@ -9,12 +9,13 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from inference.protocol import WorkerConfig
-from service.appkeys import DISPATCHER, POOL, REGISTRY, SESSION, SETTINGS
+from service.appkeys import DISPATCHER, METRICS, POOL, REGISTRY, SESSION, SETTINGS
 from service.auth import auth_middleware
 from service.dispatcher import Dispatcher
 from service.errors import error_middleware
 from service.fetcher import make_session
 from service.handlers import routes
+from service.metrics import Metrics
 from service.pool import ProcessInferencePool
 from service.registry import InMemoryRegistry
 from service.settings import Settings
@@ -49,7 +50,7 @@ async def session_ctx(app: web.Application) -> AsyncIterator[None]:
 async def dispatcher_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     dispatcher = Dispatcher(
-        app[REGISTRY], app[POOL], app[SESSION], settings, consumers=settings.resolved_workers()
+        app[REGISTRY], app[POOL], app[SESSION], settings, consumers=settings.resolved_workers(), metrics=app[METRICS]
     )
     app[DISPATCHER] = dispatcher
     yield
@@ -75,6 +76,7 @@ def create_app(settings: Settings) -> web.Application:
     app = web.Application(middlewares=middlewares, client_max_size=settings.max_request_bytes)
     app[SETTINGS] = settings
     app[REGISTRY] = InMemoryRegistry(settings.finished_task_ttl, settings.max_finished_tasks)
+    app[METRICS] = Metrics()
     # Started in this order, closed in reverse: the dispatcher stops before the session and pool.
     app.cleanup_ctx.extend([pool_ctx, session_ctx, dispatcher_ctx])
     app.on_shutdown.append(drain_tasks)

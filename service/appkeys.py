@@ -6,6 +6,7 @@ import aiohttp
 from aiohttp import web
 
 from service.dispatcher import Dispatcher
+from service.metrics import Metrics
 from service.pool import InferencePool
 from service.registry import TaskRegistry
 from service.settings import Settings
@@ -15,3 +16,4 @@ REGISTRY = web.AppKey("registry", TaskRegistry)
 POOL = web.AppKey("pool", InferencePool)
 SESSION = web.AppKey("session", aiohttp.ClientSession)
 DISPATCHER = web.AppKey("dispatcher", Dispatcher)
+METRICS = web.AppKey("metrics", Metrics)

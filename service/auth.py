@@ -1,4 +1,4 @@
-"""Optional API keys: with keys configured, every endpoint but health needs one.
+"""Optional API keys: with keys configured, every endpoint but the health probes needs one.
 
 A request proves itself with `Authorization: Bearer <key>`. The key is compared in constant
 time against every configured key, and only a short hash of it (the task owner id) is
@@ -16,7 +16,7 @@ from aiohttp.typedefs import Middleware
 from service.errors import ApiError, Handler
 
 OWNER = web.RequestKey("owner", str)
-PUBLIC_PATHS = frozenset({"/healthz"})
+PUBLIC_PATHS = frozenset({"/healthz", "/readyz"})  # probes carry no credentials
 
 
 def owner_id(key: str) -> str:

@@ -20,6 +20,7 @@ import aiohttp
 from inference.protocol import ModelLoadError, Prediction
 from service.batching import BatchQueue, Job
 from service.fetcher import FetchError, FetchLimits, fetch
+from service.metrics import Metrics
 from service.pool import InferencePool, InferenceTimeout
 from service.registry import TaskRegistry
 from service.schemas import ErrorInfo, ItemStatus, Label, TaskDetail
@@ -36,8 +37,10 @@ class Dispatcher:
         session: aiohttp.ClientSession,
         settings: Settings,
         consumers: int,
+        metrics: Metrics,
     ) -> None:
         self._registry = registry
+        self._metrics = metrics
         self._pool = pool
         self._session = session
         self._limits = FetchLimits.from_settings(settings)
@@ -47,6 +50,9 @@ class Dispatcher:
         self._download_slots = asyncio.Semaphore(settings.download_concurrency)
         self._pipelines: dict[str, asyncio.Task[None]] = {}
         self._consumers = [asyncio.create_task(self._consume()) for _ in range(consumers)]
+
+    def queue_depth(self) -> int:
+        return len(self._queue)
 
     def submit(self, task: TaskDetail) -> None:
         """Start working on a task the registry has just created."""
@@ -100,10 +106,11 @@ class Dispatcher:
         if not await registry.update_item(task.task_id, index, ItemStatus.DOWNLOADING):
             return
         try:
-            data = await fetch(self._session, url, self._limits)
+            with self._metrics.download_seconds.time():
+                data = await fetch(self._session, url, self._limits)
         except FetchError as exc:
             error = ErrorInfo(code=exc.code, message=exc.message, http_status=exc.http_status)
-            await registry.update_item(task.task_id, index, ItemStatus.FAILED, error=error)
+            await self._fail_item(task.task_id, index, error)
             return
         if await registry.update_item(task.task_id, index, ItemStatus.CLASSIFYING):
             await self._queue.put(Job(task.task_id, index, task.model, task.top_k, data))
@@ -119,8 +126,10 @@ class Dispatcher:
 
     async def _classify(self, batch: list[Job], retried: bool = False) -> None:
         model = batch[0].model
+        self._metrics.batch_size.observe(len(batch))
         try:
-            outcomes = await self._pool.classify(model, [job.data for job in batch], [job.top_k for job in batch])
+            with self._metrics.inference_seconds.time():
+                outcomes = await self._pool.classify(model, [job.data for job in batch], [job.top_k for job in batch])
         except ModelLoadError as exc:
             log.error("model %s failed to load: %s", model, exc)
             error = ErrorInfo(code="model_unavailable", message=str(exc))
@@ -147,11 +156,15 @@ class Dispatcher:
         for job, outcome in zip(batch, outcomes, strict=True):
             if isinstance(outcome, Prediction):
                 labels = [Label(label=l.label, class_index=l.class_index, score=l.score) for l in outcome.labels]
-                await self._registry.update_item(job.task_id, job.index, ItemStatus.SUCCEEDED, labels=labels)
+                if await self._registry.update_item(job.task_id, job.index, ItemStatus.SUCCEEDED, labels=labels):
+                    self._metrics.image_done(None)
             else:
-                error = ErrorInfo(code=outcome.code, message=outcome.message)
-                await self._registry.update_item(job.task_id, job.index, ItemStatus.FAILED, error=error)
+                await self._fail_item(job.task_id, job.index, ErrorInfo(code=outcome.code, message=outcome.message))
 
     async def _fail_jobs(self, jobs: list[Job], error: ErrorInfo) -> None:
         for job in jobs:
-            await self._registry.update_item(job.task_id, job.index, ItemStatus.FAILED, error=error)
+            await self._fail_item(job.task_id, job.index, error)
+
+    async def _fail_item(self, task_id: str, index: int, error: ErrorInfo) -> None:
+        if await self._registry.update_item(task_id, index, ItemStatus.FAILED, error=error):
+            self._metrics.image_done(error.code)

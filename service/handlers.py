@@ -9,9 +9,10 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from inference.catalog import MODELS
-from service.appkeys import DISPATCHER, REGISTRY, SETTINGS
+from service.appkeys import DISPATCHER, METRICS, POOL, REGISTRY, SETTINGS
 from service.auth import request_owner
 from service.errors import ApiError
+from service.metrics import CONTENT_TYPE
 from service.registry import InvalidCursor
 from service.schemas import SubmitLimits, SubmitRequest, SubmitResponse, TaskDetail, TaskStatus
 
@@ -39,6 +40,26 @@ def _json(model: Any, status: int = 200, headers: dict[str, str] | None = None) 
 async def healthz(request: web.Request) -> web.Response:
     """The process is alive and its event loop answers."""
     return web.json_response({"status": "ok"})
+
+
+@routes.get("/readyz")
+async def readyz(request: web.Request) -> web.Response:
+    """Ready when every inference worker is up with the default model loaded."""
+    if not request.app[POOL].check_ready():
+        raise ApiError(503, "not_ready", "the inference workers are starting or being replaced")
+    return web.json_response({"status": "ready"})
+
+
+@routes.get("/metrics")
+async def metrics(request: web.Request) -> web.Response:
+    """Prometheus text format; current-state gauges are read at scrape time."""
+    app = request.app
+    app_metrics = app[METRICS]
+    for status, count in (await app[REGISTRY].status_counts()).items():
+        app_metrics.tasks.labels(status=status.value).set(count)
+    app_metrics.queue_depth.set(app[DISPATCHER].queue_depth())
+    app_metrics.worker_restarts.set(app[POOL].restarts)
+    return web.Response(body=app_metrics.render(), headers={"Content-Type": CONTENT_TYPE})
 
 
 @routes.post("/submit")

@@ -31,6 +31,10 @@ class InferenceTimeout(Exception):
 
 
 class InferencePool(Protocol):
+    restarts: int
+
+    def check_ready(self) -> bool: ...
+
     async def classify(self, model: str, images: list[bytes], top_k: list[int]) -> list[Outcome]:
         """One forward pass. Raises inference.protocol.ModelLoadError if `model` cannot
         load, BrokenProcessPool if a worker died (the next call gets fresh workers), and
@@ -54,6 +58,20 @@ class ProcessInferencePool:
             initializer=worker.init_worker,
             initargs=(self._config,),
         )
+
+    def check_ready(self) -> bool:
+        """True when every worker is up with the default model loaded.
+
+        A worker found dead here (say, killed while the pool was idle) gets the pool
+        replaced now rather than at the next batch, so readiness recovers by itself."""
+        starting = self._starting
+        if starting is not None and not starting.done():
+            return False
+        processes = self._processes(self._executor)
+        if len(processes) < self.workers or not all(process.is_alive() for process in processes):
+            self._replace(self._executor, reason="an inference worker is gone")
+            return False
+        return starting is None or (not starting.cancelled() and starting.exception() is None)
 
     def worker_pids(self) -> list[int]:
         return [process.pid for process in self._processes(self._executor) if process.pid is not None]

@@ -67,6 +67,8 @@ class TaskRegistry(Protocol):
 
     async def cancel_active(self) -> int: ...
 
+    async def status_counts(self) -> dict[TaskStatus, int]: ...
+
     async def unfinished_images(self) -> int: ...
 
 
@@ -252,6 +254,12 @@ class InMemoryRegistry:
         for task_id in active:
             await self.cancel(task_id, self._tasks[task_id].owner)
         return len(active)
+
+    async def status_counts(self) -> dict[TaskStatus, int]:
+        """Tasks held now, by status (every status present, zeros included)."""
+        self._expire()
+        counts = Counter(record.status for record in self._tasks.values())
+        return {status: counts[status] for status in TaskStatus}
 
     async def remove(self, task_id: str, owner: str | None = None) -> TaskDetail | None:
         snapshot = await self.cancel(task_id, owner)

@@ -57,7 +57,9 @@ class Settings:
     batch_timeout: float = _opt(120.0, "seconds a batch may run before its worker is recycled and its images fail")
     finished_task_ttl: float = _opt(3600.0, "seconds a finished task stays visible")
     max_finished_tasks: int = _opt(10_000, "finished tasks kept at most (oldest evicted first)")
-    api_keys: str = _opt("", "comma-separated API keys; when set, every endpoint but /healthz needs one", secret=True)
+    api_keys: str = _opt(
+        "", "comma-separated API keys; when set, every endpoint but /healthz and /readyz needs one", secret=True
+    )
 
     def allowed_network_list(self) -> list[str]:
         return _split(self.allowed_networks)

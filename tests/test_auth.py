@@ -26,8 +26,9 @@ async def submit_as(client: TestClient, key: str, url: str) -> str:
 async def test_every_endpoint_but_health_needs_a_valid_key(make_service: ServiceFactory) -> None:
     client = await make_service(api_keys=f"{ALICE},{BOB}")
     assert (await client.get("/healthz")).status == 200
+    assert (await client.get("/readyz")).status == 200  # probes carry no credentials
     for headers in [{}, auth("wrong"), {"Authorization": ALICE}, {"Authorization": f"Basic {ALICE}"}, auth("")]:
-        for method, path in [("POST", "/submit"), ("GET", "/tasks"), ("GET", "/tasks/x"),
+        for method, path in [("POST", "/submit"), ("GET", "/tasks"), ("GET", "/tasks/x"), ("GET", "/metrics"),
                              ("DELETE", "/tasks/x"), ("POST", "/tasks/x/cancel")]:
             response = await client.request(method, path, headers=headers, json={"urls": ["http://example.com/a"]})
             assert response.status == 401, (method, path, headers)

@@ -1,0 +1,42 @@
+"""Prometheus metrics, kept in a registry of the app's own (no process-global state).
+
+Counters and histograms are updated where the events happen (the dispatcher); gauges
+that describe current state (tasks by status, queue depth, worker restarts) are read from
+their owners when /metrics is scraped.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.tasks = Gauge("ics_tasks", "Tasks in the registry, by status", ["status"], registry=self.registry)
+        self.images = Counter(
+            "ics_images", "Images that reached a final state, by outcome and error code",
+            ["outcome", "code"], registry=self.registry,
+        )
+        self.queue_depth = Gauge("ics_queue_depth", "Downloaded images waiting for the model", registry=self.registry)
+        self.batch_size = Histogram(
+            "ics_batch_size", "Images per forward pass", buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=self.registry
+        )
+        self.download_seconds = Histogram(
+            "ics_download_seconds", "Seconds per image download, failed ones included", registry=self.registry
+        )
+        self.inference_seconds = Histogram(
+            "ics_inference_seconds", "Seconds per batch in the inference pool", registry=self.registry
+        )
+        self.worker_restarts = Gauge(
+            "ics_worker_restarts", "Times the inference workers were replaced", registry=self.registry
+        )
+
+    def image_done(self, code: str | None) -> None:
+        """One image succeeded (code None) or failed with `code`."""
+        self.images.labels(outcome="failed" if code else "succeeded", code=code or "").inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

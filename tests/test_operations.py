@@ -1,0 +1,70 @@
+"""Health, readiness and metrics, watched while real work and a real worker kill happen."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+
+from aiohttp.test_utils import TestClient
+from prometheus_client.parser import text_string_to_metric_families
+
+from service.appkeys import POOL
+from tests.conftest import ImageServer, ServiceFactory, submit, wait_for_task
+
+
+async def scrape(client: TestClient) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    response = await client.get("/metrics")
+    assert response.status == 200
+    assert response.content_type == "text/plain"
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(await response.text())
+        for sample in family.samples
+    }
+
+
+async def test_readyz_flips_during_a_worker_kill_and_recovers(
+    make_service: ServiceFactory, image_server: ImageServer
+) -> None:
+    client = await make_service()
+    assert (await client.get("/healthz")).status == 200
+    assert (await client.get("/readyz")).status == 200
+    (victim,) = client.server.app[POOL].worker_pids()
+    os.kill(victim, signal.SIGKILL)
+
+    async with asyncio.timeout(30):
+        while (response := await client.get("/readyz")).status == 200:
+            await asyncio.sleep(0.05)
+    assert response.status == 503
+    assert (await response.json())["error"]["code"] == "not_ready"
+    assert (await client.get("/healthz")).status == 200  # alive all along
+    async with asyncio.timeout(120):
+        while (await client.get("/readyz")).status != 200:
+            await asyncio.sleep(0.1)
+    assert victim not in client.server.app[POOL].worker_pids()
+    task = await wait_for_task(client, (await submit(client, [image_server.url("/photos/coffee")]))["task_id"])
+    assert task["items"][0]["labels"][0]["label"] == "espresso"
+    assert (await scrape(client))[("ics_worker_restarts", ())] == 1
+
+
+async def test_metrics_move_as_tasks_run(make_service: ServiceFactory, image_server: ImageServer) -> None:
+    client = await make_service(batch_size=4)
+    before = await scrape(client)
+    assert before[("ics_tasks", (("status", "completed"),))] == 0
+    assert ("ics_images_total", (("code", ""), ("outcome", "succeeded"))) not in before
+
+    urls = [image_server.url("/photos/coffee")] * 3 + [image_server.url("/status/404"), image_server.url("/text")]
+    await wait_for_task(client, (await submit(client, urls))["task_id"])
+    after = await scrape(client)
+
+    assert after[("ics_tasks", (("status", "completed"),))] == 1
+    assert after[("ics_tasks", (("status", "running"),))] == 0
+    assert after[("ics_images_total", (("code", ""), ("outcome", "succeeded")))] == 3
+    assert after[("ics_images_total", (("code", "http_error"), ("outcome", "failed")))] == 1
+    assert after[("ics_images_total", (("code", "not_an_image"), ("outcome", "failed")))] == 1
+    assert after[("ics_download_seconds_count", ())] == 5
+    assert after[("ics_batch_size_sum", ())] == 4  # the three photos and the text body
+    assert after[("ics_inference_seconds_count", ())] == after[("ics_batch_size_count", ())] >= 1
+    assert after[("ics_queue_depth", ())] == 0
+    assert after[("ics_worker_restarts", ())] == 0
