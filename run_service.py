@@ -15,6 +15,7 @@ import uvloop
 from aiohttp import web
 
 from service.app import create_app
+from service.logs import configure_logging
 from service.settings import Settings, load_settings
 
 log = logging.getLogger("service")
@@ -38,7 +39,7 @@ async def serve(settings: Settings) -> None:
 
 def main() -> None:
     settings = load_settings()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(settings.log_format)
     uvloop.run(serve(settings))
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import logging
 import time
 import uuid
 from collections.abc import Callable
@@ -29,6 +30,9 @@ from service.schemas import (
     TaskStatus,
     TaskSummary,
 )
+
+
+log = logging.getLogger(__name__)
 
 
 class InvalidCursor(ValueError):
@@ -172,6 +176,7 @@ class InMemoryRegistry:
         self._next_seq += 1
         self._tasks[record.task_id] = record
         self._unfinished += len(urls)
+        log.info("task %s created: %d images, model %s", record.task_id, len(urls), model, extra=_ids(record))
         return record.detail()
 
     async def get(self, task_id: str, owner: str | None = None) -> TaskDetail | None:
@@ -222,6 +227,7 @@ class InMemoryRegistry:
         if record.status is TaskStatus.QUEUED:
             record.status = TaskStatus.RUNNING
             record.started_at = utcnow()
+            log.info("task %s running", task_id, extra=_ids(record))
         if status.is_final:
             self._count_final(record, status)
             if record.done == record.total:
@@ -287,6 +293,11 @@ class InMemoryRegistry:
     def _finish(self, record: _TaskRecord, status: TaskStatus) -> None:
         record.status = status
         record.finished_at = utcnow()
+        log.info(
+            "task %s %s: %d succeeded, %d failed, %d cancelled", record.task_id, status.value,
+            record.finals[ItemStatus.SUCCEEDED], record.finals[ItemStatus.FAILED], record.finals[ItemStatus.CANCELLED],
+            extra=_ids(record),
+        )
         record.freeze()
         self._finished[record.task_id] = self._clock()
         while len(self._finished) > self._max_finished:
@@ -303,6 +314,11 @@ class InMemoryRegistry:
     def _forget(self, task_id: str) -> None:
         self._tasks.pop(task_id, None)
         self._finished.pop(task_id, None)
+
+
+def _ids(record: _TaskRecord) -> dict[str, object]:
+    """Structured fields for a task's log lines (the owner is a key hash, never the key)."""
+    return {"task_id": record.task_id, "owner": record.owner}
 
 
 def _encode_cursor(seq: int) -> str:

@@ -50,6 +50,7 @@ class Settings:
     batch_size: int = _opt(16, "images per forward pass")
     batch_wait_ms: float = _opt(10.0, "how long a partial batch waits for more images")
     max_queued_images: int = _opt(256, "downloaded images waiting for the model (bounds memory)")
+    log_format: str = _opt("text", "log lines as text or json")
     shutdown_timeout: float = _opt(10.0, "seconds to finish open requests on shutdown")
     shutdown_grace: float = _opt(30.0, "seconds active tasks may keep running after SIGTERM before they are cancelled")
     allow_private_networks: bool = _opt(False, "let downloads reach loopback, private and other non-public addresses")
@@ -151,6 +152,8 @@ def validate(settings: Settings) -> list[str]:
             ipaddress.ip_network(network, strict=False)
         except ValueError:
             problems.append(f"--allowed-networks: {network!r} is not a CIDR network")
+    if settings.log_format not in ("text", "json"):
+        problems.append("--log-format must be text or json")
     if settings.runtime not in RUNTIMES:
         problems.append(f"--runtime must be one of: {', '.join(RUNTIMES)}")
     if settings.default_top_k > settings.max_top_k:

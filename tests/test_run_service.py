@@ -5,6 +5,7 @@ leaves no worker process behind."""
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import socket
 import subprocess
@@ -64,7 +65,7 @@ async def get_task(http: aiohttp.ClientSession, base: str, task_id: str) -> dict
 
 
 async def test_run_service_classifies_a_photo_and_stops_on_sigint(image_server: ImageServer) -> None:
-    async with running_service() as (process, base):
+    async with running_service("--log-format", "json") as (process, base):
         async with aiohttp.ClientSession() as http, asyncio.timeout(60):
             task_id = await submit(http, base, [image_server.url("/photos/coffee")])
             while (task := await get_task(http, base, task_id))["status"] != "completed":
@@ -73,6 +74,11 @@ async def test_run_service_classifies_a_photo_and_stops_on_sigint(image_server: 
         process.send_signal(signal.SIGINT)
         output = process.communicate(timeout=60)[0].decode()
         assert process.returncode == 0, output
+
+    lines = [json.loads(line) for line in output.splitlines() if line.strip()]  # every line is JSON
+    lifecycle = [line["message"] for line in lines if line.get("task_id") == task_id]
+    assert [message.split()[2].rstrip(":") for message in lifecycle] == ["created", "running", "completed"]
+    assert any("POST /submit" in line["message"] for line in lines if line["logger"] == "aiohttp.access")
 
 
 async def test_sigterm_cancels_after_the_grace_period_and_leaves_no_workers(image_server: ImageServer) -> None:

