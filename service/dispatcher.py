@@ -68,9 +68,10 @@ class Dispatcher:
         return snapshot
 
     async def remove(self, task_id: str, owner: str | None = None) -> TaskDetail | None:
-        snapshot = await self.cancel(task_id, owner)
+        """Cancel (the registry's remove does it) and forget a task; None if unknown."""
+        snapshot = await self._registry.remove(task_id, owner)
         if snapshot is not None:
-            await self._registry.remove(task_id, owner)
+            await self._stop(task_id)
         return snapshot
 
     async def close(self) -> None:

@@ -7,12 +7,12 @@ prefix (`ICS_MAX_URLS_PER_TASK`); a flag wins over the variable, the variable ov
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 
 from inference.catalog import DEFAULT_MODEL, DEFAULT_RUNTIME, RUNTIMES
+from service.netpolicy import AddressPolicy
 
 ENV_PREFIX = "ICS_"
 
@@ -147,11 +147,10 @@ def validate(settings: Settings) -> list[str]:
             problems.append(f"{_flag(name)} must be at least 1")
     if settings.worker_nice > 19:
         problems.append("--worker-nice must be at most 19")
-    for network in settings.allowed_network_list():
-        try:
-            ipaddress.ip_network(network, strict=False)
-        except ValueError:
-            problems.append(f"--allowed-networks: {network!r} is not a CIDR network")
+    try:
+        AddressPolicy.from_strings(settings.allow_private_networks, settings.allowed_network_list())
+    except ValueError as exc:
+        problems.append(f"--allowed-networks: {exc}")
     if settings.log_format not in ("text", "json"):
         problems.append("--log-format must be text or json")
     if settings.runtime not in RUNTIMES:
