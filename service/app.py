@@ -9,15 +9,17 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from inference.protocol import WorkerConfig
-from service.appkeys import DISPATCHER, METRICS, POOL, REGISTRY, SESSION, SETTINGS
+from service.appkeys import DISPATCHER, METRICS, POOL, REGISTRY, SESSION, SETTINGS, SUBMIT_REQUEST
 from service.auth import auth_middleware
 from service.dispatcher import Dispatcher
+from service.docs import add_docs
 from service.errors import error_middleware
 from service.fetcher import make_session
 from service.handlers import routes
 from service.metrics import Metrics
 from service.pool import ProcessInferencePool
 from service.registry import InMemoryRegistry
+from service.schemas import SubmitRequest
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -77,8 +79,12 @@ def create_app(settings: Settings) -> web.Application:
     app[SETTINGS] = settings
     app[REGISTRY] = InMemoryRegistry(settings.finished_task_ttl, settings.max_finished_tasks)
     app[METRICS] = Metrics()
+    app[SUBMIT_REQUEST] = SubmitRequest.limited(
+        max_urls=settings.max_urls_per_task, max_url_length=settings.max_url_length, max_top_k=settings.max_top_k
+    )
     # Started in this order, closed in reverse: the dispatcher stops before the session and pool.
     app.cleanup_ctx.extend([pool_ctx, session_ctx, dispatcher_ctx])
     app.on_shutdown.append(drain_tasks)
     app.add_routes(routes)
+    add_docs(app)  # last: the OpenAPI document describes every route added before it
     return app

@@ -9,6 +9,7 @@ from service.dispatcher import Dispatcher
 from service.metrics import Metrics
 from service.pool import InferencePool
 from service.registry import TaskRegistry
+from service.schemas import SubmitRequest
 from service.settings import Settings
 
 SETTINGS = web.AppKey("settings", Settings)
@@ -17,3 +18,5 @@ POOL = web.AppKey("pool", InferencePool)
 SESSION = web.AppKey("session", aiohttp.ClientSession)
 DISPATCHER = web.AppKey("dispatcher", Dispatcher)
 METRICS = web.AppKey("metrics", Metrics)
+SUBMIT_REQUEST = web.AppKey("submit_request", type[SubmitRequest])  # bound to this app's limits
+OPENAPI = web.AppKey("openapi", bytes)

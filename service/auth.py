@@ -1,4 +1,4 @@
-"""Optional API keys: with keys configured, every endpoint but the health probes needs one.
+"""Optional API keys: with keys configured, every endpoint but the probes and docs needs one.
 
 A request proves itself with `Authorization: Bearer <key>`. The key is compared in constant
 time against every configured key, and only a short hash of it (the task owner id) is
@@ -16,7 +16,14 @@ from aiohttp.typedefs import Middleware
 from service.errors import ApiError, Handler
 
 OWNER = web.RequestKey("owner", str)
-PUBLIC_PATHS = frozenset({"/healthz", "/readyz"})  # probes carry no credentials
+
+
+def is_public(request: web.Request) -> bool:
+    """Probes and the API docs carry no credentials: their handlers are described `public`
+    (see `service.openapi.describe`), and Swagger UI's static files are public too."""
+    route = request.match_info.route
+    description = getattr(route.handler, "openapi", None)
+    return bool(description and description.public) or isinstance(route.resource, web.StaticResource)
 
 
 def owner_id(key: str) -> str:
@@ -33,7 +40,7 @@ def auth_middleware(keys: list[str]) -> Middleware:
 
     @web.middleware
     async def check_api_key(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.path in PUBLIC_PATHS:
+        if is_public(request):
             return await handler(request)
         scheme, _, presented = request.headers.get("Authorization", "").partition(" ")
         candidate = presented.strip().encode()

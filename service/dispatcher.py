@@ -156,7 +156,7 @@ class Dispatcher:
             return
         for job, outcome in zip(batch, outcomes, strict=True):
             if isinstance(outcome, Prediction):
-                labels = [Label(label=l.label, class_index=l.class_index, score=l.score) for l in outcome.labels]
+                labels = [Label(label=top.label, class_index=top.class_index, score=top.score) for top in outcome.labels]
                 if await self._registry.update_item(job.task_id, job.index, ItemStatus.SUCCEEDED, labels=labels):
                     self._metrics.image_done(None)
             else:

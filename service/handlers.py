@@ -3,33 +3,45 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
 from pydantic import ValidationError
 
 from inference.catalog import MODELS
-from service.appkeys import DISPATCHER, METRICS, POOL, REGISTRY, SETTINGS
+from service.appkeys import DISPATCHER, METRICS, POOL, REGISTRY, SETTINGS, SUBMIT_REQUEST
 from service.auth import request_owner
 from service.errors import ApiError
 from service.metrics import CONTENT_TYPE
+from service.openapi import Reply, describe
 from service.registry import InvalidCursor
-from service.schemas import SubmitLimits, SubmitRequest, SubmitResponse, TaskDetail, TaskStatus
+from service.schemas import (
+    Health,
+    SubmitResponse,
+    TaskDetail,
+    TaskListQuery,
+    TaskPage,
+)
 
 routes = web.RouteTableDef()
 
-DEFAULT_PAGE_SIZE = 50
-MAX_PAGE_SIZE = 500
 RETRY_AFTER_SECONDS = 5
 
-# pydantic's error types -> our error codes. SubmitRequest's own validators raise types
-# that already are our codes (invalid_url, too_many_urls, top_k_out_of_range).
-_VALIDATION_CODES = {
-    "missing": "missing_field",
-    "extra_forbidden": "unknown_field",
-    "too_short": "empty_urls",
+# pydantic's error types -> our error codes: first by (top-level field, type), then by type.
+_FIELD_CODES = {
+    ("urls", "too_long"): "too_many_urls",
+    ("urls", "too_short"): "empty_urls",
+    ("urls", "string_pattern_mismatch"): "invalid_url",
+    ("urls", "string_too_long"): "invalid_url",
+    ("urls", "invalid_url"): "invalid_url",
+    ("top_k", "greater_than_equal"): "top_k_out_of_range",
+    ("top_k", "less_than_equal"): "top_k_out_of_range",
 }
-_OWN_CODES = {"invalid_url", "too_many_urls", "top_k_out_of_range"}
+_TYPE_CODES = {"missing": "missing_field", "extra_forbidden": "unknown_field"}
+_QUERY_CODES = {"status": "invalid_status", "limit": "invalid_limit", "cursor": "invalid_cursor"}
+
+_TASK_NOT_FOUND = {404: "task_not_found"}
 
 
 def _json(model: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
@@ -37,20 +49,25 @@ def _json(model: Any, status: int = 200, headers: dict[str, str] | None = None) 
 
 
 @routes.get("/healthz")
+@describe(summary="Liveness: the process and its event loop answer", tag="operations", public=True,
+          replies={200: Reply("Alive", Health)})
 async def healthz(request: web.Request) -> web.Response:
     """The process is alive and its event loop answers."""
-    return web.json_response({"status": "ok"})
+    return _json(Health(status="ok"))
 
 
 @routes.get("/readyz")
+@describe(summary="Readiness: every worker is up with the default model loaded", tag="operations", public=True,
+          replies={200: Reply("Ready", Health)}, errors={503: "not_ready"})
 async def readyz(request: web.Request) -> web.Response:
     """Ready when every inference worker is up with the default model loaded."""
     if not request.app[POOL].check_ready():
         raise ApiError(503, "not_ready", "the inference workers are starting or being replaced")
-    return web.json_response({"status": "ready"})
+    return _json(Health(status="ready"))
 
 
 @routes.get("/metrics")
+@describe(summary="Prometheus metrics", tag="operations", replies={200: Reply("Prometheus text format", media_type="text/plain")})
 async def metrics(request: web.Request) -> web.Response:
     """Prometheus text format; current-state gauges are read at scrape time."""
     app = request.app
@@ -63,19 +80,26 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 @routes.post("/submit")
+@describe(
+    summary="Submit a batch of image URLs; answers at once with the new task's id",
+    body=SUBMIT_REQUEST,
+    replies={202: Reply("Accepted", SubmitResponse, headers={"Location": "the task's URL"})},
+    errors={
+        400: "invalid_json, invalid_body, missing_field, unknown_field, invalid_type, invalid_field, empty_urls, "
+        "too_many_urls, invalid_url, top_k_out_of_range, unknown_model",
+        413: "request_too_large",
+        415: "unsupported_media_type",
+        429: "too_busy (see the Retry-After header)",
+    },
+)
 async def submit(request: web.Request) -> web.Response:
     settings = request.app[SETTINGS]
     registry = request.app[REGISTRY]
     body = await _read_json_object(request)
-    limits = SubmitLimits(
-        max_urls=settings.max_urls_per_task,
-        max_url_length=settings.max_url_length,
-        max_top_k=settings.max_top_k,
-    )
     try:
-        submission = SubmitRequest.model_validate(body, context={"limits": limits})
+        submission = request.app[SUBMIT_REQUEST].model_validate(body)
     except ValidationError as exc:
-        raise _validation_error(exc) from None
+        raise _validation_error(exc, _body_error_code) from None
     model = submission.model or settings.default_model
     if model not in MODELS:
         raise ApiError(
@@ -97,27 +121,27 @@ async def submit(request: web.Request) -> web.Response:
 
 
 @routes.get("/tasks")
+@describe(
+    summary="Task summaries, newest first, a page at a time",
+    query=TaskListQuery,
+    replies={200: Reply("A page of tasks", TaskPage)},
+    errors={400: "unknown_parameter, invalid_status, invalid_limit, invalid_cursor"},
+)
 async def list_tasks(request: web.Request) -> web.Response:
-    query = request.query
-    unknown = sorted(set(query) - {"status", "limit", "cursor"})
-    if unknown:
-        raise ApiError(400, "unknown_parameter", f"unknown query parameters: {', '.join(unknown)}")
-    status = None
-    if "status" in query:
-        try:
-            status = TaskStatus(query["status"])
-        except ValueError:
-            allowed = ", ".join(status.value for status in TaskStatus)
-            raise ApiError(400, "invalid_status", f"status must be one of: {allowed}") from None
-    limit = _parse_limit(query.get("limit"))
     try:
-        page = await request.app[REGISTRY].list(status, limit, query.get("cursor"), request_owner(request))
+        query = TaskListQuery.model_validate(dict(request.query))
+    except ValidationError as exc:
+        raise _validation_error(exc, _query_error_code) from None
+    try:
+        page = await request.app[REGISTRY].list(query.status, query.limit, query.cursor, request_owner(request))
     except InvalidCursor:
         raise ApiError(400, "invalid_cursor", "the cursor is not one this service issued") from None
     return _json(page)
 
 
 @routes.get("/tasks/{task_id}")
+@describe(summary="A task with every item's status and labels", replies={200: Reply("The task", TaskDetail)},
+          errors=_TASK_NOT_FOUND)
 async def get_task(request: web.Request) -> web.Response:
     body = await request.app[REGISTRY].get_json(_task_id(request), request_owner(request))
     if body is None:
@@ -126,11 +150,15 @@ async def get_task(request: web.Request) -> web.Response:
 
 
 @routes.delete("/tasks/{task_id}")
+@describe(summary="Cancel the task if it is active, then forget it",
+          replies={200: Reply("The task's final snapshot", TaskDetail)}, errors=_TASK_NOT_FOUND)
 async def delete_task(request: web.Request) -> web.Response:
     return _task_or_404(request, await request.app[DISPATCHER].remove(_task_id(request), request_owner(request)))
 
 
 @routes.post("/tasks/{task_id}/cancel")
+@describe(summary="Cancel the task if it is active and keep it visible",
+          replies={200: Reply("The task's final snapshot", TaskDetail)}, errors=_TASK_NOT_FOUND)
 async def cancel_task(request: web.Request) -> web.Response:
     return _task_or_404(request, await request.app[DISPATCHER].cancel(_task_id(request), request_owner(request)))
 
@@ -148,11 +176,11 @@ async def _read_json_object(request: web.Request) -> dict[str, Any]:
     return body
 
 
-def _validation_error(exc: ValidationError) -> ApiError:
+def _validation_error(exc: ValidationError, code_of: Callable[[tuple[int | str, ...], str], str]) -> ApiError:
     problems = [
         {
             "field": ".".join(str(part) for part in error["loc"]),
-            "code": _error_code(error["type"]),
+            "code": code_of(error["loc"], error["type"]),
             "message": error["msg"],
         }
         for error in exc.errors(include_url=False, include_input=False)
@@ -161,22 +189,21 @@ def _validation_error(exc: ValidationError) -> ApiError:
     return ApiError(400, first["code"], f"{first['field']}: {first['message']}", details=problems)
 
 
-def _error_code(error_type: str) -> str:
-    if error_type in _OWN_CODES:
-        return error_type
-    if error_type in _VALIDATION_CODES:
-        return _VALIDATION_CODES[error_type]
+def _body_error_code(loc: tuple[int | str, ...], error_type: str) -> str:
+    field = str(loc[0]) if loc else ""
+    if (field, error_type) in _FIELD_CODES:
+        return _FIELD_CODES[(field, error_type)]
+    if error_type in _TYPE_CODES:
+        return _TYPE_CODES[error_type]
     if error_type.endswith(("_type", "_parsing")):
         return "invalid_type"
     return "invalid_field"
 
 
-def _parse_limit(raw: str | None) -> int:
-    if raw is None:
-        return DEFAULT_PAGE_SIZE
-    if not raw.isdigit() or not 1 <= int(raw) <= MAX_PAGE_SIZE:
-        raise ApiError(400, "invalid_limit", f"limit must be an integer between 1 and {MAX_PAGE_SIZE}")
-    return int(raw)
+def _query_error_code(loc: tuple[int | str, ...], error_type: str) -> str:
+    if error_type == "extra_forbidden":
+        return "unknown_parameter"
+    return _QUERY_CODES.get(str(loc[0]) if loc else "", "invalid_parameter")
 
 
 def _task_id(request: web.Request) -> str:

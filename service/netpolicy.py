@@ -107,9 +107,9 @@ class PolicyResolver(AbstractResolver):
         await self._inner.close()
 
 
-def url_problem(url: str, max_length: int) -> str | None:
+def url_problem(url: str, max_length: int | None = None) -> str | None:
     """Why `url` is not an absolute http(s) URL this service will fetch, or None."""
-    if len(url) > max_length:
+    if max_length is not None and len(url) > max_length:
         return f"URL is longer than {max_length} characters"
     try:
         parsed = URL(url)

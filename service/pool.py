@@ -17,6 +17,7 @@ import multiprocessing
 import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from multiprocessing.connection import wait as wait_for_any
 from multiprocessing.process import BaseProcess
 from typing import Protocol
 
@@ -150,11 +151,13 @@ def _log_failed_start(starting: asyncio.Task[None]) -> None:
 
 
 def _join_or_kill(processes: list[BaseProcess], timeout: float) -> None:
+    """Wait on the processes' sentinels, not `join`: the executor's own thread reaps the
+    same processes, and a process it reaped first would look alive to a second `join`."""
+    pending = {process.sentinel: process for process in processes}
     deadline = time.monotonic() + timeout
-    for process in processes:
-        process.join(max(0.0, deadline - time.monotonic()))
-    for process in processes:
-        if process.is_alive():
-            log.warning("inference worker %s did not exit; killing it", process.pid)
-            process.kill()
-            process.join()
+    while pending and (remaining := deadline - time.monotonic()) > 0:
+        for sentinel in wait_for_any(list(pending), remaining):
+            del pending[sentinel]  # type: ignore[arg-type]
+    for process in pending.values():
+        log.warning("inference worker %s did not exit; killing it", process.pid)
+        process.kill()

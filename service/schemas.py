@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from datetime import datetime
 from enum import StrEnum
-from typing import Annotated
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationInfo, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, StrictStr, create_model
 from pydantic_core import PydanticCustomError
 
 from service.netpolicy import url_problem
@@ -94,6 +94,10 @@ class TaskPage(_Record):
     next_cursor: str | None
 
 
+class Health(_Record):
+    status: str
+
+
 class SubmitResponse(_Record):
     task_id: str
     status: TaskStatus
@@ -110,47 +114,59 @@ class ErrorBody(_Record):
     error: ErrorDetail
 
 
+URL_PATTERN = r"^[Hh][Tt][Tt][Pp][Ss]?://"
+
+
+def _check_url(url: str) -> str:
+    problem = url_problem(url)
+    if problem:
+        raise PydanticCustomError("invalid_url", problem)
+    return url
+
+
+def _url_type(max_length: int | None = None) -> Any:
+    """One entry of `urls`: the pattern documents the scheme, the validator checks the rest."""
+    return Annotated[StrictStr, Field(pattern=URL_PATTERN, max_length=max_length), AfterValidator(_check_url)]
+
+
+_URLS_DOC = "absolute http(s) URLs of the images, without user credentials; duplicates are kept"
+_TOP_K_DOC = "labels per image; default: the service's default"
+
+
 class SubmitRequest(BaseModel):
-    """Body of POST /submit. Limits that depend on settings come in the validation context."""
+    """Body of POST /submit.
+
+    The limits that come from settings (how many URLs, how long, how large `top_k`) live in
+    a subclass made by `limited`, built once per app: the same class validates requests and
+    is published in the OpenAPI document, so the documented bounds are the enforced ones.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
-    urls: Annotated[list[StrictStr], Field(min_length=1)]
-    top_k: StrictInt | None = None
-    model: StrictStr | None = None
+    urls: Annotated[list[_url_type()], Field(min_length=1, description=_URLS_DOC)]  # type: ignore[valid-type]
+    top_k: Annotated[StrictInt | None, Field(ge=1, description=_TOP_K_DOC)] = None
+    model: Annotated[StrictStr | None, Field(description="a model name; default: the service's default model")] = None
 
-    @field_validator("urls")
     @classmethod
-    def _check_urls(cls, urls: list[str], info: ValidationInfo) -> list[str]:
-        limits: SubmitLimits = info.context["limits"]
-        if len(urls) > limits.max_urls:
-            raise PydanticCustomError(
-                "too_many_urls",
-                "a task holds at most {max_urls} URLs, got {count}",
-                {"max_urls": limits.max_urls, "count": len(urls)},
-            )
-        for position, url in enumerate(urls):
-            problem = url_problem(url, limits.max_url_length)
-            if problem:
-                raise PydanticCustomError(
-                    "invalid_url", "urls[{position}]: {problem}", {"position": position, "problem": problem}
-                )
-        return urls
-
-    @field_validator("top_k")
-    @classmethod
-    def _check_top_k(cls, top_k: int | None, info: ValidationInfo) -> int | None:
-        limits: SubmitLimits = info.context["limits"]
-        if top_k is not None and not 1 <= top_k <= limits.max_top_k:
-            raise PydanticCustomError(
-                "top_k_out_of_range",
-                "top_k must be between 1 and {max_top_k}",
-                {"max_top_k": limits.max_top_k},
-            )
-        return top_k
+    def limited(cls, max_urls: int, max_url_length: int, max_top_k: int) -> type[SubmitRequest]:
+        fields: dict[str, Any] = {
+            "urls": (
+                Annotated[
+                    list[_url_type(max_url_length)],  # type: ignore[misc]
+                    Field(min_length=1, max_length=max_urls, description=_URLS_DOC),
+                ],
+                ...,
+            ),
+            "top_k": (Annotated[StrictInt | None, Field(ge=1, le=max_top_k, description=_TOP_K_DOC)], None),
+        }
+        return create_model("SubmitRequest", __base__=cls, **fields)
 
 
-class SubmitLimits(BaseModel):
-    max_urls: int
-    max_url_length: int
-    max_top_k: int
+class TaskListQuery(BaseModel):
+    """Query of GET /tasks."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    status: Annotated[TaskStatus | None, Field(description="only tasks in this status")] = None
+    limit: Annotated[int, Field(ge=1, le=500, description="page size")] = 50
+    cursor: Annotated[str | None, Field(description="`next_cursor` of the previous page")] = None

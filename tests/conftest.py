@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import socket
+import sys
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -17,6 +19,7 @@ from service.app import create_app
 from service.settings import Settings
 
 PHOTOS_DIR = Path(__file__).parent / "photos"
+ROOT = PHOTOS_DIR.parent.parent
 
 # One worker and short timeouts keep each test's service small and quick.
 TEST_SETTINGS = Settings(
@@ -30,6 +33,17 @@ TEST_SETTINGS = Settings(
     max_redirects=3,
     allow_private_networks=True,  # the test image server is on 127.0.0.1
 )
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def service_command(port: int, *flags: str) -> list[str]:
+    """`run_service.py` as a user starts it, on 127.0.0.1 with one worker."""
+    return [sys.executable, "run_service.py", "--host", "127.0.0.1", "--port", str(port), "--workers", "1", *flags]
 
 
 @pytest.fixture(scope="session")

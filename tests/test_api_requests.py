@@ -51,11 +51,11 @@ async def test_bad_submissions_get_json_errors(make_service: ServiceFactory) -> 
 
 async def test_validation_errors_list_every_problem(make_service: ServiceFactory) -> None:
     client = await make_service()
-    response = await client.post("/submit", json={"urls": ["ftp://x/y"], "top_k": 0, "extra": True})
+    response = await client.post("/submit", json={"urls": [GOOD_URL, "ftp://x/y"], "top_k": 0, "extra": True})
     assert response.status == 400
     details = (await response.json())["error"]["details"]
     assert {(problem["field"], problem["code"]) for problem in details} == {
-        ("urls", "invalid_url"),
+        ("urls.1", "invalid_url"),  # the field names the offending entry
         ("top_k", "top_k_out_of_range"),
         ("extra", "unknown_field"),
     }

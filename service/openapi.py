@@ -1,0 +1,184 @@
+"""The OpenAPI 3.1 document, generated from the routes and the pydantic models they use.
+
+Each handler carries its description (`@describe(...)`): the models that validate its body
+and query and the models its answers are made from. `build_openapi` walks the app's router,
+so a route without a description is an error at start-up, not a silent gap in the contract.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from aiohttp import web
+from openapi_pydantic.v3.v3_1 import (
+    Components,
+    Header,
+    Info,
+    MediaType,
+    OpenAPI,
+    Operation,
+    Parameter,
+    PathItem,
+    Reference,
+    RequestBody,
+    Response,
+    Schema,
+    SecurityScheme,
+)
+from pydantic import BaseModel
+from pydantic.json_schema import models_json_schema
+
+from service.schemas import ErrorBody
+
+JSON = "application/json"
+REF_TEMPLATE = "#/components/schemas/{model}"
+BEARER = "apiKey"
+
+# A request body model, or the app key under which the app keeps its own (settings-bound) one.
+BodyModel = type[BaseModel] | web.AppKey[type[BaseModel]]
+H = TypeVar("H", bound=Callable[..., Any])
+
+
+@dataclass(frozen=True)
+class Reply:
+    """One documented answer: a JSON body shaped by `model`, or another media type."""
+
+    description: str
+    model: type[BaseModel] | None = None
+    media_type: str = JSON
+    headers: Mapping[str, str] = field(default_factory=dict)  # name -> description
+
+
+@dataclass(frozen=True)
+class Description:
+    summary: str
+    replies: Mapping[int, Reply]
+    errors: Mapping[int, str] = field(default_factory=dict)  # status -> the error codes it carries
+    body: BodyModel | None = None
+    query: type[BaseModel] | None = None
+    public: bool = False  # open even when API keys are configured
+    tag: str = "tasks"
+
+
+def describe(**kwargs: Any) -> Callable[[H], H]:
+    """Attach an OpenAPI description to a handler (see `Description` for the fields)."""
+    description = Description(**kwargs)
+
+    def attach(handler: H) -> H:
+        handler.openapi = description  # type: ignore[attr-defined]
+        return handler
+
+    return attach
+
+
+def build_openapi(app: web.Application, title: str, version: str, auth: bool) -> bytes:
+    """The document as JSON bytes; `auth` adds the bearer scheme and 401 answers."""
+    models: set[type[BaseModel]] = {ErrorBody}
+    paths: dict[str, dict[str, Operation]] = {}
+    for route in app.router.routes():
+        if route.method == "HEAD" or isinstance(route.resource, web.StaticResource):
+            continue
+        assert route.resource is not None
+        path = route.resource.canonical
+        description: Description | None = getattr(route.handler, "openapi", None)
+        if description is None:
+            raise RuntimeError(f"{route.method} {path} has no OpenAPI description (service.openapi.describe)")
+        paths.setdefault(path, {})[route.method.lower()] = _operation(app, path, description, auth, models)
+
+    _, definitions = models_json_schema(
+        [(model, "validation") for model in sorted(models, key=lambda m: m.__name__)], ref_template=REF_TEMPLATE
+    )
+    components = Components(schemas={name: Schema.model_validate(s) for name, s in definitions["$defs"].items()})
+    if auth:
+        components.securitySchemes = {BEARER: SecurityScheme(type="http", scheme="bearer")}
+    document = OpenAPI(
+        openapi="3.1.0",
+        info=Info(title=title, version=version),
+        paths={path: PathItem(**operations) for path, operations in paths.items()},
+        components=components,
+    )
+    # Only what was set: the library's defaults include fields not valid everywhere (allowEmptyValue).
+    return json.dumps(document.model_dump(mode="json", by_alias=True, exclude_unset=True, exclude_none=True)).encode()
+
+
+def _operation(
+    app: web.Application, path: str, description: Description, auth: bool, models: set[type[BaseModel]]
+) -> Operation:
+    responses: dict[str, Response] = {}
+    for status, reply in description.replies.items():
+        responses[str(status)] = _response(reply, models)
+    errors = dict(description.errors)
+    if auth and not description.public:
+        errors[401] = "unauthorized"
+    for status, codes in sorted(errors.items()):
+        responses[str(status)] = _response(Reply(f"Error; `error.code` is one of: {codes}", ErrorBody), models)
+
+    parameters = [
+        Parameter(name=name, param_in="path", required=True, param_schema=Schema(type="string"))
+        for name in _path_parameters(path)
+    ]
+    if description.query is not None:
+        parameters += _query_parameters(description.query)
+        models.add(description.query)  # brings the enums its fields refer to into the components
+    request_body = None
+    if description.body is not None:
+        body = app[description.body] if isinstance(description.body, web.AppKey) else description.body
+        models.add(body)
+        request_body = RequestBody(required=True, content={JSON: MediaType(media_type_schema=_ref(body))})
+    return Operation(
+        summary=description.summary,
+        tags=[description.tag],
+        parameters=parameters or None,
+        requestBody=request_body,
+        responses=responses,
+        security=[{BEARER: []}] if auth and not description.public else None,
+    )
+
+
+def _response(reply: Reply, models: set[type[BaseModel]]) -> Response:
+    if reply.model is not None:
+        models.add(reply.model)
+        schema: Schema | Reference = _ref(reply.model)
+    else:
+        schema = Schema(type="object" if reply.media_type == JSON else "string")
+    headers = {name: Header(description=text, param_schema=Schema(type="string")) for name, text in reply.headers.items()}
+    return Response(
+        description=reply.description,
+        content={reply.media_type: MediaType(media_type_schema=schema)},
+        headers=headers or None,
+    )
+
+
+def _ref(model: type[BaseModel]) -> Reference:
+    return Reference(ref=REF_TEMPLATE.format(model=model.__name__))
+
+
+def _path_parameters(path: str) -> list[str]:
+    return [part[1:-1] for part in path.split("/") if part.startswith("{") and part.endswith("}")]
+
+
+def _query_parameters(query: type[BaseModel]) -> list[Parameter]:
+    """One parameter per field. A query value is never JSON null (absent means None), so the
+    null branch pydantic adds to optional fields is dropped."""
+    schema = query.model_json_schema(ref_template=REF_TEMPLATE)
+    parameters = []
+    for name, prop in schema["properties"].items():
+        prop = dict(prop)
+        if "anyOf" in prop:
+            options = [option for option in prop.pop("anyOf") if option != {"type": "null"}]
+            prop.update(options[0] if len(options) == 1 else {"anyOf": options})
+        if prop.get("default") is None:
+            prop.pop("default", None)
+        parameters.append(
+            Parameter(
+                name=name,
+                param_in="query",
+                required=name in schema.get("required", ()),
+                description=prop.pop("description", None),
+                param_schema=Schema.model_validate(prop),
+            )
+        )
+    return parameters
