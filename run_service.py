@@ -16,6 +16,7 @@ from aiohttp import web
 
 from service.app import create_app
 from service.logs import configure_logging
+from service.pool import DefaultModelError
 from service.settings import Settings, load_settings
 
 log = logging.getLogger("service")
@@ -40,7 +41,16 @@ async def serve(settings: Settings) -> None:
 def main() -> None:
     settings = load_settings()
     configure_logging(settings.log_format)
-    uvloop.run(serve(settings))
+    if settings.prefetch:
+        from inference.zoo import prefetch  # imports torch: only this command downloads weights
+
+        prefetch([name.strip() for name in settings.prefetch.split(",") if name.strip()])
+        return
+    try:
+        uvloop.run(serve(settings))
+    except DefaultModelError as exc:
+        log.error("%s", exc)
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from inference.catalog import DEFAULT_MODEL, RUNTIMES
+from inference.catalog import EMBEDDED, RUNTIMES
 from inference.models import load_model
 from inference.preprocess import preprocess
 from tests.conftest import PHOTOS_DIR
@@ -27,9 +27,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    eager = load_model(DEFAULT_MODEL, "eager", args.threads)
+    eager = load_model(EMBEDDED, "eager", args.threads)
     photos = [path.read_bytes() for path in sorted(PHOTOS_DIR.glob("*.jpg"))]
-    inputs = torch.stack([preprocess(data, eager.info, eager.transform, 10**8) for data in photos])
+    inputs = torch.stack([preprocess(data, eager.info.preprocessing, eager.transform, 10**8) for data in photos])
     reference = eager.run(inputs).softmax(dim=1)
     batch = inputs.repeat(args.batch // len(photos) + 1, 1, 1, 1)[: args.batch]
 
@@ -37,7 +37,7 @@ def main() -> None:
     print("|---|---|---|---|")
     for runtime in RUNTIMES:
         started = time.perf_counter()
-        model = load_model(DEFAULT_MODEL, runtime, args.threads)
+        model = load_model(EMBEDDED, runtime, args.threads)
         model.run(batch)  # torch.compile compiles here
         setup = time.perf_counter() - started
         started = time.perf_counter()

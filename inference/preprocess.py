@@ -15,7 +15,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torchvision.transforms import v2
 
-from inference.catalog import ModelInfo
+from inference.catalog import Preprocessing
 
 
 class ImageRejected(Exception):
@@ -27,7 +27,7 @@ class ImageRejected(Exception):
         self.message = message
 
 
-def build_transform(info: ModelInfo) -> v2.Compose:
+def build_transform(info: Preprocessing) -> v2.Compose:
     return v2.Compose(
         [
             v2.PILToTensor(),
@@ -104,7 +104,7 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def preprocess(data: bytes, info: ModelInfo, transform: v2.Compose, max_pixels: int) -> torch.Tensor:
+def preprocess(data: bytes, info: Preprocessing, transform: v2.Compose, max_pixels: int) -> torch.Tensor:
     """Bytes to a (3, input_size, input_size) float tensor, or ImageRejected."""
     image = decode_image(data, min_side=info.resize_size, max_pixels=max_pixels)
     return transform(image)

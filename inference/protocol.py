@@ -8,14 +8,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from inference.catalog import ModelSpec
+
 
 @dataclass(frozen=True)
 class WorkerConfig:
-    default_model: str
+    default_model: ModelSpec  # loaded at start and never evicted
     runtime: str
     threads: int
     max_pixels: int
     nice: int = 0  # added to the worker's niceness: the web process then wins the CPU
+    max_loaded_models: int = 3  # the default included; least recently used ones go first
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,12 @@ def build_runner(module: torch.nn.Module, runtime: str, input_size: int, threads
     raise ValueError(f"unknown runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")
 
 
+def graph_runner(module: Callable[[torch.Tensor], torch.Tensor]) -> Runner:
+    """For a model that already is a compiled graph (TorchScript, torch.export): run it as
+    it is; the runtimes above convert nn.Modules."""
+    return _no_grad(module)
+
+
 def _no_grad(function: Callable[[torch.Tensor], torch.Tensor]) -> Runner:
     def run(batch: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():

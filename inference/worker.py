@@ -10,7 +10,8 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING
 
-from inference.protocol import Outcome, WorkerConfig
+from inference.catalog import ModelInfo, ModelSpec
+from inference.protocol import ModelLoadError, Outcome, WorkerConfig
 
 if TYPE_CHECKING:
     from inference.engine import Engine
@@ -20,7 +21,8 @@ _engine: Engine | None = None
 
 
 def init_worker(config: WorkerConfig) -> None:
-    """Pool initializer: raise here and the pool is broken, which is what start-up wants."""
+    """Pool initializer. A default model that cannot load does not raise here (the pool
+    would only say "broken"): `worker_info` reports the reason instead."""
     global _engine
     import torch
 
@@ -30,17 +32,32 @@ def init_worker(config: WorkerConfig) -> None:
         os.nice(config.nice)
     torch.set_num_threads(config.threads)
     _engine = Engine(config)
-    _engine.model(config.default_model)
+    try:
+        _engine.model(config.default_model)
+    except ModelLoadError as exc:
+        _engine.startup_error = str(exc)
 
 
-def worker_info() -> tuple[int, tuple[str, ...]]:
-    """(pid, loaded model names): lets the service check that workers came up."""
-    return os.getpid(), tuple(_current().models)
+def worker_info() -> tuple[int, tuple[str, ...], str]:
+    """(pid, loaded model names, why the default model did not load or ""): lets the
+    service check that workers came up."""
+    engine = _current()
+    return os.getpid(), tuple(engine.models), engine.startup_error
 
 
-def classify_batch(model_name: str, images: list[bytes], top_k: list[int]) -> list[Outcome]:
+def classify_batch(model: ModelSpec, images: list[bytes], top_k: list[int]) -> list[Outcome]:
     """Raises inference.protocol.ModelLoadError when the model cannot be loaded."""
-    return _current().classify(model_name, images, top_k)
+    return _current().classify(model, images, top_k)
+
+
+def describe_models(declared: list[ModelSpec]) -> list[ModelInfo]:
+    """Facts about the declared models, then about torchvision weights found in the cache.
+
+    Raises inference.catalog.CatalogError for a declaration that can never work."""
+    from inference import zoo
+
+    specs = declared + zoo.discover_cached({spec.name for spec in declared})
+    return [zoo.describe(spec) for spec in specs]
 
 
 def _current() -> Engine:

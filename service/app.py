@@ -8,9 +8,11 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
+from inference.catalog import declared_specs
 from inference.protocol import WorkerConfig
-from service.appkeys import DISPATCHER, METRICS, POOL, REGISTRY, SESSION, SETTINGS, SUBMIT_REQUEST
+from service.appkeys import CATALOG, DISPATCHER, METRICS, POOL, REGISTRY, SESSION, SETTINGS, SUBMIT_REQUEST
 from service.auth import auth_middleware
+from service.catalog import ModelCatalog
 from service.dispatcher import Dispatcher
 from service.docs import add_docs
 from service.errors import error_middleware
@@ -26,18 +28,28 @@ log = logging.getLogger(__name__)
 
 
 async def pool_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Start the workers with the default model loaded, then have one of them describe every
+    declared model and the torchvision weights in the cache (the catalog)."""
     settings = app[SETTINGS]
+    specs = declared_specs(settings.models, settings.models_file)
     config = WorkerConfig(
-        default_model=settings.default_model,
+        default_model=next(spec for spec in specs if spec.name == settings.default_model),
         runtime=settings.runtime,
         threads=settings.resolved_threads(),
         max_pixels=settings.max_image_pixels,
         nice=settings.worker_nice,
+        max_loaded_models=settings.max_loaded_models,
     )
     pool = ProcessInferencePool(settings.resolved_workers(), config, settings.batch_timeout)
     try:
         await pool.check_started()
+        catalog = ModelCatalog(await pool.describe(specs), settings.default_model)
+        log.info("models: %s", ", ".join(
+            f"{entry.name} ({entry.source}{'' if entry.weights_present else ', weights missing'})"
+            for entry in catalog.entries()
+        ))
         app[POOL] = pool
+        app[CATALOG] = catalog
         yield
     finally:
         await pool.close()
@@ -52,7 +64,8 @@ async def session_ctx(app: web.Application) -> AsyncIterator[None]:
 async def dispatcher_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     dispatcher = Dispatcher(
-        app[REGISTRY], app[POOL], app[SESSION], settings, consumers=settings.resolved_workers(), metrics=app[METRICS]
+        app[REGISTRY], app[POOL], app[SESSION], settings,
+        consumers=settings.resolved_workers(), metrics=app[METRICS], catalog=app[CATALOG],
     )
     app[DISPATCHER] = dispatcher
     yield

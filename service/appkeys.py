@@ -5,6 +5,7 @@ from __future__ import annotations
 import aiohttp
 from aiohttp import web
 
+from service.catalog import ModelCatalog
 from service.dispatcher import Dispatcher
 from service.metrics import Metrics
 from service.pool import InferencePool
@@ -18,5 +19,6 @@ POOL = web.AppKey("pool", InferencePool)
 SESSION = web.AppKey("session", aiohttp.ClientSession)
 DISPATCHER = web.AppKey("dispatcher", Dispatcher)
 METRICS = web.AppKey("metrics", Metrics)
+CATALOG = web.AppKey("catalog", ModelCatalog)
 SUBMIT_REQUEST = web.AppKey("submit_request", type[SubmitRequest])  # bound to this app's limits
 OPENAPI = web.AppKey("openapi", bytes)

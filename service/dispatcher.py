@@ -19,6 +19,7 @@ import aiohttp
 
 from inference.protocol import ModelLoadError, Prediction
 from service.batching import BatchQueue, Job
+from service.catalog import ModelCatalog
 from service.fetcher import FetchError, FetchLimits, fetch
 from service.metrics import Metrics
 from service.pool import InferencePool, InferenceTimeout
@@ -38,8 +39,10 @@ class Dispatcher:
         settings: Settings,
         consumers: int,
         metrics: Metrics,
+        catalog: ModelCatalog,
     ) -> None:
         self._registry = registry
+        self._catalog = catalog
         self._metrics = metrics
         self._pool = pool
         self._session = session
@@ -130,10 +133,12 @@ class Dispatcher:
         self._metrics.batch_size.observe(len(batch))
         try:
             with self._metrics.inference_seconds.time():
-                outcomes = await self._pool.classify(model, [job.data for job in batch], [job.top_k for job in batch])
+                outcomes = await self._pool.classify(
+                    self._catalog.spec(model), [job.data for job in batch], [job.top_k for job in batch]
+                )
         except ModelLoadError as exc:
             log.error("model %s failed to load: %s", model, exc)
-            error = ErrorInfo(code="model_unavailable", message=str(exc))
+            error = ErrorInfo(code="model_load_failed", message=str(exc))
             for task_id in {job.task_id for job in batch}:
                 await self._registry.fail(task_id, error)
                 await self._stop(task_id)

@@ -9,15 +9,16 @@ from typing import Any
 from aiohttp import web
 from pydantic import ValidationError
 
-from inference.catalog import MODELS
-from service.appkeys import DISPATCHER, METRICS, POOL, REGISTRY, SETTINGS, SUBMIT_REQUEST
+from service.appkeys import CATALOG, DISPATCHER, METRICS, POOL, REGISTRY, SETTINGS, SUBMIT_REQUEST
 from service.auth import request_owner
+from service.catalog import ModelCatalog
 from service.errors import ApiError
 from service.metrics import CONTENT_TYPE
 from service.openapi import Reply, describe
 from service.registry import InvalidCursor
 from service.schemas import (
     Health,
+    ModelList,
     SubmitResponse,
     TaskDetail,
     TaskListQuery,
@@ -86,7 +87,7 @@ async def metrics(request: web.Request) -> web.Response:
     replies={202: Reply("Accepted", SubmitResponse, headers={"Location": "the task's URL"})},
     errors={
         400: "invalid_json, invalid_body, missing_field, unknown_field, invalid_type, invalid_field, empty_urls, "
-        "too_many_urls, invalid_url, top_k_out_of_range, unknown_model",
+        "too_many_urls, invalid_url, top_k_out_of_range, unknown_model, model_unavailable",
         413: "request_too_large",
         415: "unsupported_media_type",
         429: "too_busy (see the Retry-After header)",
@@ -101,11 +102,7 @@ async def submit(request: web.Request) -> web.Response:
     except ValidationError as exc:
         raise _validation_error(exc, _body_error_code) from None
     model = submission.model or settings.default_model
-    if model not in MODELS:
-        raise ApiError(
-            400, "unknown_model", f"unknown model {model!r}; available: {', '.join(MODELS)}",
-            details={"available": list(MODELS)},
-        )
+    _check_model(request.app[CATALOG], model)
     unfinished = await registry.unfinished_images()
     if unfinished + len(submission.urls) > settings.max_active_images:
         raise ApiError(
@@ -118,6 +115,14 @@ async def submit(request: web.Request) -> web.Response:
     request.app[DISPATCHER].submit(task)
     response = SubmitResponse(task_id=task.task_id, status=task.status, total=len(task.items))
     return _json(response, status=202, headers={"Location": f"/tasks/{task.task_id}"})
+
+
+@routes.get("/models")
+@describe(summary="Every model this service knows, and whether its weights are on disk", tag="models",
+          replies={200: Reply("The models", ModelList)})
+async def list_models(request: web.Request) -> web.Response:
+    catalog = request.app[CATALOG]
+    return _json(ModelList(default=catalog.default, models=catalog.entries()))
 
 
 @routes.get("/tasks")
@@ -161,6 +166,18 @@ async def delete_task(request: web.Request) -> web.Response:
           replies={200: Reply("The task's final snapshot", TaskDetail)}, errors=_TASK_NOT_FOUND)
 async def cancel_task(request: web.Request) -> web.Response:
     return _task_or_404(request, await request.app[DISPATCHER].cancel(_task_id(request), request_owner(request)))
+
+
+def _check_model(catalog: ModelCatalog, name: str) -> None:
+    info = catalog.get(name)
+    if info is not None and info.weights_present():
+        return
+    available = catalog.available()
+    if info is None:
+        code, reason = "unknown_model", f"unknown model {name!r}"
+    else:
+        code, reason = "model_unavailable", f"the weights of model {name!r} are not on disk"
+    raise ApiError(400, code, f"{reason}; available: {', '.join(available)}", details={"available": available})
 
 
 async def _read_json_object(request: web.Request) -> dict[str, Any]:

@@ -22,9 +22,14 @@ from multiprocessing.process import BaseProcess
 from typing import Protocol
 
 from inference import worker
+from inference.catalog import ModelInfo, ModelSpec
 from inference.protocol import Outcome, WorkerConfig
 
 log = logging.getLogger(__name__)
+
+
+class DefaultModelError(RuntimeError):
+    """The workers started but the default model did not load in them."""
 
 
 class InferenceTimeout(Exception):
@@ -36,7 +41,12 @@ class InferencePool(Protocol):
 
     def check_ready(self) -> bool: ...
 
-    async def classify(self, model: str, images: list[bytes], top_k: list[int]) -> list[Outcome]:
+    async def describe(self, specs: list[ModelSpec]) -> list[ModelInfo]:
+        """Facts about `specs` and the cached torchvision weights, found out by a worker
+        (the web process does not import torch)."""
+        ...
+
+    async def classify(self, model: ModelSpec, images: list[bytes], top_k: list[int]) -> list[Outcome]:
         """One forward pass. Raises inference.protocol.ModelLoadError if `model` cannot
         load, BrokenProcessPool if a worker died (the next call gets fresh workers), and
         InferenceTimeout if the batch overran."""
@@ -94,10 +104,17 @@ class ProcessInferencePool:
                 infos = await asyncio.gather(
                     *(loop.run_in_executor(executor, worker.worker_info) for _ in range(self.workers))
                 )
-                ready.update(pid for pid, _ in infos)
+                for pid, _, error in infos:
+                    if error:
+                        raise DefaultModelError(f"the default model cannot load: {error}")
+                    ready.add(pid)
         log.info("%d inference workers ready (pids %s)", len(ready), sorted(ready))
 
-    async def classify(self, model: str, images: list[bytes], top_k: list[int]) -> list[Outcome]:
+    async def describe(self, specs: list[ModelSpec]) -> list[ModelInfo]:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, worker.describe_models, specs)
+
+    async def classify(self, model: ModelSpec, images: list[bytes], top_k: list[int]) -> list[Outcome]:
         executor, starting = self._executor, self._starting
         loop = asyncio.get_running_loop()
         try:

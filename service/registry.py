@@ -13,8 +13,8 @@ import binascii
 import logging
 import time
 import uuid
-from collections.abc import Callable
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Protocol
@@ -30,7 +30,6 @@ from service.schemas import (
     TaskStatus,
     TaskSummary,
 )
-
 
 log = logging.getLogger(__name__)
 

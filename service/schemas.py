@@ -94,6 +94,21 @@ class TaskPage(_Record):
     next_cursor: str | None
 
 
+class ModelEntry(_Record):
+    name: str
+    source: str  # embedded | torchvision | checkpoint
+    architecture: str
+    input_size: int
+    num_classes: int
+    default: bool
+    weights_present: bool  # false: listed but unavailable until its weights are on disk
+
+
+class ModelList(_Record):
+    default: str
+    models: list[ModelEntry]
+
+
 class Health(_Record):
     status: str
 

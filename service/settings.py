@@ -11,7 +11,7 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 
-from inference.catalog import DEFAULT_MODEL, DEFAULT_RUNTIME, RUNTIMES
+from inference.catalog import DEFAULT_MODEL, DEFAULT_RUNTIME, RUNTIMES, CatalogError, declared_specs
 from service.netpolicy import AddressPolicy
 
 ENV_PREFIX = "ICS_"
@@ -33,7 +33,11 @@ class Settings:
     threads_per_worker: int = _opt(0, "torch threads per worker; 0 = cores / workers (at least 1)")
     worker_nice: int = _opt(5, "niceness added to workers, so the event loop stays responsive under load")
     runtime: str = _opt(DEFAULT_RUNTIME, f"inference engine: {', '.join(RUNTIMES)}")
-    default_model: str = _opt(DEFAULT_MODEL, "model used when a request names none")
+    default_model: str = _opt(DEFAULT_MODEL, "model used when a request names none (a declared model's name)")
+    models: str = _opt("", "comma-separated torchvision models to offer, e.g. resnet50,mobilenet_v3_large:IMAGENET1K_V2")
+    models_file: str = _opt("", "TOML file declaring more models (checkpoints, torchvision); see the README")
+    max_loaded_models: int = _opt(3, "models each worker keeps loaded, the default included (least recently used go)")
+    prefetch: str = _opt("", "download these torchvision models' weights into $TORCH_HOME, then exit")
     default_top_k: int = _opt(5, "labels per image when a request gives no top_k")
     max_top_k: int = _opt(20, "largest top_k a request may ask for")
     max_urls_per_task: int = _opt(1000, "most URLs one task may hold")
@@ -141,7 +145,7 @@ def validate(settings: Settings) -> list[str]:
         value = getattr(settings, spec.name)
         if isinstance(value, (int, float)) and value < 0:
             problems.append(f"{_flag(spec.name)} must not be negative")
-    for name in ("default_top_k", "max_top_k", "max_urls_per_task", "download_concurrency",
+    for name in ("max_loaded_models", "default_top_k", "max_top_k", "max_urls_per_task", "download_concurrency",
                  "batch_size", "max_queued_images", "max_image_bytes", "max_image_pixels"):
         if getattr(settings, name) < 1:
             problems.append(f"{_flag(name)} must be at least 1")
@@ -155,6 +159,12 @@ def validate(settings: Settings) -> list[str]:
         problems.append("--log-format must be text or json")
     if settings.runtime not in RUNTIMES:
         problems.append(f"--runtime must be one of: {', '.join(RUNTIMES)}")
+    try:
+        names = [spec.name for spec in declared_specs(settings.models, settings.models_file)]
+        if settings.default_model not in names:
+            problems.append(f"--default-model {settings.default_model!r} is not declared; declared: {', '.join(names)}")
+    except CatalogError as exc:
+        problems.append(f"models: {exc}")
     if settings.default_top_k > settings.max_top_k:
         problems.append("--default-top-k must not exceed --max-top-k")
     return problems

@@ -7,7 +7,7 @@ import dataclasses
 import socket
 import sys
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,16 @@ def free_port() -> int:
 def service_command(port: int, *flags: str) -> list[str]:
     """`run_service.py` as a user starts it, on 127.0.0.1 with one worker."""
     return [sys.executable, "run_service.py", "--host", "127.0.0.1", "--port", str(port), "--workers", "1", *flags]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def empty_torch_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Weights cached on the machine running the tests must not change what they see:
+    workers (which inherit the environment) look in an empty torch hub cache."""
+    with pytest.MonkeyPatch.context() as patch:
+        torch_home = tmp_path_factory.mktemp("torch_home")
+        patch.setenv("TORCH_HOME", str(torch_home))
+        yield torch_home
 
 
 @pytest.fixture(scope="session")

@@ -8,10 +8,11 @@ import pytest
 import torch
 from PIL import Image
 
-from inference.catalog import DEFAULT_MODEL, MODELS
+from inference.catalog import EMBEDDED
 from inference.preprocess import ImageRejected, build_transform, decode_image, preprocess
 
-INFO = MODELS[DEFAULT_MODEL]
+INFO = EMBEDDED.preprocessing
+assert INFO is not None
 MAX_PIXELS = 40_000_000
 
 

@@ -5,27 +5,27 @@ from __future__ import annotations
 import pytest
 import torch
 
-from inference.catalog import DEFAULT_MODEL, RUNTIMES
+from inference.catalog import EMBEDDED, RUNTIMES
 from inference.models import load_model
-from inference.protocol import ModelLoadError
 from inference.preprocess import preprocess
+from inference.protocol import ModelLoadError
 
 
 @pytest.fixture(scope="module")
 def batch(photos: dict[str, bytes]) -> torch.Tensor:
-    model = load_model(DEFAULT_MODEL, "eager", threads=1)
-    return torch.stack([preprocess(data, model.info, model.transform, 10**8) for data in photos.values()])
+    model = load_model(EMBEDDED, "eager", threads=1)
+    return torch.stack([preprocess(data, model.info.preprocessing, model.transform, 10**8) for data in photos.values()])
 
 
 @pytest.fixture(scope="module")
 def eager_probabilities(batch: torch.Tensor) -> torch.Tensor:
-    return load_model(DEFAULT_MODEL, "eager", threads=1).run(batch).softmax(dim=1)
+    return load_model(EMBEDDED, "eager", threads=1).run(batch).softmax(dim=1)
 
 
 @pytest.mark.parametrize("runtime", [runtime for runtime in RUNTIMES if runtime != "eager"])
 def test_runtime_agrees_with_eager(runtime: str, batch: torch.Tensor, eager_probabilities: torch.Tensor) -> None:
     torch.set_num_threads(1)
-    run = load_model(DEFAULT_MODEL, runtime, threads=1).run
+    run = load_model(EMBEDDED, runtime, threads=1).run
     probabilities = run(batch).softmax(dim=1)
     assert probabilities.shape == eager_probabilities.shape == (3, 1000)
     assert torch.equal(probabilities.argmax(dim=1), eager_probabilities.argmax(dim=1))
@@ -37,4 +37,4 @@ def test_runtime_agrees_with_eager(runtime: str, batch: torch.Tensor, eager_prob
 
 def test_unknown_runtime_is_a_load_error() -> None:
     with pytest.raises(ModelLoadError):
-        load_model(DEFAULT_MODEL, "tensorflow", threads=1)
+        load_model(EMBEDDED, "tensorflow", threads=1)

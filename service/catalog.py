@@ -1,0 +1,40 @@
+"""The models this service offers, as the web process sees them (no torch here).
+
+Built at start-up from what a worker found out about the declared models and the torch
+hub cache. Whether a model's weights are on disk is checked on every question, so a model
+prefetched while the service runs becomes available without a restart.
+"""
+
+from __future__ import annotations
+
+from inference.catalog import ModelInfo, ModelSpec
+from service.schemas import ModelEntry
+
+
+class ModelCatalog:
+    def __init__(self, infos: list[ModelInfo], default: str) -> None:
+        self._infos = {info.name: info for info in infos}
+        self.default = default
+
+    def get(self, name: str) -> ModelInfo | None:
+        return self._infos.get(name)
+
+    def spec(self, name: str) -> ModelSpec:
+        return self._infos[name].spec
+
+    def available(self) -> list[str]:
+        return [name for name, info in self._infos.items() if info.weights_present()]
+
+    def entries(self) -> list[ModelEntry]:
+        return [
+            ModelEntry(
+                name=info.name,
+                source=info.spec.source,
+                architecture=info.architecture,
+                input_size=info.preprocessing.input_size,
+                num_classes=info.num_classes,
+                default=info.name == self.default,
+                weights_present=info.weights_present(),
+            )
+            for info in self._infos.values()
+        ]
