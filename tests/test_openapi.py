@@ -101,7 +101,7 @@ def test_document_is_valid_and_describes_every_route(service_url: str) -> None:
     validate(document)  # OpenAPI 3.1 meta-schema
     assert document["openapi"].startswith("3.1")
     assert set(document["paths"]) == {
-        "/healthz", "/readyz", "/metrics", "/submit", "/tasks", "/tasks/{task_id}", "/tasks/{task_id}/cancel",
+        "/healthz", "/readyz", "/metrics", "/models", "/submit", "/tasks", "/tasks/{task_id}", "/tasks/{task_id}/cancel",
         "/openapi.json", "/docs",
     }
     submit = document["components"]["schemas"]["SubmitRequest"]["properties"]
