@@ -34,6 +34,10 @@ class Metrics:
             "ics_worker_restarts", "Times the inference workers were replaced", registry=self.registry
         )
 
+        self.event_streams = Gauge(
+            "ics_event_streams", "Open GET /tasks/<id>/events streams", registry=self.registry
+        )
+
     def image_done(self, code: str | None) -> None:
         """One image succeeded (code None) or failed with `code`."""
         self.images.labels(outcome="failed" if code else "succeeded", code=code or "").inc()

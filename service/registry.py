@@ -8,6 +8,7 @@ and final states are sticky: a result that arrives after a cancel is refused, no
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import logging
@@ -70,9 +71,19 @@ class TaskRegistry(Protocol):
 
     async def cancel_active(self) -> int: ...
 
+    async def follow(self, task_id: str, seen: int, owner: str | None = None, wait: bool = True) -> TaskUpdate | None: ...
+
     async def status_counts(self) -> dict[TaskStatus, int]: ...
 
     async def unfinished_images(self) -> int: ...
+
+
+@dataclass(frozen=True)
+class TaskUpdate:
+    """What a watcher has not seen yet: newly final items, and the task as it is now."""
+
+    items: list[Item]
+    summary: TaskSummary
 
 
 def utcnow() -> datetime:
@@ -95,6 +106,12 @@ class _TaskRecord:
     finals: Counter[ItemStatus] = field(default_factory=Counter)
     total: int = 0
     frozen: bytes | None = None  # the final snapshot as JSON
+    completed: list[int] = field(default_factory=list)  # item indices, in the order they reached a final state
+    changed: asyncio.Event = field(default_factory=asyncio.Event)  # set (and replaced) on every result
+
+    def notify(self) -> None:
+        self.changed.set()
+        self.changed = asyncio.Event()
 
     @property
     def done(self) -> int:
@@ -228,9 +245,10 @@ class InMemoryRegistry:
             record.started_at = utcnow()
             log.info("task %s running", task_id, extra=_ids(record))
         if status.is_final:
-            self._count_final(record, status)
+            self._count_final(record, index, status)
             if record.done == record.total:
                 self._finish(record, TaskStatus.COMPLETED)
+            record.notify()
         return True
 
     async def fail(self, task_id: str, error: ErrorInfo) -> bool:
@@ -252,6 +270,19 @@ class InMemoryRegistry:
             self._close_items(record, ItemStatus.CANCELLED, None)
             self._finish(record, TaskStatus.CANCELLED)
         return record.detail()
+
+    async def follow(self, task_id: str, seen: int, owner: str | None = None, wait: bool = True) -> TaskUpdate | None:
+        """The items that reached a final state after the first `seen` ones (in completion
+        order), with the task's summary; with `wait`, waits until there is one or the task
+        is final. None if the task is unknown or was forgotten meanwhile."""
+        record = self._owned(task_id, owner)
+        while wait and record is not None and len(record.completed) <= seen and not record.status.is_final:
+            await record.changed.wait()
+            record = self._owned(task_id, owner)
+        if record is None:
+            return None
+        items = record.detail().items if record.frozen is not None else record.items
+        return TaskUpdate(items=[items[index] for index in record.completed[seen:]], summary=record.summary())
 
     async def cancel_active(self) -> int:
         """Cancel every task still active (at shutdown); how many there were."""
@@ -283,10 +314,11 @@ class InMemoryRegistry:
         for index, item in enumerate(record.items):
             if not item.status.is_final:
                 record.items[index] = item.model_copy(update={"status": status, "error": error})
-                self._count_final(record, status)
+                self._count_final(record, index, status)
 
-    def _count_final(self, record: _TaskRecord, status: ItemStatus) -> None:
+    def _count_final(self, record: _TaskRecord, index: int, status: ItemStatus) -> None:
         record.finals[status] += 1
+        record.completed.append(index)
         self._unfinished -= 1
 
     def _finish(self, record: _TaskRecord, status: TaskStatus) -> None:
@@ -298,6 +330,7 @@ class InMemoryRegistry:
             extra=_ids(record),
         )
         record.freeze()
+        record.notify()
         self._finished[record.task_id] = self._clock()
         while len(self._finished) > self._max_finished:
             self._forget(next(iter(self._finished)))
@@ -311,8 +344,10 @@ class InMemoryRegistry:
             self._forget(task_id)
 
     def _forget(self, task_id: str) -> None:
-        self._tasks.pop(task_id, None)
+        record = self._tasks.pop(task_id, None)
         self._finished.pop(task_id, None)
+        if record is not None:
+            record.notify()  # its watchers find it gone
 
 
 def _ids(record: _TaskRecord) -> dict[str, object]:

@@ -102,6 +102,7 @@ def test_document_is_valid_and_describes_every_route(service_url: str) -> None:
     assert document["openapi"].startswith("3.1")
     assert set(document["paths"]) == {
         "/healthz", "/readyz", "/metrics", "/models", "/submit", "/tasks", "/tasks/{task_id}", "/tasks/{task_id}/cancel",
+        "/tasks/{task_id}/events",
         "/openapi.json", "/docs",
     }
     submit = document["components"]["schemas"]["SubmitRequest"]["properties"]

@@ -1,0 +1,96 @@
+"""Live progress over Server-Sent Events: every item's result once, in completion order,
+then the final event, for several watchers at once; a watcher may leave at any time."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+from aiohttp.test_utils import TestClient
+
+from service.handlers import EVENT_PING_SECONDS
+from tests.conftest import ImageServer, ServiceFactory, submit, wait_for_task
+
+
+async def read_events(client: TestClient, task_id: str) -> list[tuple[str, dict[str, Any]]]:
+    """Every (event, data) of one stream, until the server closes it."""
+    events: list[tuple[str, dict[str, Any]]] = []
+    async with client.get(f"/tasks/{task_id}/events") as response:
+        assert response.status == 200
+        assert response.content_type == "text/event-stream"
+        name, data = "message", ""
+        async for raw in response.content:
+            line = raw.decode().rstrip("\r\n")
+            if line.startswith("event:"):
+                name = line[6:].strip()
+            elif line.startswith("data:"):
+                data += line[5:].strip()
+            elif not line and data:
+                events.append((name, json.loads(data)))
+                name, data = "message", ""
+    return events
+
+
+async def test_two_watchers_see_every_result_once_in_completion_order(
+    make_service: ServiceFactory, image_server: ImageServer
+) -> None:
+    client = await make_service()
+    urls = [
+        image_server.url("/slow/chelsea?delay=1.6"),
+        image_server.url("/status/404"),
+        image_server.url("/slow/coffee?delay=0.8"),
+        image_server.url("/photos/rocket"),
+    ]
+    task_id = (await submit(client, urls))["task_id"]
+    first, second = await asyncio.gather(read_events(client, task_id), read_events(client, task_id))
+    task = await wait_for_task(client, task_id)
+
+    for events in (first, second):
+        names = [name for name, _ in events]
+        assert names[0] == "progress" and names[-1] == "end", events
+        items = [data for name, data in events if name == "item"]
+        assert sorted(item["index"] for item in items) == [0, 1, 2, 3]  # each exactly once
+        assert [item["index"] for item in items][-2:] == [2, 0]  # the slow ones, in the order they finished
+        assert {item["index"]: item for item in items} == {item["index"]: item for item in task["items"]}
+        end = events[-1][1]
+        assert end["status"] == "completed" and end["progress"]["done"] == 4
+        progress = [data["done"] for name, data in events if name == "progress"]
+        assert progress == sorted(progress) and progress[-1] == 4
+    assert [data for name, data in first if name == "item"] == [data for name, data in second if name == "item"]
+
+
+async def test_a_late_watcher_gets_the_history_and_unknown_tasks_are_404(
+    make_service: ServiceFactory, image_server: ImageServer
+) -> None:
+    client = await make_service()
+    task_id = (await submit(client, [image_server.url("/photos/coffee")]))["task_id"]
+    await wait_for_task(client, task_id)
+    events = await read_events(client, task_id)
+    assert [name for name, _ in events] == ["progress", "item", "progress", "end"]
+    assert events[1][1]["labels"][0]["label"] == "espresso"
+    response = await client.get("/tasks/nope/events")
+    assert response.status == 404
+    assert (await response.json())["error"]["code"] == "task_not_found"
+
+
+async def open_streams(client: TestClient) -> float:
+    text = await (await client.get("/metrics")).text()
+    (value,) = [line.split()[1] for line in text.splitlines() if line.startswith("ics_event_streams ")]
+    return float(value)
+
+
+async def test_a_watcher_that_leaves_costs_nothing(make_service: ServiceFactory, image_server: ImageServer) -> None:
+    client = await make_service()
+    task_id = (await submit(client, [image_server.url("/slow/coffee?delay=30")]))["task_id"]
+    response = await client.get(f"/tasks/{task_id}/events")
+    assert (await response.content.readline()).startswith(b"event: progress")
+    assert await open_streams(client) == 1
+    response.close()  # gone while the task still runs
+    async with asyncio.timeout(EVENT_PING_SECONDS * 3):  # noticed at the next ping at the latest
+        while await open_streams(client):
+            await asyncio.sleep(0.1)
+    still = await (await client.get(f"/tasks/{task_id}")).json()
+    assert still["status"] in ("queued", "running")  # the stream closed on the watcher leaving, not on the task
+    cancelled = await (await client.post(f"/tasks/{task_id}/cancel")).json()
+    assert cancelled["status"] == "cancelled"
