@@ -14,6 +14,7 @@ import signal
 import uvloop
 from aiohttp import web
 
+from inference.catalog import CatalogError
 from service.app import create_app
 from service.logs import configure_logging
 from service.pool import DefaultModelError
@@ -48,7 +49,7 @@ def main() -> None:
         return
     try:
         uvloop.run(serve(settings))
-    except DefaultModelError as exc:
+    except (DefaultModelError, CatalogError) as exc:
         log.error("%s", exc)
         raise SystemExit(1) from None
 
