@@ -133,7 +133,7 @@ async def test_checkpoints_serve_beside_the_default_and_missing_weights_are_unav
     models = {entry["name"]: entry for entry in listing["models"]}
     assert listing["default"] == "efficientnet_lite0"
     assert set(models) == {"efficientnet_lite0", "resnet50", "pets", "colours", "shapes", "broken"}
-    assert models["efficientnet_lite0"] | {} == {
+    assert models["efficientnet_lite0"] == {
         "name": "efficientnet_lite0", "source": "embedded", "architecture": "efficientnet-lite0",
         "input_size": 224, "num_classes": 1000, "default": True, "weights_present": True,
     }
