@@ -10,7 +10,7 @@ Declarations come from `--models` (torchvision names, comma-separated) and `--mo
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -136,8 +136,7 @@ def _spec_from_table(name: str, entry: Any, base: Path) -> ModelSpec:
     preprocessing = _preprocessing(name, entry)
     if source == "torchvision":
         spec = torchvision_spec(f"{entry.get('architecture', '')}:{entry.get('weights', 'DEFAULT')}")
-        return ModelSpec(name=name, source="torchvision", architecture=spec.architecture, weights=spec.weights,
-                         preprocessing=preprocessing)
+        return replace(spec, name=name, preprocessing=preprocessing)
     if source != "checkpoint":
         raise CatalogError(f"models.{name}: source must be torchvision or checkpoint, not {source!r}")
     architecture = str(entry.get("architecture", ""))
