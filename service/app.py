@@ -10,7 +10,18 @@ from aiohttp import web
 
 from inference.catalog import declared_specs
 from inference.protocol import WorkerConfig
-from service.appkeys import CATALOG, DISPATCHER, METRICS, POOL, REGISTRY, SESSION, SETTINGS, SUBMIT_REQUEST
+from service.appkeys import (
+    CATALOG,
+    DISPATCHER,
+    METRICS,
+    POOL,
+    REGISTRY,
+    SESSION,
+    SETTINGS,
+    SUBMIT_FORM,
+    SUBMIT_REQUEST,
+    UPLOAD_BUDGET,
+)
 from service.auth import auth_middleware
 from service.catalog import ModelCatalog
 from service.dispatcher import Dispatcher
@@ -21,8 +32,9 @@ from service.handlers import routes
 from service.metrics import Metrics
 from service.pool import ProcessInferencePool
 from service.registry import InMemoryRegistry
-from service.schemas import SubmitRequest
+from service.schemas import SubmitForm, SubmitRequest
 from service.settings import Settings
+from service.uploads import UploadBudget
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +107,10 @@ def create_app(settings: Settings) -> web.Application:
     app[SUBMIT_REQUEST] = SubmitRequest.limited(
         max_urls=settings.max_urls_per_task, max_url_length=settings.max_url_length, max_top_k=settings.max_top_k
     )
+    app[SUBMIT_FORM] = SubmitForm.limited(
+        max_items=settings.max_urls_per_task, max_url_length=settings.max_url_length, max_top_k=settings.max_top_k
+    )
+    app[UPLOAD_BUDGET] = UploadBudget(settings.max_upload_bytes)
     # Started in this order, closed in reverse: the dispatcher stops before the session and pool.
     app.cleanup_ctx.extend([pool_ctx, session_ctx, dispatcher_ctx])
     app.on_shutdown.append(drain_tasks)

@@ -26,6 +26,7 @@ from service.pool import InferencePool, InferenceTimeout
 from service.registry import TaskRegistry
 from service.schemas import ErrorInfo, ItemStatus, Label, TaskDetail
 from service.settings import Settings
+from service.uploads import TaskUploads
 
 log = logging.getLogger(__name__)
 
@@ -57,11 +58,14 @@ class Dispatcher:
     def queue_depth(self) -> int:
         return len(self._queue)
 
-    def submit(self, task: TaskDetail) -> None:
-        """Start working on a task the registry has just created."""
-        pipeline = asyncio.create_task(self._run(task))
+    def submit(self, task: TaskDetail, uploads: TaskUploads | None = None) -> None:
+        """Start working on a task the registry has just created; `uploads` holds the bytes
+        of the items that were uploaded rather than given as URLs (released when the task ends)."""
+        pipeline = asyncio.create_task(self._run(task, uploads))
         self._pipelines[task.task_id] = pipeline
         pipeline.add_done_callback(lambda _: self._pipelines.pop(task.task_id, None))
+        if uploads is not None:  # a callback, not `finally`: a task cancelled before it starts skips that
+            pipeline.add_done_callback(lambda _: uploads.release())
 
     async def cancel(self, task_id: str, owner: str | None = None) -> TaskDetail | None:
         """Cancel a task and stop its work; the final snapshot, or None if unknown."""
@@ -93,10 +97,13 @@ class Dispatcher:
             pipeline.cancel()
         await self._queue.drop_task(task_id)
 
-    async def _run(self, task: TaskDetail) -> None:
+    async def _run(self, task: TaskDetail, uploads: TaskUploads | None) -> None:
         try:
             async with asyncio.TaskGroup() as group:
                 for item in task.items:
+                    if uploads is not None and item.index in uploads:
+                        await self._enqueue(task, item.index, uploads.take(item.index))
+                        continue
                     await self._download_slots.acquire()
                     download = group.create_task(self._download(task, item.index, item.url))
                     # Released when the download ends in any way, even cancelled before it ran.
@@ -106,8 +113,7 @@ class Dispatcher:
             await self._registry.fail(task.task_id, ErrorInfo(code="internal_error", message="internal error"))
 
     async def _download(self, task: TaskDetail, index: int, url: str) -> None:
-        registry = self._registry
-        if not await registry.update_item(task.task_id, index, ItemStatus.DOWNLOADING):
+        if not await self._registry.update_item(task.task_id, index, ItemStatus.DOWNLOADING):
             return
         try:
             with self._metrics.download_seconds.time():
@@ -116,7 +122,10 @@ class Dispatcher:
             error = ErrorInfo(code=exc.code, message=exc.message, http_status=exc.http_status)
             await self._fail_item(task.task_id, index, error)
             return
-        if await registry.update_item(task.task_id, index, ItemStatus.CLASSIFYING):
+        await self._enqueue(task, index, data)
+
+    async def _enqueue(self, task: TaskDetail, index: int, data: bytes) -> None:
+        if await self._registry.update_item(task.task_id, index, ItemStatus.CLASSIFYING):
             await self._queue.put(Job(task.task_id, index, task.model, task.top_k, data))
 
     async def _consume(self) -> None:

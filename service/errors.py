@@ -18,6 +18,8 @@ log = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
+RETRY_AFTER_SECONDS = 5
+
 # Codes for the HTTP errors aiohttp raises itself (unknown route, wrong method, ...).
 _HTTP_CODES = {
     400: "bad_request",
@@ -43,6 +45,11 @@ class ApiError(Exception):
         self.message = message
         self.details = details
         self.headers = headers or {}
+
+
+def too_busy(message: str) -> ApiError:
+    """429: the service is full for now; the client should retry after a pause."""
+    return ApiError(429, "too_busy", message, headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
 
 
 def error_response(

@@ -9,12 +9,22 @@ from typing import Any, TypeVar
 
 from aiohttp import web
 from aiohttp_sse import EventSourceResponse
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
-from service.appkeys import CATALOG, DISPATCHER, METRICS, POOL, REGISTRY, SETTINGS, SUBMIT_REQUEST
+from service.appkeys import (
+    CATALOG,
+    DISPATCHER,
+    METRICS,
+    POOL,
+    REGISTRY,
+    SETTINGS,
+    SUBMIT_FORM,
+    SUBMIT_REQUEST,
+    UPLOAD_BUDGET,
+)
 from service.auth import request_owner
 from service.catalog import ModelCatalog
-from service.errors import ApiError
+from service.errors import ApiError, too_busy
 from service.metrics import CONTENT_TYPE
 from service.openapi import Reply, describe
 from service.registry import InvalidCursor
@@ -25,13 +35,16 @@ from service.schemas import (
     TaskDetail,
     TaskListQuery,
     TaskPage,
+    TaskQuery,
 )
+from service.uploads import TaskUploads, read_form
 
 routes = web.RouteTableDef()
 
-RETRY_AFTER_SECONDS = 5
+MULTIPART = "multipart/form-data"
 EVENT_PING_SECONDS = 5.0  # a comment line on idle event streams; a failed one notices a gone watcher
 T = TypeVar("T")
+M = TypeVar("M", bound=BaseModel)
 
 # pydantic's error types -> our error codes: first by (top-level field, type), then by type.
 _FIELD_CODES = {
@@ -44,7 +57,13 @@ _FIELD_CODES = {
     ("top_k", "less_than_equal"): "top_k_out_of_range",
 }
 _TYPE_CODES = {"missing": "missing_field", "extra_forbidden": "unknown_field"}
-_QUERY_CODES = {"status": "invalid_status", "limit": "invalid_limit", "cursor": "invalid_cursor"}
+_QUERY_CODES = {
+    "status": "invalid_status",
+    "limit": "invalid_limit",
+    "cursor": "invalid_cursor",
+    "wait": "invalid_wait",
+    "done": "invalid_done",
+}
 
 _TASK_NOT_FOUND = {404: "task_not_found"}
 
@@ -80,43 +99,61 @@ async def metrics(request: web.Request) -> web.Response:
     for status, count in (await app[REGISTRY].status_counts()).items():
         app_metrics.tasks.labels(status=status.value).set(count)
     app_metrics.queue_depth.set(app[DISPATCHER].queue_depth())
+    app_metrics.upload_bytes.set(app[UPLOAD_BUDGET].used)
     app_metrics.worker_restarts.set(app[POOL].restarts)
     return web.Response(body=app_metrics.render(), headers={"Content-Type": CONTENT_TYPE})
 
 
 @routes.post("/submit")
 @describe(
-    summary="Submit a batch of image URLs; answers at once with the new task's id",
+    summary="Submit a batch of images (URLs as JSON, or files and URLs as a form); answers at once with the "
+    "new task's id",
     body=SUBMIT_REQUEST,
+    form=SUBMIT_FORM,
     replies={202: Reply("Accepted", SubmitResponse, headers={"Location": "the task's URL"})},
     errors={
-        400: "invalid_json, invalid_body, missing_field, unknown_field, invalid_type, invalid_field, empty_urls, "
-        "too_many_urls, invalid_url, top_k_out_of_range, unknown_model, model_unavailable",
-        413: "request_too_large",
+        400: "invalid_json, invalid_body, invalid_multipart, missing_field, unknown_field, invalid_type, "
+        "invalid_field, field_too_large, empty_urls, too_many_urls, no_images, too_many_images, invalid_url, "
+        "top_k_out_of_range, unknown_model, model_unavailable",
+        413: "request_too_large, image_too_large",
         415: "unsupported_media_type",
         429: "too_busy (see the Retry-After header)",
     },
 )
 async def submit(request: web.Request) -> web.Response:
-    settings = request.app[SETTINGS]
-    registry = request.app[REGISTRY]
-    body = await _read_json_object(request)
+    if request.content_type == MULTIPART:
+        return await _submit_form(request)
+    submission = _validate(request.app[SUBMIT_REQUEST], await _read_json_object(request), _body_error_code)
+    return await _start_task(request, submission.urls, submission.top_k, submission.model)
+
+
+async def _submit_form(request: web.Request) -> web.Response:
+    app = request.app
+    settings, budget = app[SETTINGS], app[UPLOAD_BUDGET]
+    form = await read_form(request, settings.max_urls_per_task, settings.max_image_bytes, budget)
+    uploads = TaskUploads(form, budget)
     try:
-        submission = request.app[SUBMIT_REQUEST].model_validate(body)
-    except ValidationError as exc:
-        raise _validation_error(exc, _body_error_code) from None
-    model = submission.model or settings.default_model
+        submission = _validate(app[SUBMIT_FORM], form.values(), _body_error_code)
+        if not form.sources:
+            raise ApiError(400, "no_images", "the form holds no files and no urls")
+        return await _start_task(request, form.item_urls(), submission.top_k, submission.model, uploads)
+    except BaseException:
+        uploads.release()
+        raise
+
+
+async def _start_task(
+    request: web.Request, urls: list[str], top_k: int | None, model: str | None, uploads: TaskUploads | None = None
+) -> web.Response:
+    """Create the task and hand it to the dispatcher (which then owns `uploads`)."""
+    settings, registry = request.app[SETTINGS], request.app[REGISTRY]
+    model = model or settings.default_model
     _check_model(request.app[CATALOG], model)
     unfinished = await registry.unfinished_images()
-    if unfinished + len(submission.urls) > settings.max_active_images:
-        raise ApiError(
-            429, "too_busy",
-            f"the service already has {unfinished} unfinished images; retry later",
-            headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
-        )
-    top_k = submission.top_k or settings.default_top_k
-    task = await registry.create(submission.urls, model, top_k, request_owner(request))
-    request.app[DISPATCHER].submit(task)
+    if unfinished + len(urls) > settings.max_active_images:
+        raise too_busy(f"the service already has {unfinished} unfinished images; retry later")
+    task = await registry.create(urls, model, top_k or settings.default_top_k, request_owner(request))
+    request.app[DISPATCHER].submit(task, uploads)
     response = SubmitResponse(task_id=task.task_id, status=task.status, total=len(task.items))
     return _json(response, status=202, headers={"Location": f"/tasks/{task.task_id}"})
 
@@ -137,10 +174,7 @@ async def list_models(request: web.Request) -> web.Response:
     errors={400: "unknown_parameter, invalid_status, invalid_limit, invalid_cursor"},
 )
 async def list_tasks(request: web.Request) -> web.Response:
-    try:
-        query = TaskListQuery.model_validate(dict(request.query))
-    except ValidationError as exc:
-        raise _validation_error(exc, _query_error_code) from None
+    query = _validate(TaskListQuery, dict(request.query), _query_error_code)
     try:
         page = await request.app[REGISTRY].list(query.status, query.limit, query.cursor, request_owner(request))
     except InvalidCursor:
@@ -149,10 +183,22 @@ async def list_tasks(request: web.Request) -> web.Response:
 
 
 @routes.get("/tasks/{task_id}")
-@describe(summary="A task with every item's status and labels", replies={200: Reply("The task", TaskDetail)},
-          errors=_TASK_NOT_FOUND)
+@describe(
+    summary="A task with every item's status and labels; with `wait`, a long poll",
+    query=TaskQuery,
+    replies={200: Reply("The task (after a change, or when `wait` ran out)", TaskDetail)},
+    errors={**_TASK_NOT_FOUND, 400: "unknown_parameter, invalid_wait, invalid_done"},
+)
 async def get_task(request: web.Request) -> web.Response:
-    body = await request.app[REGISTRY].get_json(_task_id(request), request_owner(request))
+    query = _validate(TaskQuery, dict(request.query), _query_error_code)
+    registry, owner, task_id = request.app[REGISTRY], request_owner(request), _task_id(request)
+    if query.wait:
+        try:
+            async with asyncio.timeout(query.wait):
+                await registry.follow(task_id, seen=query.done, owner=owner)
+        except TimeoutError:
+            pass  # no change in time: answer with the task as it is
+    body = await registry.get_json(task_id, owner)
     if body is None:
         raise _not_found(request)
     return web.Response(body=body, content_type="application/json")
@@ -241,7 +287,10 @@ def _check_model(catalog: ModelCatalog, name: str) -> None:
 
 async def _read_json_object(request: web.Request) -> dict[str, Any]:
     if request.content_type != "application/json":
-        raise ApiError(415, "unsupported_media_type", "the body must be JSON (Content-Type: application/json)")
+        raise ApiError(
+            415, "unsupported_media_type",
+            f"the body must be JSON (Content-Type: application/json) or a form ({MULTIPART})",
+        )
     raw = await request.read()  # over client_max_size: aiohttp raises 413, rendered by the middleware
     try:
         body = json.loads(raw)
@@ -250,6 +299,13 @@ async def _read_json_object(request: web.Request) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise ApiError(400, "invalid_body", "the body must be a JSON object")
     return body
+
+
+def _validate(model: type[M], data: dict[str, Any], code_of: Callable[[tuple[int | str, ...], str], str]) -> M:
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise _validation_error(exc, code_of) from None
 
 
 def _validation_error(exc: ValidationError, code_of: Callable[[tuple[int | str, ...], str], str]) -> ApiError:

@@ -1,7 +1,7 @@
 """Prometheus metrics, kept in a registry of the app's own (no process-global state).
 
 Counters and histograms are updated where the events happen (the dispatcher); gauges
-that describe current state (tasks by status, queue depth, worker restarts) are read from
+that describe current state (tasks by status, queue depth, uploads held, worker restarts) are read from
 their owners when /metrics is scraped.
 """
 
@@ -34,6 +34,9 @@ class Metrics:
             "ics_worker_restarts", "Times the inference workers were replaced", registry=self.registry
         )
 
+        self.upload_bytes = Gauge(
+            "ics_upload_bytes", "Uploaded image bytes held, not yet queued for the model", registry=self.registry
+        )
         self.event_streams = Gauge(
             "ics_event_streams", "Open GET /tasks/<id>/events streams", registry=self.registry
         )

@@ -34,6 +34,7 @@ from pydantic.json_schema import models_json_schema
 from service.schemas import ErrorBody
 
 JSON = "application/json"
+MULTIPART = "multipart/form-data"
 REF_TEMPLATE = "#/components/schemas/{model}"
 BEARER = "apiKey"
 
@@ -57,7 +58,8 @@ class Description:
     summary: str
     replies: Mapping[int, Reply]
     errors: Mapping[int, str] = field(default_factory=dict)  # status -> the error codes it carries
-    body: BodyModel | None = None
+    body: BodyModel | None = None  # a JSON body
+    form: BodyModel | None = None  # the same operation also takes multipart/form-data shaped by this
     query: type[BaseModel] | None = None
     public: bool = False  # open even when API keys are configured
     tag: str = "tasks"
@@ -123,11 +125,14 @@ def _operation(
     if description.query is not None:
         parameters += _query_parameters(description.query)
         models.add(description.query)  # brings the enums its fields refer to into the components
-    request_body = None
+    content: dict[str, MediaType] = {}
     if description.body is not None:
-        body = app[description.body] if isinstance(description.body, web.AppKey) else description.body
+        body = _resolve(app, description.body)
         models.add(body)
-        request_body = RequestBody(required=True, content={JSON: MediaType(media_type_schema=_ref(body))})
+        content[JSON] = MediaType(media_type_schema=_ref(body))
+    if description.form is not None:
+        content[MULTIPART] = MediaType(media_type_schema=_form_schema(_resolve(app, description.form)))
+    request_body = RequestBody(required=True, content=content) if content else None
     return Operation(
         summary=description.summary,
         tags=[description.tag],
@@ -156,22 +161,38 @@ def _ref(model: type[BaseModel]) -> Reference:
     return Reference(ref=REF_TEMPLATE.format(model=model.__name__))
 
 
+def _resolve(app: web.Application, model: BodyModel) -> type[BaseModel]:
+    return app[model] if isinstance(model, web.AppKey) else model
+
+
+def _form_schema(form: type[BaseModel]) -> Schema:
+    """A form's fields are text or files, never null: the schema without null branches."""
+    schema = form.model_json_schema(ref_template=REF_TEMPLATE)
+    schema["properties"] = {name: _never_null(prop) for name, prop in schema["properties"].items()}
+    return Schema.model_validate(schema)
+
+
+def _never_null(prop: dict[str, Any]) -> dict[str, Any]:
+    """A field schema without the null branch pydantic adds to optional fields."""
+    prop = dict(prop)
+    if "anyOf" in prop:
+        options = [option for option in prop.pop("anyOf") if option != {"type": "null"}]
+        prop.update(options[0] if len(options) == 1 else {"anyOf": options})
+    if prop.get("default") is None:
+        prop.pop("default", None)
+    return prop
+
+
 def _path_parameters(path: str) -> list[str]:
     return [part[1:-1] for part in path.split("/") if part.startswith("{") and part.endswith("}")]
 
 
 def _query_parameters(query: type[BaseModel]) -> list[Parameter]:
-    """One parameter per field. A query value is never JSON null (absent means None), so the
-    null branch pydantic adds to optional fields is dropped."""
+    """One parameter per field. A query value is never JSON null (absent means None)."""
     schema = query.model_json_schema(ref_template=REF_TEMPLATE)
     parameters = []
     for name, prop in schema["properties"].items():
-        prop = dict(prop)
-        if "anyOf" in prop:
-            options = [option for option in prop.pop("anyOf") if option != {"type": "null"}]
-            prop.update(options[0] if len(options) == 1 else {"anyOf": options})
-        if prop.get("default") is None:
-            prop.pop("default", None)
+        prop = _never_null(prop)
         parameters.append(
             Parameter(
                 name=name,

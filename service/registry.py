@@ -71,7 +71,9 @@ class TaskRegistry(Protocol):
 
     async def cancel_active(self) -> int: ...
 
-    async def follow(self, task_id: str, seen: int, owner: str | None = None, wait: bool = True) -> TaskUpdate | None: ...
+    async def follow(
+        self, task_id: str, seen: int | None, owner: str | None = None, wait: bool = True
+    ) -> TaskUpdate | None: ...
 
     async def status_counts(self) -> dict[TaskStatus, int]: ...
 
@@ -271,11 +273,15 @@ class InMemoryRegistry:
             self._finish(record, TaskStatus.CANCELLED)
         return record.detail()
 
-    async def follow(self, task_id: str, seen: int, owner: str | None = None, wait: bool = True) -> TaskUpdate | None:
+    async def follow(
+        self, task_id: str, seen: int | None, owner: str | None = None, wait: bool = True
+    ) -> TaskUpdate | None:
         """The items that reached a final state after the first `seen` ones (in completion
-        order), with the task's summary; with `wait`, waits until there is one or the task
-        is final. None if the task is unknown or was forgotten meanwhile."""
+        order; None: as many as have now), with the task's summary; with `wait`, waits until
+        there is one or the task is final. None if the task is unknown or was forgotten meanwhile."""
         record = self._owned(task_id, owner)
+        if seen is None:
+            seen = len(record.completed) if record is not None else 0
         while wait and record is not None and len(record.completed) <= seen and not record.status.is_final:
             await record.changed.wait()
             record = self._owned(task_id, owner)

@@ -57,9 +57,12 @@ class ErrorInfo(_Record):
     http_status: int | None = None
 
 
+UPLOAD_PREFIX = "upload:"  # an uploaded file's item has url `upload:<file name>`
+
+
 class Item(_Record):
     index: int
-    url: str
+    url: str  # the image URL, or `upload:<file name>` for an uploaded file
     status: ItemStatus = ItemStatus.PENDING
     labels: list[Label] | None = None
     error: ErrorInfo | None = None
@@ -175,6 +178,57 @@ class SubmitRequest(BaseModel):
             "top_k": (Annotated[StrictInt | None, Field(ge=1, le=max_top_k, description=_TOP_K_DOC)], None),
         }
         return create_model("SubmitRequest", __base__=cls, **fields)
+
+
+_FILES_DOC = "image files, one part each (any file name; the item's `url` is `upload:<file name>`)"
+
+
+class SubmitForm(BaseModel):
+    """The multipart/form-data body of POST /submit: files and URLs, one per part, in the order
+    the items get. Bound to settings by `limited`, like `SubmitRequest`; together the files and
+    URLs must number at least one and at most the URL limit."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    files: Annotated[list[bytes], Field(description=_FILES_DOC)] = []
+    urls: Annotated[list[_url_type()], Field(description=_URLS_DOC)] = []  # type: ignore[valid-type]
+    top_k: Annotated[int | None, Field(ge=1, description=_TOP_K_DOC)] = None
+    model: Annotated[str | None, Field(description="a model name; default: the service's default model")] = None
+
+    @classmethod
+    def limited(cls, max_items: int, max_url_length: int, max_top_k: int) -> type[SubmitForm]:
+        fields: dict[str, Any] = {
+            "files": (Annotated[list[bytes], Field(max_length=max_items, description=_FILES_DOC)], []),
+            "urls": (
+                Annotated[
+                    list[_url_type(max_url_length)],  # type: ignore[misc]
+                    Field(max_length=max_items, description=_URLS_DOC),
+                ],
+                [],
+            ),
+            "top_k": (Annotated[int | None, Field(ge=1, le=max_top_k, description=_TOP_K_DOC)], None),
+        }
+        return create_model("SubmitForm", __base__=cls, **fields)
+
+
+MAX_WAIT_SECONDS = 60.0
+
+
+class TaskQuery(BaseModel):
+    """Query of GET /tasks/<id>: optionally a long poll."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    wait: Annotated[
+        float,
+        Field(ge=0, le=MAX_WAIT_SECONDS, description="seconds to wait for a change (an item finishing, or the "
+              "task reaching a final state) before answering; 0 answers at once"),
+    ] = 0
+    done: Annotated[
+        int | None,
+        Field(ge=0, description="`progress.done` of the snapshot you already have: answer at once if more items "
+              "are done; default: the count when the request arrives"),
+    ] = None
 
 
 class TaskListQuery(BaseModel):

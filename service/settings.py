@@ -49,6 +49,9 @@ class Settings:
     read_timeout: float = _opt(10.0, "seconds to wait for any bytes from an image host")
     download_timeout: float = _opt(30.0, "seconds one image download may take in total")
     max_image_bytes: int = _opt(20_971_520, "largest image body, in bytes")
+    max_upload_bytes: int = _opt(
+        268_435_456, "uploaded image bytes held at once, across all requests and tasks (beyond it /submit answers 429)"
+    )
     max_image_pixels: int = _opt(40_000_000, "largest image, in pixels (width x height)")
     max_redirects: int = _opt(5, "redirects followed per image download")
     batch_size: int = _opt(16, "images per forward pass")
@@ -146,7 +149,7 @@ def validate(settings: Settings) -> list[str]:
         if isinstance(value, (int, float)) and value < 0:
             problems.append(f"{_flag(spec.name)} must not be negative")
     for name in ("max_loaded_models", "default_top_k", "max_top_k", "max_urls_per_task", "download_concurrency",
-                 "batch_size", "max_queued_images", "max_image_bytes", "max_image_pixels"):
+                 "batch_size", "max_queued_images", "max_image_bytes", "max_upload_bytes", "max_image_pixels"):
         if getattr(settings, name) < 1:
             problems.append(f"{_flag(name)} must be at least 1")
     if settings.worker_nice > 19:

@@ -210,6 +210,13 @@ async def wait_for_task(client: TestClient, task_id: str, timeout: float = 60.0)
             await asyncio.sleep(0.05)
 
 
+async def metric(client: TestClient, name: str) -> float:
+    """The value of one unlabelled metric on GET /metrics."""
+    text = await (await client.get("/metrics")).text()
+    (value,) = [line.split()[1] for line in text.splitlines() if line.startswith(name + " ")]
+    return float(value)
+
+
 async def submit(client: TestClient, urls: list[str], **fields: Any) -> dict[str, Any]:
     response = await client.post("/submit", json={"urls": urls, **fields})
     assert response.status == 202, await response.text()

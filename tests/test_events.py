@@ -10,7 +10,7 @@ from typing import Any
 from aiohttp.test_utils import TestClient
 
 from service.handlers import EVENT_PING_SECONDS
-from tests.conftest import ImageServer, ServiceFactory, submit, wait_for_task
+from tests.conftest import ImageServer, ServiceFactory, metric, submit, wait_for_task
 
 
 async def read_events(client: TestClient, task_id: str) -> list[tuple[str, dict[str, Any]]]:
@@ -74,23 +74,53 @@ async def test_a_late_watcher_gets_the_history_and_unknown_tasks_are_404(
     assert (await response.json())["error"]["code"] == "task_not_found"
 
 
-async def open_streams(client: TestClient) -> float:
-    text = await (await client.get("/metrics")).text()
-    (value,) = [line.split()[1] for line in text.splitlines() if line.startswith("ics_event_streams ")]
-    return float(value)
-
-
 async def test_a_watcher_that_leaves_costs_nothing(make_service: ServiceFactory, image_server: ImageServer) -> None:
     client = await make_service()
     task_id = (await submit(client, [image_server.url("/slow/coffee?delay=30")]))["task_id"]
     response = await client.get(f"/tasks/{task_id}/events")
     assert (await response.content.readline()).startswith(b"event: progress")
-    assert await open_streams(client) == 1
+    assert await metric(client, "ics_event_streams") == 1
     response.close()  # gone while the task still runs
     async with asyncio.timeout(EVENT_PING_SECONDS * 3):  # noticed at the next ping at the latest
-        while await open_streams(client):
+        while await metric(client, "ics_event_streams"):
             await asyncio.sleep(0.1)
     still = await (await client.get(f"/tasks/{task_id}")).json()
     assert still["status"] in ("queued", "running")  # the stream closed on the watcher leaving, not on the task
     cancelled = await (await client.post(f"/tasks/{task_id}/cancel")).json()
     assert cancelled["status"] == "cancelled"
+
+
+async def test_long_poll_answers_when_the_task_changes_or_the_wait_runs_out(
+    make_service: ServiceFactory, image_server: ImageServer
+) -> None:
+    client = await make_service(read_timeout=60.0, download_timeout=60.0)
+    loop = asyncio.get_running_loop()
+    urls = [image_server.url("/slow/coffee?delay=1.5"), image_server.url("/slow/chelsea?delay=30")]
+    task_id = (await submit(client, urls))["task_id"]
+
+    started = loop.time()
+    changed = await (await client.get(f"/tasks/{task_id}?wait=20")).json()
+    assert changed["progress"]["done"] == 1  # answered when the first image finished, not at 20 s
+    assert changed["items"][0]["labels"][0]["label"] == "espresso"
+    assert 1.0 < loop.time() - started < 10
+
+    started = loop.time()
+    again = await (await client.get(f"/tasks/{task_id}?wait=0.5&done=0")).json()  # the client saw done=0
+    assert again["progress"]["done"] == 1 and loop.time() - started < 0.4  # more are done: at once
+
+    started = loop.time()
+    unchanged = await (await client.get(f"/tasks/{task_id}?wait=0.5")).json()
+    assert unchanged["status"] == "running" and loop.time() - started >= 0.5  # nothing changed: the wait ran out
+
+    waiting = asyncio.ensure_future(client.get(f"/tasks/{task_id}?wait=20"))
+    await asyncio.sleep(0.2)
+    await client.post(f"/tasks/{task_id}/cancel")
+    cancelled = await (await waiting).json()  # a cancel is a change too
+    assert cancelled["status"] == "cancelled"
+
+    for query, code in [("wait=61", "invalid_wait"), ("wait=soon", "invalid_wait"), ("done=-1", "invalid_done"),
+                        ("timeout=5", "unknown_parameter")]:
+        response = await client.get(f"/tasks/{task_id}?{query}")
+        assert (response.status, (await response.json())["error"]["code"]) == (400, code), query
+    response = await client.get("/tasks/nope?wait=20")
+    assert response.status == 404

@@ -1,0 +1,183 @@
+"""Image files uploaded to POST /submit as multipart/form-data.
+
+An upload gets the limits a download gets (`--max-image-bytes` per image, `--max-urls-per-task`
+items per task), and every uploaded byte the service holds, from the moment it is read off
+the socket until its image is queued for the model, counts against one service-wide budget
+(`--max-upload-bytes`): however many clients upload at once, memory stays bounded. Parts are
+streamed a chunk at a time, so an oversized file is refused without being buffered whole.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import PurePosixPath
+from typing import Any
+
+from aiohttp import BodyPartReader, web
+from aiohttp.http_exceptions import BadHttpMessage
+
+from service.errors import ApiError, too_busy
+from service.schemas import UPLOAD_PREFIX
+
+CHUNK_BYTES = 64 * 1024
+MAX_TEXT_BYTES = 64 * 1024  # one text part: a URL, top_k or model
+MAX_FILENAME_CHARS = 255
+FILES = "files"
+TEXT_FIELDS = ("urls", "top_k", "model")
+
+
+class UploadBudget:
+    """Bytes of uploaded images held by the whole service."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+
+    def reserve(self, size: int) -> bool:
+        if self.used + size > self.limit:
+            return False
+        self.used += size
+        return True
+
+    def release(self, size: int) -> None:
+        self.used -= size
+
+
+@dataclass(frozen=True)
+class Upload:
+    filename: str
+    data: bytes
+
+    @property
+    def url(self) -> str:
+        """What the task's item shows in place of a URL."""
+        return UPLOAD_PREFIX + self.filename
+
+
+@dataclass
+class UploadForm:
+    """A multipart /submit as sent: URLs and files in part order, top_k and model as text."""
+
+    sources: list[str | Upload] = field(default_factory=list)
+    fields: dict[str, str] = field(default_factory=dict)
+    size: int = 0  # bytes reserved from the budget for this form
+
+    def values(self) -> dict[str, Any]:
+        """The form as `SubmitForm` validates it."""
+        return {
+            FILES: [source.data for source in self.sources if isinstance(source, Upload)],
+            "urls": [source for source in self.sources if isinstance(source, str)],
+            **self.fields,
+        }
+
+    def item_urls(self) -> list[str]:
+        return [source.url if isinstance(source, Upload) else source for source in self.sources]
+
+
+class TaskUploads:
+    """One task's uploaded images, by item index, until the dispatcher queues them. Their bytes
+    stay reserved in the budget until taken, or released all at once when the task ends."""
+
+    def __init__(self, form: UploadForm, budget: UploadBudget) -> None:
+        self._files = {index: source.data for index, source in enumerate(form.sources) if isinstance(source, Upload)}
+        self._budget = budget
+
+    def __contains__(self, index: int) -> bool:
+        return index in self._files
+
+    def take(self, index: int) -> bytes:
+        data = self._files.pop(index)
+        self._budget.release(len(data))
+        return data
+
+    def release(self) -> None:
+        """Give back what was never taken (the task was cancelled or failed)."""
+        self._budget.release(sum(len(data) for data in self._files.values()))
+        self._files.clear()
+
+
+async def read_form(request: web.Request, max_items: int, max_image_bytes: int, budget: UploadBudget) -> UploadForm:
+    """The form, with its files' bytes reserved in `budget`; or ApiError, with nothing reserved."""
+    if request.content_length is not None and request.content_length > budget.limit:
+        raise _too_large(budget)
+    form = UploadForm()
+    try:
+        reader = await request.multipart()
+        while (part := await reader.next()) is not None:
+            if not isinstance(part, BodyPartReader):
+                raise ApiError(400, "invalid_multipart", "nested multipart bodies are not supported")
+            await _read_part(part, form, max_items, max_image_bytes, budget)
+    except (ValueError, LookupError, BadHttpMessage) as exc:  # what aiohttp raises on a malformed body
+        budget.release(form.size)
+        raise ApiError(400, "invalid_multipart", f"the multipart body is malformed: {exc}") from None
+    except BaseException:
+        budget.release(form.size)
+        raise
+    return form
+
+
+async def _read_part(
+    part: BodyPartReader, form: UploadForm, max_items: int, max_image_bytes: int, budget: UploadBudget
+) -> None:
+    name = part.name or ""
+    if name == FILES:
+        if part.filename is None:  # a text field, not a file
+            raise ApiError(
+                400, "invalid_type", f"{FILES}: each part must be a file (with a filename)", details=[{"field": FILES}]
+            )
+        data = await _read_file(part, form, max_image_bytes, budget)
+        if not data and not part.filename:
+            return  # what a browser sends for a file input left empty
+        form.sources.append(Upload(_clean_filename(part.filename), data))
+    elif name == "urls":
+        form.sources.append(await _read_text(part))
+    elif name in TEXT_FIELDS:
+        if name in form.fields:
+            raise ApiError(400, "invalid_field", f"{name}: given more than once", details=[{"field": name}])
+        form.fields[name] = await _read_text(part)
+    else:
+        raise ApiError(
+            400, "unknown_field", f"unknown form field {name!r}; expected {FILES}, {', '.join(TEXT_FIELDS)}",
+            details=[{"field": name}],
+        )
+    if len(form.sources) > max_items:
+        raise ApiError(400, "too_many_images", f"a task holds at most {max_items} images (files and URLs)")
+
+
+async def _read_file(part: BodyPartReader, form: UploadForm, max_image_bytes: int, budget: UploadBudget) -> bytes:
+    data = bytearray()
+    while chunk := await part.read_chunk(CHUNK_BYTES):
+        data += chunk
+        if len(data) > max_image_bytes:
+            raise ApiError(
+                413, "image_too_large", f"{part.filename or 'a file'}: larger than {max_image_bytes} bytes",
+                details=[{"field": FILES, "filename": part.filename}],
+            )
+        if not budget.reserve(len(chunk)):
+            if form.size + len(chunk) > budget.limit:
+                raise _too_large(budget)
+            raise too_busy("the service holds too many uploaded images right now; retry later")
+        form.size += len(chunk)
+    return bytes(data)
+
+
+async def _read_text(part: BodyPartReader) -> str:
+    raw = bytearray()
+    while chunk := await part.read_chunk(CHUNK_BYTES):
+        raw += chunk
+        if len(raw) > MAX_TEXT_BYTES:
+            raise ApiError(400, "field_too_large", f"{part.name}: longer than {MAX_TEXT_BYTES} bytes")
+    try:
+        return raw.decode()
+    except UnicodeDecodeError:
+        raise ApiError(400, "invalid_field", f"{part.name}: not UTF-8 text", details=[{"field": part.name}]) from None
+
+
+def _clean_filename(filename: str | None) -> str:
+    """The base name only (some clients send a path), and not endlessly long."""
+    name = PurePosixPath((filename or "").replace("\\", "/")).name
+    return name[:MAX_FILENAME_CHARS] or "unnamed"
+
+
+def _too_large(budget: UploadBudget) -> ApiError:
+    return ApiError(413, "request_too_large", f"uploads are limited to {budget.limit} bytes in all")
