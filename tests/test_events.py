@@ -9,27 +9,17 @@ from typing import Any
 
 from aiohttp.test_utils import TestClient
 
+from service.client import read_events as parse_events
 from service.handlers import EVENT_PING_SECONDS
 from tests.conftest import ImageServer, ServiceFactory, metric, submit, wait_for_task
 
 
 async def read_events(client: TestClient, task_id: str) -> list[tuple[str, dict[str, Any]]]:
     """Every (event, data) of one stream, until the server closes it."""
-    events: list[tuple[str, dict[str, Any]]] = []
     async with client.get(f"/tasks/{task_id}/events") as response:
         assert response.status == 200
         assert response.content_type == "text/event-stream"
-        name, data = "message", ""
-        async for raw in response.content:
-            line = raw.decode().rstrip("\r\n")
-            if line.startswith("event:"):
-                name = line[6:].strip()
-            elif line.startswith("data:"):
-                data += line[5:].strip()
-            elif not line and data:
-                events.append((name, json.loads(data)))
-                name, data = "message", ""
-    return events
+        return [(name, json.loads(data)) async for name, data in parse_events(response)]
 
 
 async def test_two_watchers_see_every_result_once_in_completion_order(

@@ -1,0 +1,101 @@
+"""The command-line client, run as a user runs it (`python -m service.client`) against a live
+service: labels in its table or JSON, exit codes, and Ctrl-C with and without `--cancel`."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import signal
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp.test_utils import TestClient
+
+from tests.conftest import PHOTOS_DIR, ROOT, ImageServer, ServiceFactory, metric
+
+
+@dataclass
+class Run:
+    status: int
+    stdout: str
+    stderr: str
+
+
+async def start_client(client: TestClient, *args: str) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "service.client", "--server", str(client.make_url("/")), *args,
+        cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+
+
+async def finish(process: asyncio.subprocess.Process) -> Run:
+    async with asyncio.timeout(60):
+        stdout, stderr = await process.communicate()
+    assert process.returncode is not None
+    return Run(process.returncode, stdout.decode(), stderr.decode())
+
+
+async def run_client(client: TestClient, *args: str) -> Run:
+    return await finish(await start_client(client, *args))
+
+
+async def only_task(client: TestClient) -> dict[str, Any]:
+    (summary,) = (await (await client.get("/tasks")).json())["tasks"]
+    return await (await client.get(f"/tasks/{summary['task_id']}")).json()
+
+
+async def test_files_and_urls_print_their_labels_and_exit_0_refusals_exit_2(
+    make_service: ServiceFactory, image_server: ImageServer
+) -> None:
+    client = await make_service()
+    run = await run_client(client, "--model", "resnet9000", image_server.url("/photos/coffee"))
+    assert run.status == 2 and "unknown_model" in run.stderr
+    run = await run_client(client, str(PHOTOS_DIR / "no-such-photo.jpg"))
+    assert run.status == 2 and "no such file" in run.stderr
+    assert (await (await client.get("/tasks")).json())["tasks"] == []
+
+    run = await run_client(client, str(PHOTOS_DIR / "coffee.jpg"), image_server.url("/photos/chelsea"))
+    assert run.status == 0, run.stderr
+    lines = run.stdout.splitlines()
+    assert lines[0].split() == ["#", "image", "status", "labels"]
+    assert "upload:coffee.jpg" in lines[1] and "succeeded" in lines[1] and "espresso (0.95" in lines[1]
+    assert "/photos/chelsea" in lines[2] and "Egyptian cat" in lines[2]
+    assert lines[3].endswith("completed: 2 classified, 0 failed, 0 cancelled")
+    assert "2/2" in run.stderr  # the progress bar reached the end
+
+
+async def test_json_output_and_exit_1_when_an_image_fails(
+    make_service: ServiceFactory, image_server: ImageServer
+) -> None:
+    client = await make_service()
+    run = await run_client(client, "--json", "--top-k", "2", str(PHOTOS_DIR), image_server.url("/status/404"))
+    assert run.status == 1, run.stderr
+    task = json.loads(run.stdout)
+    assert task == await only_task(client)
+    assert [item["url"] for item in task["items"]][:3] == ["upload:chelsea.jpg", "upload:coffee.jpg", "upload:rocket.jpg"]
+    assert [item["labels"][0]["label"] for item in task["items"][:3]] == ["Egyptian cat", "espresso", "missile"]
+    assert all(len(item["labels"]) == 2 for item in task["items"][:3])
+    assert task["items"][3]["error"]["code"] == "http_error"
+
+
+async def interrupt_while_watching(client: TestClient, image_server: ImageServer, *args: str) -> Run:
+    process = await start_client(client, *args, image_server.url("/slow/coffee?delay=30"))
+    async with asyncio.timeout(30):
+        while await metric(client, "ics_event_streams") < 1:  # submitted, and watching
+            await asyncio.sleep(0.1)
+    process.send_signal(signal.SIGINT)
+    return await finish(process)
+
+
+async def test_ctrl_c_cancels_the_task_with_cancel_and_leaves_it_running_without(
+    make_service: ServiceFactory, image_server: ImageServer
+) -> None:
+    client = await make_service(read_timeout=60.0, download_timeout=60.0)
+    for args, expected_status in ((["--cancel"], "cancelled"), ([], "running")):
+        run = await interrupt_while_watching(client, image_server, *args)
+        assert run.status == 130, run.stderr
+        (task_id,) = set(re.findall(r"\b[0-9a-f]{32}\b", run.stderr))  # the client names the task it leaves
+        task = await (await client.get(f"/tasks/{task_id}")).json()
+        assert task["status"] == expected_status, args
