@@ -30,6 +30,7 @@ from service.errors import error_middleware
 from service.fetcher import make_session
 from service.handlers import routes
 from service.metrics import Metrics
+from service.page import add_page
 from service.pool import ProcessInferencePool
 from service.registry import InMemoryRegistry
 from service.schemas import SubmitForm, SubmitRequest
@@ -115,5 +116,6 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.extend([pool_ctx, session_ctx, dispatcher_ctx])
     app.on_shutdown.append(drain_tasks)
     app.add_routes(routes)
+    add_page(app)
     add_docs(app)  # last: the OpenAPI document describes every route added before it
     return app

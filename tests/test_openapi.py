@@ -103,7 +103,7 @@ def test_document_is_valid_and_describes_every_route(service_url: str) -> None:
     assert set(document["paths"]) == {
         "/healthz", "/readyz", "/metrics", "/models", "/submit", "/tasks", "/tasks/{task_id}", "/tasks/{task_id}/cancel",
         "/tasks/{task_id}/events",
-        "/openapi.json", "/docs",
+        "/openapi.json", "/docs", "/",
     }
     submit = document["components"]["schemas"]["SubmitRequest"]["properties"]
     assert submit["urls"]["maxItems"] == 5  # the running service's own --max-urls-per-task

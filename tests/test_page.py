@@ -1,0 +1,125 @@
+"""The web page at `/`, driven in a real headless Chromium (Debian's `chromium` package) through
+Playwright: files chosen and dropped, URLs pasted, progress to 100%, labels read off the page,
+a running task cancelled. Each test saves a screenshot under `test-artifacts/`."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import re
+import shutil
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from playwright.async_api import Page, async_playwright, expect
+
+from tests.conftest import PHOTOS_DIR, ROOT, ImageServer, ServiceFactory
+
+ARTIFACTS = ROOT / "test-artifacts"
+# Headless, and quiet: without the background-networking flags Chromium keeps trying to reach
+# Google's hosts, which this machine's closed network refuses.
+CHROMIUM_ARGS = [
+    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync",
+]
+WAIT_MS = 60_000
+
+
+def chromium() -> str:
+    """Debian's Chromium (`run_tests.sh` installs it); ICS_CHROMIUM names another binary."""
+    path = os.environ.get("ICS_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+    if not Path(path).exists():
+        pytest.fail("no Chromium: install Debian's chromium package (./run_tests.sh does) or set ICS_CHROMIUM")
+    return path
+
+
+@pytest.fixture
+async def page() -> AsyncIterator[Page]:
+    async with async_playwright() as playwright:
+        browser = await playwright.chromium.launch(executable_path=chromium(), headless=True, args=CHROMIUM_ARGS)
+        try:
+            yield await browser.new_page(viewport={"width": 1100, "height": 900})
+        finally:
+            await browser.close()
+
+
+async def drop_file(page: Page, selector: str, path: Path) -> None:
+    """What dragging a file from the desktop onto `selector` does: a drop event carrying it."""
+    await page.evaluate(
+        """([selector, name, encoded]) => {
+            const bytes = Uint8Array.from(atob(encoded), (c) => c.charCodeAt(0));
+            const transfer = new DataTransfer();
+            transfer.items.add(new File([bytes], name, {type: "image/jpeg"}));
+            const drop = new DragEvent("drop", {dataTransfer: transfer, bubbles: true, cancelable: true});
+            document.querySelector(selector).dispatchEvent(drop);
+        }""",
+        [selector, path.name, base64.b64encode(path.read_bytes()).decode()],
+    )
+
+
+async def test_the_page_classifies_files_and_urls_live(
+    make_service: ServiceFactory, image_server: ImageServer, page: Page
+) -> None:
+    client = await make_service()
+    await page.goto(str(client.make_url("/")))
+    await expect(page.locator("#model option")).to_have_text(["efficientnet_lite0"])  # from GET /models
+
+    await page.set_input_files("#files", str(PHOTOS_DIR / "coffee.jpg"))
+    await drop_file(page, "#drop-zone", PHOTOS_DIR / "rocket.jpg")
+    await expect(page.locator("#chosen-files li")).to_have_text(["coffee.jpg", "rocket.jpg"])
+    await page.fill("#urls", f"{image_server.url('/photos/chelsea')}\n{image_server.url('/status/404')}\n")
+    await page.click("#submit")
+
+    await expect(page.locator("#progress-text")).to_contain_text("4 of 4 done (100%)", timeout=WAIT_MS)
+    await expect(page.locator("#task-status")).to_have_text("completed")
+    cards = page.locator("#items .item")
+    await expect(cards.locator(".item-status")).to_have_text(["succeeded", "succeeded", "succeeded", "failed"])
+    await expect(cards.locator(".source")).to_have_text(
+        ["coffee.jpg", "rocket.jpg", image_server.url("/photos/chelsea"), image_server.url("/status/404")]
+    )
+    top_labels = [await card.locator(".label").first.text_content() for card in (await cards.all())[:3]]
+    assert top_labels == ["espresso", "missile", "Egyptian cat"]
+    assert (await cards.nth(0).locator(".score").first.text_content() or "").startswith("95.")
+    await expect(cards.nth(3).locator(".item-error")).to_contain_text("http_error")
+    thumbnails = await cards.locator(".thumb").evaluate_all("(images) => images.map((image) => image.naturalWidth)")
+    assert all(width > 0 for width in thumbnails[:3])  # local files and the served photo all show
+
+    task_id = await page.locator("#task-id").text_content()
+    task = await (await client.get(f"/tasks/{task_id}")).json()  # the page shows what the API holds
+    assert [item["labels"][0]["label"] for item in task["items"][:3]] == top_labels
+    ARTIFACTS.mkdir(exist_ok=True)
+    await page.screenshot(path=ARTIFACTS / "web-page.png", full_page=True)
+
+
+async def test_the_page_cancels_a_running_task(
+    make_service: ServiceFactory, image_server: ImageServer, page: Page
+) -> None:
+    client = await make_service(read_timeout=60.0, download_timeout=60.0)
+    await page.goto(str(client.make_url("/")))
+    await page.fill("#urls", image_server.url("/slow/coffee?delay=30"))
+    await page.click("#submit")
+    await expect(page.locator("#task-status")).to_have_text("in progress", timeout=WAIT_MS)
+    task_id = await page.locator("#task-id").text_content()
+    async with asyncio.timeout(WAIT_MS / 1000):  # the download has started: the task is running
+        while (await (await client.get(f"/tasks/{task_id}")).json())["status"] != "running":
+            await asyncio.sleep(0.1)
+
+    await page.click("#cancel")
+    await expect(page.locator("#task-status")).to_have_text("cancelled")
+    await expect(page.locator("#items .item-status")).to_have_text(["cancelled"])
+    await expect(page.locator("#cancel")).to_be_disabled()
+    assert (await (await client.get(f"/tasks/{task_id}")).json())["status"] == "cancelled"
+    ARTIFACTS.mkdir(exist_ok=True)
+    await page.screenshot(path=ARTIFACTS / "web-page-cancelled.png", full_page=True)
+
+
+async def test_the_page_and_its_files_are_public_and_local(make_service: ServiceFactory) -> None:
+    client = await make_service(api_keys="k-123")
+    page = await client.get("/")
+    assert page.status == 200 and page.content_type == "text/html"
+    assert not re.search(r"""(src|href)=["']https?://""", await page.text()), "nothing from a CDN"
+    for asset in ("/static/app.js", "/static/style.css"):
+        assert (await client.get(asset)).status == 200, asset
+    assert (await client.get("/models")).status == 401  # the API behind it still needs a key
