@@ -115,7 +115,7 @@ async def metrics(request: web.Request) -> web.Response:
         400: "invalid_json, invalid_body, invalid_multipart, missing_field, unknown_field, invalid_type, "
         "invalid_field, field_too_large, empty_urls, too_many_urls, no_images, too_many_images, invalid_url, "
         "top_k_out_of_range, unknown_model, model_unavailable",
-        413: "request_too_large, image_too_large",
+        413: "request_too_large, upload_too_large",
         415: "unsupported_media_type",
         429: "too_busy (see the Retry-After header)",
     },

@@ -150,7 +150,7 @@ async def _read_file(part: BodyPartReader, form: UploadForm, max_image_bytes: in
         data += chunk
         if len(data) > max_image_bytes:
             raise ApiError(
-                413, "image_too_large", f"{part.filename or 'a file'}: larger than {max_image_bytes} bytes",
+                413, "upload_too_large", f"{part.filename or 'a file'}: larger than {max_image_bytes} bytes",
                 details=[{"field": FILES, "filename": part.filename}],
             )
         if not budget.reserve(len(chunk)):

@@ -79,7 +79,7 @@ BAD_FORMS: list[tuple[str, list[tuple[str, Any]], int, str]] = [
     ("top_k too big", [("files", b"x"), ("top_k", "21")], 400, "top_k_out_of_range"),
     ("top_k twice", [("files", b"x"), ("top_k", "1"), ("top_k", "2")], 400, "invalid_field"),
     ("unknown model", [("files", b"x"), ("model", "resnet9000")], 400, "unknown_model"),
-    ("file too large", [("files", b"\xff" * 1_000_001)], 413, "image_too_large"),
+    ("file too large", [("files", b"\xff" * 1_000_001)], 413, "upload_too_large"),
 ]
 
 
