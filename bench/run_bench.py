@@ -35,7 +35,7 @@ import psutil
 from aiohttp import web
 
 from bench.images import make_images
-from inference.catalog import DEFAULT_MODEL
+from inference.catalog import EMBEDDED
 from inference.protocol import WorkerConfig
 from inference.worker import classify_batch, init_worker
 from service.settings import Settings
@@ -83,14 +83,14 @@ def offline_limit(images: list[bytes], settings: Settings) -> float:
     """Images/s of the worker code itself: same bytes, batches on every worker, no HTTP."""
     workers, size = settings.resolved_workers(), settings.batch_size
     config = WorkerConfig(
-        DEFAULT_MODEL, settings.runtime, settings.resolved_threads(), settings.max_image_pixels, settings.worker_nice
+        EMBEDDED, settings.runtime, settings.resolved_threads(), settings.max_image_pixels, settings.worker_nice
     )
     batches = [images[start:start + size] for start in range(0, len(images), size)]
     with ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"), init_worker, (config,)) as pool:
-        warm = [pool.submit(classify_batch, DEFAULT_MODEL, batches[0], [5] * len(batches[0])) for _ in range(workers * 2)]
+        warm = [pool.submit(classify_batch, EMBEDDED, batches[0], [5] * len(batches[0])) for _ in range(workers * 2)]
         [future.result() for future in warm]
         started = time.perf_counter()
-        futures = [pool.submit(classify_batch, DEFAULT_MODEL, batch, [5] * len(batch)) for batch in batches]
+        futures = [pool.submit(classify_batch, EMBEDDED, batch, [5] * len(batch)) for batch in batches]
         done = sum(len(future.result()) for future in futures)
         return done / (time.perf_counter() - started)
 

@@ -131,7 +131,10 @@ async def watch(session: aiohttp.ClientSession, task_id: str, bar: tqdm) -> None
                 async for event, data in read_events(response):
                     if event == "end":
                         return
-                    if event != "item" or (item := json.loads(data))["index"] in seen:
+                    if event != "item":
+                        continue
+                    item = json.loads(data)
+                    if item["index"] in seen:
                         continue
                     seen.add(item["index"])
                     if item["status"] != "succeeded":

@@ -130,6 +130,7 @@ async def submit(request: web.Request) -> web.Response:
 async def _submit_form(request: web.Request) -> web.Response:
     app = request.app
     settings, budget = app[SETTINGS], app[UPLOAD_BUDGET]
+    await _check_capacity(request, 1)  # before reading what may be megabytes of files
     form = await read_form(request, settings.max_urls_per_task, settings.max_image_bytes, budget)
     uploads = TaskUploads(form, budget)
     try:
@@ -149,13 +150,17 @@ async def _start_task(
     settings, registry = request.app[SETTINGS], request.app[REGISTRY]
     model = model or settings.default_model
     _check_model(request.app[CATALOG], model)
-    unfinished = await registry.unfinished_images()
-    if unfinished + len(urls) > settings.max_active_images:
-        raise too_busy(f"the service already has {unfinished} unfinished images; retry later")
+    await _check_capacity(request, len(urls))
     task = await registry.create(urls, model, top_k or settings.default_top_k, request_owner(request))
     request.app[DISPATCHER].submit(task, uploads)
     response = SubmitResponse(task_id=task.task_id, status=task.status, total=len(task.items))
     return _json(response, status=202, headers={"Location": f"/tasks/{task.task_id}"})
+
+
+async def _check_capacity(request: web.Request, images: int) -> None:
+    unfinished = await request.app[REGISTRY].unfinished_images()
+    if unfinished + images > request.app[SETTINGS].max_active_images:
+        raise too_busy(f"the service already has {unfinished} unfinished images; retry later")
 
 
 @routes.get("/models")

@@ -154,16 +154,22 @@ async def test_the_upload_budget_bounds_bytes_held_across_requests(
     assert await metric(client, "ics_upload_bytes") == 0
 
 
-async def test_cancelling_gives_back_uploads_not_yet_queued(
+async def test_a_full_service_refuses_uploads_and_cancelling_gives_back_uploads_not_yet_queued(
     make_service: ServiceFactory, image_server: ImageServer, photos: dict[str, bytes]
 ) -> None:
-    client = await make_service(download_concurrency=1)
+    client = await make_service(download_concurrency=1, max_active_images=3)
     data = aiohttp.FormData()
     data.add_field("urls", image_server.url("/slow/chelsea?delay=30"))  # holds the only download slot
     data.add_field("urls", image_server.url("/photos/rocket"))  # so the pipeline waits here
     data.add_field("files", photos["coffee"], filename="coffee.jpg")
     status, accepted = await post_form(client, data)
     assert status == 202
+    assert await metric(client, "ics_upload_bytes") == len(photos["coffee"])
+    # 3 of 3 active images are taken: an upload is refused before its body is read (this one never ends)
+    headers = {"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"}
+    async with asyncio.timeout(10):
+        refused = await client.post("/submit", data=slow_upload(10_000, asyncio.Event()), headers=headers)
+    assert (refused.status, (await refused.json())["error"]["code"]) == (429, "too_busy")
     assert await metric(client, "ics_upload_bytes") == len(photos["coffee"])
     cancelled = await (await client.post(f"/tasks/{accepted['task_id']}/cancel")).json()
     assert [item["status"] for item in cancelled["items"]] == ["cancelled"] * 3
