@@ -187,7 +187,7 @@ def results_table(task: dict[str, Any]) -> str:
             result = ""
         rows.append((str(item["index"]), _shorten(item["url"], 60), item["status"], result))
     widths = [max(len(row[column]) for row in rows) for column in range(3)]
-    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False)) + "  " + row[3]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row[:3], widths, strict=True)) + "  " + row[3]
              for row in rows]
     progress = task["progress"]
     summary = (f"task {task['task_id']} {task['status']}: {progress['succeeded']} classified, "
@@ -215,7 +215,7 @@ async def run(args: argparse.Namespace) -> int:
         except asyncio.CancelledError:  # Ctrl-C
             if args.cancel:
                 task = await cancel_task(session, task_id)
-                print(f"cancelled task {task_id}: {task['progress']['done']} of {total} images had finished",
+                print(f"cancelled task {task_id}: {task['progress']['succeeded']} of {total} images were classified",
                       file=sys.stderr)
             else:
                 print(f"stopped watching; task {task_id} goes on (GET {base}tasks/{task_id})", file=sys.stderr)
