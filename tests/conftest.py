@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
+from prometheus_client.parser import text_string_to_metric_families
 
 from service.app import create_app
 from service.settings import Settings
@@ -210,11 +211,21 @@ async def wait_for_task(client: TestClient, task_id: str, timeout: float = 60.0)
             await asyncio.sleep(0.05)
 
 
+async def scrape(client: TestClient) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """GET /metrics parsed: (sample name, sorted labels) -> value."""
+    response = await client.get("/metrics")
+    assert response.status == 200
+    assert response.content_type == "text/plain"
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(await response.text())
+        for sample in family.samples
+    }
+
+
 async def metric(client: TestClient, name: str) -> float:
     """The value of one unlabelled metric on GET /metrics."""
-    text = await (await client.get("/metrics")).text()
-    (value,) = [line.split()[1] for line in text.splitlines() if line.startswith(name + " ")]
-    return float(value)
+    return (await scrape(client))[(name, ())]
 
 
 async def submit(client: TestClient, urls: list[str], **fields: Any) -> dict[str, Any]:

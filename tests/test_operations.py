@@ -6,22 +6,8 @@ import asyncio
 import os
 import signal
 
-from aiohttp.test_utils import TestClient
-from prometheus_client.parser import text_string_to_metric_families
-
 from service.appkeys import POOL
-from tests.conftest import ImageServer, ServiceFactory, submit, wait_for_task
-
-
-async def scrape(client: TestClient) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    response = await client.get("/metrics")
-    assert response.status == 200
-    assert response.content_type == "text/plain"
-    return {
-        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in text_string_to_metric_families(await response.text())
-        for sample in family.samples
-    }
+from tests.conftest import ImageServer, ServiceFactory, scrape, submit, wait_for_task
 
 
 async def test_readyz_flips_during_a_worker_kill_and_recovers(
