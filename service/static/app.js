@@ -65,6 +65,10 @@ async function loadModels() {
 
 function addFiles(files) {
   page.files.push(...files);
+  showChosenFiles();
+}
+
+function showChosenFiles() {
   $("chosen-files").replaceChildren(...page.files.map((file) => element("li", file.name)));
 }
 
@@ -93,7 +97,7 @@ async function submit(event) {
       ...urls.map((url) => ({ name: url, thumb: url })),
     ];
     page.files = [];
-    addFiles([]);
+    showChosenFiles();
     $("urls").value = "";
     showTask(accepted, sources);
   } catch (error) {
