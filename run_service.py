@@ -1,58 +1,8 @@
 """Start the image-classification service: `python run_service.py --help` lists the settings.
 
-The app runs under `uvloop.run`. `web.run_app` would close the loop it is handed, so the
-same steps are spelled out with `AppRunner` (which carries the shutdown timeout): start,
-serve until SIGINT or SIGTERM, then clean up every resource the app holds.
-"""
+The same as the `ics-service` console script (see `service.main`)."""
 
-from __future__ import annotations
-
-import asyncio
-import logging
-import signal
-
-import uvloop
-from aiohttp import web
-
-from inference.catalog import CatalogError
-from service.app import create_app
-from service.logs import configure_logging
-from service.pool import DefaultModelError
-from service.settings import Settings, load_settings
-
-log = logging.getLogger("service")
-
-
-async def serve(settings: Settings) -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
-    runner = web.AppRunner(create_app(settings), shutdown_timeout=settings.shutdown_timeout)
-    await runner.setup()
-    try:
-        await web.TCPSite(runner, settings.host, settings.port).start()
-        log.info("serving on http://%s:%d", settings.host, settings.port)
-        await stop.wait()
-        log.info("shutting down")
-    finally:
-        await runner.cleanup()
-
-
-def main() -> None:
-    settings = load_settings()
-    configure_logging(settings.log_format)
-    if settings.prefetch:
-        from inference.zoo import prefetch  # imports torch: only this command downloads weights
-
-        prefetch([name.strip() for name in settings.prefetch.split(",") if name.strip()])
-        return
-    try:
-        uvloop.run(serve(settings))
-    except (DefaultModelError, CatalogError) as exc:
-        log.error("%s", exc)
-        raise SystemExit(1) from None
-
+from service.main import main
 
 if __name__ == "__main__":
     main()

@@ -13,10 +13,10 @@ import time
 
 import torch
 
-from inference.catalog import EMBEDDED, RUNTIMES
+from bench.images import PHOTOS_DIR
 from inference.models import load_model
 from inference.preprocess import preprocess
-from tests.conftest import PHOTOS_DIR
+from inference.specs import EMBEDDED, RUNTIMES
 
 
 def main() -> None:

@@ -27,6 +27,7 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
+from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
 
@@ -35,8 +36,8 @@ import psutil
 from aiohttp import web
 
 from bench.images import make_images
-from inference.catalog import EMBEDDED
 from inference.protocol import WorkerConfig
+from inference.specs import EMBEDDED
 from inference.worker import classify_batch, init_worker
 from service.settings import Settings
 
@@ -46,7 +47,8 @@ ROOT = Path(__file__).resolve().parent.parent
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+        port: int = sock.getsockname()[1]
+        return port
 
 
 # --- the image server (its own process, so it does not share the bench's event loop) ---
@@ -58,7 +60,7 @@ def _serve_images(directory: str, port: int) -> None:
     web.run_app(app, host="127.0.0.1", port=port, print=None, access_log=None)
 
 
-def start_image_server(directory: str) -> tuple[multiprocessing.Process, int]:
+def start_image_server(directory: str) -> tuple[BaseProcess, int]:
     port = free_port()
     process = multiprocessing.get_context("spawn").Process(target=_serve_images, args=(directory, port), daemon=True)
     process.start()
@@ -85,7 +87,7 @@ def offline_limit(images: list[bytes], settings: Settings) -> float:
     config = WorkerConfig(
         EMBEDDED, settings.runtime, settings.resolved_threads(), settings.max_image_pixels, settings.worker_nice
     )
-    batches = [images[start:start + size] for start in range(0, len(images), size)]
+    batches = [images[start : start + size] for start in range(0, len(images), size)]
     with ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"), init_worker, (config,)) as pool:
         warm = [pool.submit(classify_batch, EMBEDDED, batches[0], [5] * len(batches[0])) for _ in range(workers * 2)]
         [future.result() for future in warm]
@@ -132,7 +134,7 @@ async def submit(http: aiohttp.ClientSession, base: str, urls: list[str]) -> str
         body = await response.json()
         if response.status != 202:
             raise RuntimeError(f"submit failed: {response.status} {body}")
-        return body["task_id"]
+        return str(body["task_id"])
 
 
 async def wait_all_done(http: aiohttp.ClientSession, base: str, task_ids: set[str]) -> None:
@@ -159,7 +161,7 @@ async def one_big_task(http: aiohttp.ClientSession, base: str, urls: list[str]) 
 async def many_small_tasks(http: aiohttp.ClientSession, base: str, urls: list[str], tasks: int) -> float:
     size = len(urls) // tasks
     started = time.perf_counter()
-    task_ids = await asyncio.gather(*(submit(http, base, urls[n * size:(n + 1) * size]) for n in range(tasks)))
+    task_ids = await asyncio.gather(*(submit(http, base, urls[n * size : (n + 1) * size]) for n in range(tasks)))
     await wait_all_done(http, base, set(task_ids))
     return size * tasks / (time.perf_counter() - started)
 
@@ -194,7 +196,7 @@ def cpu_seconds(processes: list[psutil.Process]) -> float:
 
 def percentile(values: list[float], fraction: float) -> float:
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(fraction * (len(ordered) - 1))))]
+    return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
 
 
 async def service_run(
@@ -203,10 +205,24 @@ async def service_run(
     """Rounds of offline limit, one 1,000-URL task and many small tasks, interleaved so
     that a slow spell of this shared machine hits both sides of each ratio; then latency."""
     port = free_port()
-    command = [sys.executable, "run_service.py", "--host", "127.0.0.1", "--port", str(port),
-               "--runtime", args.runtime, "--workers", str(args.workers), "--threads-per-worker", str(args.threads),
-               "--allowed-networks", "127.0.0.1/32"]  # the loopback image server
-    service = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    command = [
+        sys.executable,
+        "run_service.py",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--runtime",
+        args.runtime,
+        "--workers",
+        str(args.workers),
+        "--threads-per-worker",
+        str(args.threads),
+        "--allowed-networks",
+        "127.0.0.1/32",
+    ]  # the loopback image server
+    # Popen returns as soon as the process exists; waiting for it to serve happens off the loop below.
+    service = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # noqa: ASYNC220
     base = f"http://127.0.0.1:{port}"
     urls = [f"http://127.0.0.1:{image_port}/img/{n}.jpg" for n in range(len(images))]
     result: dict[str, Any] = {"offline": [], "big": [], "small": []}
@@ -219,8 +235,10 @@ async def service_run(
             workers = [child for child in memory.process.children() if "spawn_main" in " ".join(child.cmdline())]
             others = [psutil.Process(image_server_pid), psutil.Process()]
             for round_number in range(args.repeat):
-                print(f"round {round_number + 1}/{args.repeat}: offline, 1 big task, {args.small_tasks} small tasks",
-                      flush=True)
+                print(
+                    f"round {round_number + 1}/{args.repeat}: offline, 1 big task, {args.small_tasks} small tasks",
+                    flush=True,
+                )
                 result["offline"].append(await asyncio.to_thread(offline_limit, images, settings))
                 before = [cpu_seconds([memory.process]), cpu_seconds(workers), *map(cpu_seconds, ([p] for p in others))]
                 started = time.perf_counter()
@@ -229,7 +247,9 @@ async def service_run(
                     elapsed = time.perf_counter() - started
                     result["web_cpu"] = (cpu_seconds([memory.process]) - before[0]) / len(urls)
                     result["worker_busy"] = (cpu_seconds(workers) - before[1]) / elapsed / len(workers)
-                    result["other_cpu"] = [(cpu_seconds([p]) - b) / elapsed for p, b in zip(others, before[2:], strict=True)]
+                    result["other_cpu"] = [
+                        (cpu_seconds([p]) - b) / elapsed for p, b in zip(others, before[2:], strict=True)
+                    ]
                 result["small"].append(await many_small_tasks(http, base, urls, tasks=args.small_tasks))
             result["latency"] = await latency_under_load(http, base, urls)
         sampler.cancel()
@@ -249,7 +269,9 @@ def runs(values: list[float]) -> str:
 
 
 def ratios(values: list[float]) -> str:
-    return f"{median(values):.0%}" + (f" (median of {', '.join(f'{v:.0%}' for v in values)})" if len(values) > 1 else "")
+    return f"{median(values):.0%}" + (
+        f" (median of {', '.join(f'{v:.0%}' for v in values)})" if len(values) > 1 else ""
+    )
 
 
 def mib(size: int) -> str:
@@ -276,6 +298,7 @@ def main() -> None:
             Path(directory, f"{number}.jpg").write_bytes(data)
         server, image_port = start_image_server(directory)
         try:
+            assert server.pid is not None  # started
             result = asyncio.run(service_run(args, settings, images, server.pid, image_port))
         finally:
             server.terminate()
@@ -287,41 +310,67 @@ def main() -> None:
     get, post = result["latency"]["get"], result["latency"]["submit"]
     sizes = sorted(len(data) for data in images)
     rows = [
-        ("machine", f"{os.cpu_count()} CPUs, {len(os.sched_getaffinity(0))} usable; "
-                    f"{args.workers} workers x {args.threads} threads; runtime {args.runtime}"),
+        (
+            "machine",
+            f"{os.cpu_count()} CPUs, {len(os.sched_getaffinity(0))} usable; "
+            f"{args.workers} workers x {args.threads} threads; runtime {args.runtime}",
+        ),
         ("images", f"{len(images)} JPEGs, 640x480..1600x1200, median {sizes[len(sizes) // 2] // 1024} KiB"),
         ("offline limit", f"{offline:.1f} images/s" + runs(result["offline"])),
         ("1 task x 1,000 URLs", f"{big:.1f} images/s" + runs(result["big"])),
-        (f"{args.small_tasks} tasks x {len(images) // args.small_tasks} URLs",
-         f"{small:.1f} images/s" + runs(result["small"])),
+        (
+            f"{args.small_tasks} tasks x {len(images) // args.small_tasks} URLs",
+            f"{small:.1f} images/s" + runs(result["small"]),
+        ),
         ("1,000-URL task / offline, same round", ratios(big_ratios)),
         ("small tasks / offline, same round", ratios(small_ratios)),
-        ("GET /tasks/<id> (1,000 items), saturated",
-         f"p50 {percentile(get, 0.5) * 1000:.1f} ms, p99 {percentile(get, 0.99) * 1000:.1f} ms (n={len(get)})"),
-        ("POST /submit, saturated",
-         f"p50 {percentile(post, 0.5) * 1000:.1f} ms, p99 {percentile(post, 0.99) * 1000:.1f} ms (n={len(post)})"),
+        (
+            "GET /tasks/<id> (1,000 items), saturated",
+            f"p50 {percentile(get, 0.5) * 1000:.1f} ms, p99 {percentile(get, 0.99) * 1000:.1f} ms (n={len(get)})",
+        ),
+        (
+            "POST /submit, saturated",
+            f"p50 {percentile(post, 0.5) * 1000:.1f} ms, p99 {percentile(post, 0.99) * 1000:.1f} ms (n={len(post)})",
+        ),
         ("web process CPU per image", f"{result['web_cpu'] * 1000:.2f} ms (HTTP, downloads, registry, dispatch)"),
         ("worker CPU busy, 1,000-URL task", f"{result['worker_busy']:.0%} of each worker's wall time"),
-        ("bench's own CPU, 1,000-URL task", f"image server {result['other_cpu'][0]:.0%}, "
-                                            f"client {result['other_cpu'][1]:.0%} of a core"),
-        ("peak memory", f"RSS service {mib(memory.peak['main_rss'])}, workers {mib(memory.peak['workers_rss'])}, "
-                        f"total {mib(memory.peak['total_rss'])}; PSS total {mib(memory.peak['total_pss'])}"),
+        (
+            "bench's own CPU, 1,000-URL task",
+            f"image server {result['other_cpu'][0]:.0%}, client {result['other_cpu'][1]:.0%} of a core",
+        ),
+        (
+            "peak memory",
+            f"RSS service {mib(memory.peak['main_rss'])}, workers {mib(memory.peak['workers_rss'])}, "
+            f"total {mib(memory.peak['total_rss'])}; PSS total {mib(memory.peak['total_pss'])}",
+        ),
     ]
     width = max(len(name) for name, _ in rows)
     print()
     for name, value in rows:
         print(f"| {name.ljust(width)} | {value} |")
     if args.json:
-        args.json.write_text(json.dumps({
-            "offline_images_per_s": result["offline"], "big_task_images_per_s": result["big"],
-            "small_tasks_images_per_s": result["small"],
-            "big_task_ratios": big_ratios, "small_tasks_ratios": small_ratios,
-            "get_p50_s": percentile(get, 0.5), "get_p99_s": percentile(get, 0.99),
-            "submit_p50_s": percentile(post, 0.5), "submit_p99_s": percentile(post, 0.99),
-            "peak_memory_bytes": memory.peak, "get_samples": len(get), "submit_samples": len(post),
-            "mean_image_bytes": statistics.mean(sizes), "web_cpu_s_per_image": result["web_cpu"],
-            "worker_busy": result["worker_busy"],
-        }, indent=2))
+        args.json.write_text(
+            json.dumps(
+                {
+                    "offline_images_per_s": result["offline"],
+                    "big_task_images_per_s": result["big"],
+                    "small_tasks_images_per_s": result["small"],
+                    "big_task_ratios": big_ratios,
+                    "small_tasks_ratios": small_ratios,
+                    "get_p50_s": percentile(get, 0.5),
+                    "get_p99_s": percentile(get, 0.99),
+                    "submit_p50_s": percentile(post, 0.5),
+                    "submit_p99_s": percentile(post, 0.99),
+                    "peak_memory_bytes": memory.peak,
+                    "get_samples": len(get),
+                    "submit_samples": len(post),
+                    "mean_image_bytes": statistics.mean(sizes),
+                    "web_cpu_s_per_image": result["web_cpu"],
+                    "worker_busy": result["worker_busy"],
+                },
+                indent=2,
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -8,10 +8,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from inference.catalog import ModelSpec
 from inference.models import LoadedModel, load_model
 from inference.preprocess import ImageRejected, preprocess
 from inference.protocol import Label, Outcome, Prediction, Rejection, WorkerConfig
+from inference.specs import ModelSpec
 
 log = logging.getLogger(__name__)
 

@@ -11,11 +11,11 @@ import torch
 from torchvision.models import EfficientNet_B0_Weights, get_model
 from torchvision.transforms import v2
 
-from inference.catalog import ModelInfo, ModelSpec, read_labels
 from inference.preprocess import build_transform
 from inference.protocol import ModelLoadError
 from inference.runtimes import Runner, build_runner, graph_runner
-from inference.zoo import describe, weights_of
+from inference.specs import ModelInfo, ModelSpec, read_labels
+from inference.zoo import model_info, weights_of
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,7 @@ def imagenet_categories() -> tuple[str, ...]:
 def load_model(spec: ModelSpec, runtime: str, threads: int) -> LoadedModel:
     """Raises ModelLoadError, with the reason, for anything that keeps the model from running."""
     try:
-        info = describe(spec)
+        info = model_info(spec)
         if not info.weights_present():
             # Checked here so that torchvision never falls back to downloading.
             raise ModelLoadError(f"the weights of model {spec.name!r} are not on disk ({info.weights_path})")
@@ -68,7 +68,7 @@ def _load_module(spec: ModelSpec, info: ModelInfo) -> tuple[torch.nn.Module, tup
     if spec.format == "torchscript":
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # TorchScript is deprecated, still loads
-            return torch.jit.load(spec.path, map_location="cpu"), labels
+            return torch.jit.load(spec.path, map_location="cpu"), labels  # type: ignore[no-untyped-call]
     if spec.format == "export":
         return torch.export.load(spec.path).module(), labels
     state = torch.load(spec.path, map_location="cpu", weights_only=True)

@@ -15,7 +15,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torchvision.transforms import v2
 
-from inference.catalog import Preprocessing
+from inference.specs import Preprocessing
 
 
 class ImageRejected(Exception):
@@ -48,7 +48,7 @@ def decode_image(data: bytes, min_side: int, max_pixels: int) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+            image: Image.Image = Image.open(io.BytesIO(data))
             width, height = image.size
             if width * height > max_pixels:
                 raise ImageRejected(
@@ -107,4 +107,5 @@ def _to_rgb(image: Image.Image) -> Image.Image:
 def preprocess(data: bytes, info: Preprocessing, transform: v2.Compose, max_pixels: int) -> torch.Tensor:
     """Bytes to a (3, input_size, input_size) float tensor, or ImageRejected."""
     image = decode_image(data, min_side=info.resize_size, max_pixels=max_pixels)
-    return transform(image)
+    tensor: torch.Tensor = transform(image)
+    return tensor

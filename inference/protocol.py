@@ -8,13 +8,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from inference.catalog import ModelSpec
+from inference.specs import ModelSpec, Runtime
 
 
 @dataclass(frozen=True)
 class WorkerConfig:
     default_model: ModelSpec  # loaded at start and never evicted
-    runtime: str
+    runtime: Runtime
     threads: int
     max_pixels: int
     nice: int = 0  # added to the worker's niceness: the web process then wins the CPU
@@ -23,8 +23,11 @@ class WorkerConfig:
 
 @dataclass(frozen=True)
 class Label:
-    class_index: int
+    """One of an image's top classes. The service stores and serves this very type (task
+    records validate it as a pydantic dataclass field), so nothing is copied field by field."""
+
     label: str
+    class_index: int
     score: float
 
 

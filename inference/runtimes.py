@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import torch
 
-from inference.catalog import RUNTIMES
+from inference.specs import RUNTIMES
 
 Runner = Callable[[torch.Tensor], torch.Tensor]
 
@@ -30,7 +30,8 @@ def build_runner(module: torch.nn.Module, runtime: str, input_size: int, threads
     if runtime == "torchscript":
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # TorchScript is deprecated, still works
-            frozen = torch.jit.optimize_for_inference(torch.jit.freeze(torch.jit.trace(module, example).eval()))
+            traced = torch.jit.trace(module, example)  # type: ignore[no-untyped-call]  # untyped in torch
+            frozen = torch.jit.optimize_for_inference(torch.jit.freeze(traced.eval()))
         return _no_grad(frozen)
     if runtime == "compile":
         return _no_grad(torch.compile(module, dynamic=True))
@@ -64,7 +65,7 @@ def _onnx_runner(module: torch.nn.Module, example: torch.Tensor, threads: int) -
         torch.onnx.export(
             module,
             (example,),
-            buffer,
+            buffer,  # type: ignore[arg-type]  # a file object works; torch's annotation lists paths only
             input_names=["input"],
             output_names=["logits"],
             dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},

@@ -10,8 +10,8 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING
 
-from inference.catalog import ModelInfo, ModelSpec
 from inference.protocol import ModelLoadError, Outcome, WorkerConfig
+from inference.specs import ModelInfo, ModelSpec
 
 if TYPE_CHECKING:
     from inference.engine import Engine
@@ -50,14 +50,14 @@ def classify_batch(model: ModelSpec, images: list[bytes], top_k: list[int]) -> l
     return _current().classify(model, images, top_k)
 
 
-def describe_models(declared: list[ModelSpec]) -> list[ModelInfo]:
+def model_infos(declared: list[ModelSpec]) -> list[ModelInfo]:
     """Facts about the declared models, then about torchvision weights found in the cache.
 
-    Raises inference.catalog.CatalogError for a declaration that can never work."""
+    Raises inference.specs.CatalogError for a declaration that can never work."""
     from inference import zoo
 
     specs = declared + zoo.discover_cached({spec.name for spec in declared})
-    return [zoo.describe(spec) for spec in specs]
+    return [zoo.model_info(spec) for spec in specs]
 
 
 def _current() -> Engine:

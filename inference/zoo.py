@@ -16,13 +16,13 @@ import torch
 import torchvision.models
 from torchvision.models import WeightsEnum, get_model_weights, list_models
 
-from inference.catalog import CatalogError, ModelInfo, ModelSpec, Preprocessing, read_labels, torchvision_spec
+from inference.specs import CatalogError, ModelInfo, ModelSpec, Preprocessing, read_labels, torchvision_spec
 
 log = logging.getLogger(__name__)
 
 
 def classification_models() -> list[str]:
-    return list_models(module=torchvision.models)  # classification only, not detection etc.
+    return list[str](list_models(module=torchvision.models))  # classification only, not detection etc.
 
 
 def weights_of(spec: ModelSpec) -> WeightsEnum:
@@ -38,10 +38,10 @@ def weights_of(spec: ModelSpec) -> WeightsEnum:
 
 def cache_file(weights: WeightsEnum) -> Path:
     """Where torch.hub keeps (or would download) these weights."""
-    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(weights.url).path)
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(str(weights.url)).path)
 
 
-def describe(spec: ModelSpec) -> ModelInfo:
+def model_info(spec: ModelSpec) -> ModelInfo:
     """Raises CatalogError for a declaration that can never work (unknown architecture...)."""
     if spec.source == "embedded":
         assert spec.preprocessing is not None
@@ -52,8 +52,8 @@ def describe(spec: ModelSpec) -> ModelInfo:
         own = Preprocessing(
             input_size=transform.crop_size[0],
             resize_size=transform.resize_size[0],
-            mean=tuple(transform.mean),  # type: ignore[arg-type]
-            std=tuple(transform.std),  # type: ignore[arg-type]
+            mean=transform.mean,
+            std=transform.std,
         )
         return ModelInfo(
             spec,

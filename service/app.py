@@ -1,41 +1,44 @@
-"""The application factory and the lifetimes of its resources."""
+"""The application factory and the lifetimes of its resources.
+
+Started in order and closed in reverse (`cleanup_ctx`): the inference pool (and the model
+catalog a worker describes), the download session, then the task service that uses both. On
+shutdown, running tasks get `--shutdown-grace` seconds before what is left is cancelled.
+"""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import AsyncIterator
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
-from inference.catalog import declared_specs
 from inference.protocol import WorkerConfig
-from service.appkeys import (
+from service.api import events, operations, tasks
+from service.api.auth import auth_middleware
+from service.api.docs import add_docs
+from service.api.errors import error_middleware
+from service.api.keys import (
     CATALOG,
-    DISPATCHER,
     METRICS,
     POOL,
     REGISTRY,
-    SESSION,
     SETTINGS,
     SUBMIT_FORM,
     SUBMIT_REQUEST,
+    TASKS,
     UPLOAD_BUDGET,
 )
-from service.auth import auth_middleware
-from service.catalog import ModelCatalog
-from service.dispatcher import Dispatcher
-from service.docs import add_docs
-from service.errors import error_middleware
-from service.fetcher import make_session
-from service.handlers import routes
+from service.api.page import add_page
+from service.api.schemas import SubmitForm, SubmitRequest
+from service.fetch.fetcher import FetchLimits, make_session
 from service.metrics import Metrics
-from service.page import add_page
-from service.pool import ProcessInferencePool
-from service.registry import InMemoryRegistry
-from service.schemas import SubmitForm, SubmitRequest
+from service.pool.catalog import ModelCatalog
+from service.pool.process import ProcessInferencePool
 from service.settings import Settings
-from service.uploads import UploadBudget
+from service.tasks.memory import InMemoryRegistry
+from service.tasks.service import TaskService
+from service.tasks.uploads import UploadBudget
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +47,8 @@ async def pool_ctx(app: web.Application) -> AsyncIterator[None]:
     """Start the workers with the default model loaded, then have one of them describe every
     declared model and the torchvision weights in the cache (the catalog)."""
     settings = app[SETTINGS]
-    specs = declared_specs(settings.models, settings.models_file)
     config = WorkerConfig(
-        default_model=next(spec for spec in specs if spec.name == settings.default_model),
+        default_model=settings.default_spec(),
         runtime=settings.runtime,
         threads=settings.resolved_threads(),
         max_pixels=settings.max_image_pixels,
@@ -55,12 +57,15 @@ async def pool_ctx(app: web.Application) -> AsyncIterator[None]:
     )
     pool = ProcessInferencePool(settings.resolved_workers(), config, settings.batch_timeout)
     try:
-        await pool.check_started()
-        catalog = ModelCatalog(await pool.describe(specs), settings.default_model)
-        log.info("models: %s", ", ".join(
-            f"{entry.name} ({entry.source}{'' if entry.weights_present else ', weights missing'})"
-            for entry in catalog.entries()
-        ))
+        await pool.start()
+        catalog = ModelCatalog(await pool.model_infos(settings.model_specs()), settings.default_model)
+        log.info(
+            "models: %s",
+            ", ".join(
+                f"{info.name} ({info.spec.source}{'' if info.weights_present() else ', weights missing'})"
+                for info in catalog.infos()
+            ),
+        )
         app[POOL] = pool
         app[CATALOG] = catalog
         yield
@@ -68,37 +73,35 @@ async def pool_ctx(app: web.Application) -> AsyncIterator[None]:
         await pool.close()
 
 
-async def session_ctx(app: web.Application) -> AsyncIterator[None]:
-    async with make_session(app[SETTINGS]) as session:
-        app[SESSION] = session
+async def tasks_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    async with (
+        make_session(settings) as session,
+        TaskService(
+            app[REGISTRY],
+            app[POOL],
+            app[CATALOG],
+            session,
+            FetchLimits.from_settings(settings),
+            app[METRICS],
+            consumers=settings.resolved_workers(),
+            download_concurrency=settings.download_concurrency,
+            max_queued_images=settings.max_queued_images,
+            batch_size=settings.batch_size,
+            batch_wait=settings.batch_wait_ms / 1000,
+        ) as service,
+    ):
+        app[TASKS] = service
         yield
 
 
-async def dispatcher_ctx(app: web.Application) -> AsyncIterator[None]:
-    settings = app[SETTINGS]
-    dispatcher = Dispatcher(
-        app[REGISTRY], app[POOL], app[SESSION], settings,
-        consumers=settings.resolved_workers(), metrics=app[METRICS], catalog=app[CATALOG],
-    )
-    app[DISPATCHER] = dispatcher
-    yield
-    await dispatcher.close()
-
-
 async def drain_tasks(app: web.Application) -> None:
-    """On shutdown (new connections are already refused): give active tasks the grace
-    period to finish; whatever is left is cancelled when the dispatcher closes."""
-    registry, grace = app[REGISTRY], app[SETTINGS].shutdown_grace
-    unfinished = await registry.unfinished_images()
-    if unfinished:
-        log.info("shutting down: waiting up to %gs for %d unfinished images", grace, unfinished)
-    deadline = asyncio.get_running_loop().time() + grace
-    while await registry.unfinished_images() and asyncio.get_running_loop().time() < deadline:
-        await asyncio.sleep(0.1)
+    """On shutdown (new connections are already refused): give active tasks the grace period."""
+    await app[TASKS].drain(app[SETTINGS].shutdown_grace)
 
 
 def create_app(settings: Settings) -> web.Application:
-    middlewares = [error_middleware]  # outermost: it renders every error below it as JSON
+    middlewares: list[Middleware] = [error_middleware]  # outermost: it renders every error below it as JSON
     if settings.api_key_list():
         middlewares.append(auth_middleware(settings.api_key_list()))
     app = web.Application(middlewares=middlewares, client_max_size=settings.max_request_bytes)
@@ -112,10 +115,10 @@ def create_app(settings: Settings) -> web.Application:
         max_items=settings.max_urls_per_task, max_url_length=settings.max_url_length, max_top_k=settings.max_top_k
     )
     app[UPLOAD_BUDGET] = UploadBudget(settings.max_upload_bytes)
-    # Started in this order, closed in reverse: the dispatcher stops before the session and pool.
-    app.cleanup_ctx.extend([pool_ctx, session_ctx, dispatcher_ctx])
+    app.cleanup_ctx.extend([pool_ctx, tasks_ctx])
     app.on_shutdown.append(drain_tasks)
-    app.add_routes(routes)
+    for module in (operations, tasks, events):
+        app.add_routes(module.routes)
     add_page(app)
     add_docs(app)  # last: the OpenAPI document describes every route added before it
     return app

@@ -12,7 +12,6 @@ import sys
 
 from pythonjsonlogger.json import JsonFormatter
 
-LOG_FORMATS = ("text", "json")
 _FIELDS = "%(asctime)s %(levelname)s %(name)s %(message)s"
 
 

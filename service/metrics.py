@@ -17,8 +17,10 @@ class Metrics:
         self.registry = CollectorRegistry()
         self.tasks = Gauge("ics_tasks", "Tasks in the registry, by status", ["status"], registry=self.registry)
         self.images = Counter(
-            "ics_images", "Images that reached a final state, by outcome and error code",
-            ["outcome", "code"], registry=self.registry,
+            "ics_images",
+            "Images that reached a final state, by outcome and error code",
+            ["outcome", "code"],
+            registry=self.registry,
         )
         self.queue_depth = Gauge("ics_queue_depth", "Downloaded images waiting for the model", registry=self.registry)
         self.batch_size = Histogram(
@@ -37,9 +39,7 @@ class Metrics:
         self.upload_bytes = Gauge(
             "ics_upload_bytes", "Uploaded image bytes held, not yet queued for the model", registry=self.registry
         )
-        self.event_streams = Gauge(
-            "ics_event_streams", "Open GET /tasks/<id>/events streams", registry=self.registry
-        )
+        self.event_streams = Gauge("ics_event_streams", "Open GET /tasks/<id>/events streams", registry=self.registry)
 
     def image_done(self, code: str | None) -> None:
         """One image succeeded (code None) or failed with `code`."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import socket
 import sys
 from collections import Counter
@@ -23,17 +22,22 @@ PHOTOS_DIR = Path(__file__).parent / "photos"
 ROOT = PHOTOS_DIR.parent.parent
 
 # One worker and short timeouts keep each test's service small and quick.
-TEST_SETTINGS = Settings(
-    workers=1,
-    threads_per_worker=1,
-    connect_timeout=2.0,
-    read_timeout=1.0,
-    download_timeout=5.0,
-    max_image_bytes=1_000_000,
-    batch_wait_ms=20.0,
-    max_redirects=3,
-    allow_private_networks=True,  # the test image server is on 127.0.0.1
-)
+TEST_SETTINGS: dict[str, Any] = {
+    "workers": 1,
+    "threads_per_worker": 1,
+    "connect_timeout": 2.0,
+    "read_timeout": 1.0,
+    "download_timeout": 5.0,
+    "max_image_bytes": 1_000_000,
+    "batch_wait_ms": 20.0,
+    "max_redirects": 3,
+    "allow_private_networks": True,  # the test image server is on 127.0.0.1
+}
+
+
+def settings_for(**overrides: Any) -> Settings:
+    """The tests' settings with `overrides`, validated like a user's."""
+    return Settings(**{**TEST_SETTINGS, **overrides})
 
 
 def free_port() -> int:
@@ -194,7 +198,7 @@ def make_service(aiohttp_client: Callable[..., Awaitable[TestClient]]) -> Servic
     """`await make_service(**setting_overrides)` starts the real app with its real process pool."""
 
     async def make(**overrides: Any) -> TestClient:
-        return await aiohttp_client(create_app(dataclasses.replace(TEST_SETTINGS, **overrides)))
+        return await aiohttp_client(create_app(settings_for(**overrides)))
 
     return make
 

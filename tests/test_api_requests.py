@@ -12,7 +12,12 @@ GOOD_URL = "http://example.com/a.jpg"
 BAD_SUBMISSIONS: list[tuple[str, dict[str, Any], int, str]] = [
     ("malformed JSON", {"data": b'{"urls": [', "headers": {"Content-Type": "application/json"}}, 400, "invalid_json"),
     ("not UTF-8", {"data": b"\xff\xfe", "headers": {"Content-Type": "application/json"}}, 400, "invalid_json"),
-    ("wrong content type", {"data": b"urls=x", "headers": {"Content-Type": "text/plain"}}, 415, "unsupported_media_type"),
+    (
+        "wrong content type",
+        {"data": b"urls=x", "headers": {"Content-Type": "text/plain"}},
+        415,
+        "unsupported_media_type",
+    ),
     ("no content type", {"data": b'{"urls": []}'}, 415, "unsupported_media_type"),
     ("body is a list", {"json": [GOOD_URL]}, 400, "invalid_body"),
     ("missing urls", {"json": {"top_k": 3}}, 400, "missing_field"),
@@ -100,9 +105,7 @@ async def test_submit_is_refused_with_429_when_saturated(
     await submit(client, [image_server.url("/photos/coffee")])  # room again once it finished
 
 
-async def test_list_filters_and_paginates_newest_first(
-    make_service: ServiceFactory, image_server: ImageServer
-) -> None:
+async def test_list_filters_and_paginates_newest_first(make_service: ServiceFactory, image_server: ImageServer) -> None:
     client = await make_service()
     finished = [await submit(client, ["http://127.0.0.1:1/refused.jpg"]) for _ in range(5)]
     for accepted in finished:

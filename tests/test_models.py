@@ -17,10 +17,10 @@ import torchvision
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from inference.catalog import EMBEDDED, CatalogError, ModelSpec, declared_specs, torchvision_spec
 from inference.engine import Engine
 from inference.models import imagenet_categories
 from inference.protocol import WorkerConfig
+from inference.specs import EMBEDDED, CatalogError, ModelSpec, declared_specs, torchvision_spec
 from inference.zoo import cache_file, weights_of
 from service.settings import load_settings
 from tests.conftest import ROOT, ImageServer, ServiceFactory, service_command, submit, wait_for_task
@@ -134,21 +134,32 @@ async def test_checkpoints_serve_beside_the_default_and_missing_weights_are_unav
     assert listing["default"] == "efficientnet_lite0"
     assert set(models) == {"efficientnet_lite0", "resnet50", "pets", "colours", "shapes", "broken"}
     assert models["efficientnet_lite0"] == {
-        "name": "efficientnet_lite0", "source": "embedded", "architecture": "efficientnet-lite0",
-        "input_size": 224, "num_classes": 1000, "default": True, "weights_present": True,
+        "name": "efficientnet_lite0",
+        "source": "embedded",
+        "architecture": "efficientnet-lite0",
+        "input_size": 224,
+        "num_classes": 1000,
+        "default": True,
+        "weights_present": True,
     }
     assert models["pets"]["source"] == "checkpoint" and models["pets"]["architecture"] == "resnet18"
     assert models["pets"]["num_classes"] == 4 and models["pets"]["weights_present"]
     assert models["colours"]["architecture"] == "torchscript" and models["colours"]["num_classes"] == 3
     assert models["shapes"]["input_size"] == 160
     assert models["resnet50"] == {
-        "name": "resnet50", "source": "torchvision", "architecture": "resnet50", "input_size": 224,
-        "num_classes": 1000, "default": False, "weights_present": False,
+        "name": "resnet50",
+        "source": "torchvision",
+        "architecture": "resnet50",
+        "input_size": 224,
+        "num_classes": 1000,
+        "default": False,
+        "weights_present": False,
     }
 
     coffee = image_server.url("/photos/coffee")
-    labels = await asyncio.gather(*(top_label(client, coffee, name) for name in ("efficientnet_lite0", "pets",
-                                                                               "colours", "shapes")))
+    labels = await asyncio.gather(
+        *(top_label(client, coffee, name) for name in ("efficientnet_lite0", "pets", "colours", "shapes"))
+    )
     assert [label["label"] for label in labels] == ["espresso", "gamma", "red", "square"]
     assert [label["class_index"] for label in labels[1:]] == [2, 0, 1]
     assert all(label["score"] > 0.99 for label in labels[1:])
@@ -193,8 +204,9 @@ async def test_torchvision_weights_in_the_hub_cache_are_found_and_used(
         assert label["label"] in imagenet_categories()
 
         # `--prefetch` finds it in the cache and downloads nothing.
-        done = subprocess.run(service_command(0, "--prefetch", "resnet18"), cwd=ROOT, capture_output=True,
-                              text=True, timeout=120)
+        done = subprocess.run(
+            service_command(0, "--prefetch", "resnet18"), cwd=ROOT, capture_output=True, text=True, timeout=120
+        )
         assert done.returncode == 0, done.stderr
         assert "already in the cache" in done.stderr
         assert download_trap.attempts == 0
@@ -204,8 +216,9 @@ async def test_torchvision_weights_in_the_hub_cache_are_found_and_used(
 
 def test_workers_keep_a_bounded_lru_of_models(model_dir: Path) -> None:
     specs = {spec.name: spec for spec in declared_specs("", str(model_dir / "models.toml"))}
-    engine = Engine(WorkerConfig(default_model=EMBEDDED, runtime="eager", threads=1, max_pixels=10**8,
-                                 max_loaded_models=3))
+    engine = Engine(
+        WorkerConfig(default_model=EMBEDDED, runtime="eager", threads=1, max_pixels=10**8, max_loaded_models=3)
+    )
     engine.model(EMBEDDED)
     engine.model(specs["pets"])
     engine.model(specs["colours"])
@@ -222,7 +235,10 @@ def test_workers_keep_a_bounded_lru_of_models(model_dir: Path) -> None:
     ("toml", "problem"),
     [
         ('[models.a]\npath = "a.pth"\nlabels = "labels.txt"\n', "needs `format`"),
-        ('[models.a]\nformat = "state_dict"\npath = "a.pth"\nlabels = "labels.txt"\n', "needs the torchvision architecture"),
+        (
+            '[models.a]\nformat = "state_dict"\npath = "a.pth"\nlabels = "labels.txt"\n',
+            "needs the torchvision architecture",
+        ),
         ('[models.a]\narchitecture = "resnet18"\npath = "a.pth"\n', "`labels` is required"),
         ('[models.a]\narchitecture = "resnet18"\npath = "a.pth"\nlabels = "nope.txt"\n', "does not exist"),
         ('[models.a]\nformat = "onnx"\npath = "a.onnx"\nlabels = "labels.txt"\n', "format must be one of"),
@@ -251,7 +267,10 @@ def test_torchvision_names() -> None:
 def test_a_default_model_that_cannot_load_stops_start_up_with_a_clear_message(download_trap: DownloadTrap) -> None:
     done = subprocess.run(
         service_command(0, "--models", "resnet50", "--default-model", "resnet50"),
-        cwd=ROOT, capture_output=True, text=True, timeout=180,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=180,
     )
     assert done.returncode == 1, done.stderr
     assert "the default model cannot load" in done.stderr
@@ -261,6 +280,6 @@ def test_a_default_model_that_cannot_load_stops_start_up_with_a_clear_message(do
 
 def test_the_default_model_must_be_declared(model_dir: Path) -> None:
     with pytest.raises(SystemExit):
-        load_settings(["--default-model", "pets"], env={})
-    settings = load_settings(["--default-model", "pets", "--models-file", str(model_dir / "models.toml")], env={})
+        load_settings(["--default-model", "pets"])
+    settings = load_settings(["--default-model", "pets", "--models-file", str(model_dir / "models.toml")])
     assert settings.default_model == "pets"

@@ -26,9 +26,9 @@ from schemathesis.checks import (
     status_code_conformance,
 )
 
+from service.api.keys import OPENAPI
+from service.api.openapi import build_openapi
 from service.app import create_app
-from service.appkeys import OPENAPI
-from service.openapi import build_openapi
 from service.settings import load_settings
 from tests.conftest import ROOT, ServiceFactory, free_port, service_command
 
@@ -48,11 +48,21 @@ CHECKS = [
 
 
 # Small limits, so generated tasks stay small and 429s show up.
-FLAGS = ["--max-urls-per-task", "5", "--max-active-images", "40", "--connect-timeout", "1",
-         "--download-timeout", "2", "--shutdown-grace", "0"]
+FLAGS = [
+    "--max-urls-per-task",
+    "5",
+    "--max-active-images",
+    "40",
+    "--connect-timeout",
+    "1",
+    "--download-timeout",
+    "2",
+    "--shutdown-grace",
+    "0",
+]
 # The document the service started with FLAGS serves (a test checks they are the same). Built
 # here, not fetched in a fixture: schemathesis' fixture loader does not run on pytest 9.
-DOCUMENT = json.loads(create_app(load_settings(FLAGS, env={}))[OPENAPI])
+DOCUMENT = json.loads(create_app(load_settings(FLAGS))[OPENAPI])
 
 
 @pytest.fixture(scope="module")
@@ -101,9 +111,18 @@ def test_document_is_valid_and_describes_every_route(service_url: str) -> None:
     validate(document)  # OpenAPI 3.1 meta-schema
     assert document["openapi"].startswith("3.1")
     assert set(document["paths"]) == {
-        "/healthz", "/readyz", "/metrics", "/models", "/submit", "/tasks", "/tasks/{task_id}", "/tasks/{task_id}/cancel",
+        "/healthz",
+        "/readyz",
+        "/metrics",
+        "/models",
+        "/submit",
+        "/tasks",
+        "/tasks/{task_id}",
+        "/tasks/{task_id}/cancel",
         "/tasks/{task_id}/events",
-        "/openapi.json", "/docs", "/",
+        "/openapi.json",
+        "/docs",
+        "/",
     }
     submit = document["components"]["schemas"]["SubmitRequest"]["properties"]
     assert submit["urls"]["maxItems"] == 5  # the running service's own --max-urls-per-task

@@ -6,7 +6,7 @@ import asyncio
 import os
 import signal
 
-from service.appkeys import POOL
+from service.api.keys import POOL
 from tests.conftest import ImageServer, ServiceFactory, scrape, submit, wait_for_task
 
 

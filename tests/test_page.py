@@ -21,8 +21,13 @@ ARTIFACTS = ROOT / "test-artifacts"
 # Headless, and quiet: without the background-networking flags Chromium keeps trying to reach
 # Google's hosts, which this machine's closed network refuses.
 CHROMIUM_ARGS = [
-    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-    "--disable-component-update", "--disable-sync",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
 ]
 WAIT_MS = 60_000
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from inference.catalog import EMBEDDED
 from inference.preprocess import ImageRejected, build_transform, decode_image, preprocess
+from inference.specs import EMBEDDED
 
 INFO = EMBEDDED.preprocessing
 assert INFO is not None
@@ -40,8 +40,18 @@ def test_large_jpegs_are_draft_decoded_but_keep_enough_pixels(photos: dict[str, 
 
 @pytest.mark.parametrize(
     ("mode", "fmt"),
-    [("L", "PNG"), ("LA", "PNG"), ("P", "PNG"), ("RGBA", "PNG"), ("CMYK", "JPEG"), ("I;16", "PNG"),
-     ("RGB", "WEBP"), ("RGB", "BMP"), ("RGB", "TIFF"), ("P", "GIF")],
+    [
+        ("L", "PNG"),
+        ("LA", "PNG"),
+        ("P", "PNG"),
+        ("RGBA", "PNG"),
+        ("CMYK", "JPEG"),
+        ("I;16", "PNG"),
+        ("RGB", "WEBP"),
+        ("RGB", "BMP"),
+        ("RGB", "TIFF"),
+        ("P", "GIF"),
+    ],
 )
 def test_any_mode_and_common_format_becomes_rgb(mode: str, fmt: str) -> None:
     if mode == "I;16":

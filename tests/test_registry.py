@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from service.registry import InMemoryRegistry, InvalidCursor
-from service.schemas import ErrorInfo, ItemStatus, Label, TaskStatus
+from service.tasks.memory import InMemoryRegistry
+from service.tasks.records import ErrorInfo, ItemStatus, Label, TaskStatus
+from service.tasks.registry import InvalidCursor
 
 LABELS = [Label(label="espresso", class_index=967, score=0.9)]
 
@@ -96,30 +97,30 @@ async def test_list_is_newest_first_with_filter_and_cursor() -> None:
     await registry.cancel(ids[1])
     await registry.cancel(ids[3])
 
-    first = await registry.list(None, 2, None)
+    first = await registry.page(None, 2, None)
     assert [task.task_id for task in first.tasks] == [ids[4], ids[3]]
-    second = await registry.list(None, 2, first.next_cursor)
+    second = await registry.page(None, 2, first.next_cursor)
     assert [task.task_id for task in second.tasks] == [ids[2], ids[1]]
-    third = await registry.list(None, 2, second.next_cursor)
+    third = await registry.page(None, 2, second.next_cursor)
     assert [task.task_id for task in third.tasks] == [ids[0]]
     assert third.next_cursor is None
 
-    cancelled = await registry.list(TaskStatus.CANCELLED, 1, None)
+    cancelled = await registry.page(TaskStatus.CANCELLED, 1, None)
     assert [task.task_id for task in cancelled.tasks] == [ids[3]]
-    rest = await registry.list(TaskStatus.CANCELLED, 1, cancelled.next_cursor)
+    rest = await registry.page(TaskStatus.CANCELLED, 1, cancelled.next_cursor)
     assert [task.task_id for task in rest.tasks] == [ids[1]]
     assert rest.next_cursor is None
 
     # A cursor stays valid when the task it points at is removed meanwhile.
     await registry.remove(ids[3])
-    assert [task.task_id for task in (await registry.list(None, 10, first.next_cursor)).tasks] == ids[2::-1]
+    assert [task.task_id for task in (await registry.page(None, 10, first.next_cursor)).tasks] == ids[2::-1]
 
 
 @pytest.mark.parametrize("cursor", ["=", "!!!", "c2VxOng", "bm9wZTox", "//79"])  # ..., "seq:x", "nope:1", bytes
 async def test_foreign_cursors_are_rejected(cursor: str) -> None:
     registry = InMemoryRegistry()
     with pytest.raises(InvalidCursor):
-        await registry.list(None, 10, cursor)
+        await registry.page(None, 10, cursor)
 
 
 class FakeClock:
@@ -140,7 +141,7 @@ async def test_finished_tasks_expire_after_the_ttl() -> None:
     assert await registry.get(done.task_id) is not None
     clock.now += 2
     assert await registry.get(done.task_id) is None
-    assert [task.task_id for task in (await registry.list(None, 10, None)).tasks] == [active.task_id]
+    assert [task.task_id for task in (await registry.page(None, 10, None)).tasks] == [active.task_id]
     clock.now += 10_000
     assert await registry.get(active.task_id) is not None  # unfinished tasks never expire
 
@@ -150,7 +151,7 @@ async def test_at_most_max_finished_tasks_are_kept_oldest_finished_first() -> No
     ids = [(await registry.create([f"u{n}"], "m", 1)).task_id for n in range(4)]
     for task_id in (ids[2], ids[0], ids[3]):  # finish order: 2, 0, 3
         await registry.cancel(task_id)
-    remaining = {task.task_id for task in (await registry.list(None, 10, None)).tasks}
+    remaining = {task.task_id for task in (await registry.page(None, 10, None)).tasks}
     assert remaining == {ids[0], ids[3], ids[1]}  # 2 finished first, so it went; 1 is still active
 
 

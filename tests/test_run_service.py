@@ -22,7 +22,12 @@ from tests.conftest import ROOT, ImageServer, free_port, service_command
 @asynccontextmanager
 async def running_service(*flags: str) -> AsyncIterator[tuple[subprocess.Popen[bytes], str]]:
     port = free_port()
-    process = subprocess.Popen(service_command(port, "--allow-private-networks", *flags), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    process = subprocess.Popen(
+        service_command(port, "--allow-private-networks", *flags),
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         async with aiohttp.ClientSession() as http, asyncio.timeout(120):

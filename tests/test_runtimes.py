@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from inference.catalog import EMBEDDED, RUNTIMES
 from inference.models import load_model
 from inference.preprocess import preprocess
 from inference.protocol import ModelLoadError
+from inference.specs import EMBEDDED, RUNTIMES
 
 
 @pytest.fixture(scope="module")

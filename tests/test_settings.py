@@ -2,25 +2,42 @@
 
 from __future__ import annotations
 
-from dataclasses import fields
+import os
+import subprocess
+import sys
 
 import pytest
 
-from service.settings import Settings, build_parser, load_settings
+from service.settings import Settings, load_settings
+from tests.conftest import ROOT
+
+
+@pytest.fixture(autouse=True)
+def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No ICS_* variable of the machine running the tests leaks into these."""
+    for name in list(os.environ):
+        if name.startswith("ICS_"):
+            monkeypatch.delenv(name)
 
 
 def test_defaults() -> None:
-    settings = load_settings([], {})
+    settings = load_settings([])
     assert settings == Settings()
     assert (settings.host, settings.port) == ("0.0.0.0", 8080)
+    assert [spec.name for spec in settings.model_specs()] == ["efficientnet_lite0"]
 
 
-def test_environment_then_flags() -> None:
-    env = {"ICS_PORT": "9000", "ICS_DOWNLOAD_TIMEOUT": "12.5", "ICS_MAX_URLS_PER_TASK": "7"}
-    settings = load_settings(["--port", "9100"], env)
+def test_environment_then_flags(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ICS_PORT", "9000")
+    monkeypatch.setenv("ICS_DOWNLOAD_TIMEOUT", "12.5")
+    monkeypatch.setenv("ICS_MAX_URLS_PER_TASK", "7")
+    monkeypatch.setenv("ICS_ALLOW_PRIVATE_NETWORKS", "yes")
+    settings = load_settings(["--port", "9100"])
     assert settings.port == 9100
     assert settings.download_timeout == 12.5
     assert settings.max_urls_per_task == 7
+    assert settings.allow_private_networks is True
+    assert load_settings(["--no-allow-private-networks"]).allow_private_networks is False
 
 
 @pytest.mark.parametrize(
@@ -28,39 +45,63 @@ def test_environment_then_flags() -> None:
     [
         (["--port", "eighty"], {}),
         ([], {"ICS_BATCH_SIZE": "many"}),
+        ([], {"ICS_ALLOW_PRIVATE_NETWORKS": "perhaps"}),
         (["--batch-size", "0"], {}),
         (["--read-timeout", "-1"], {}),
         (["--default-top-k", "30", "--max-top-k", "20"], {}),
+        (["--worker-nice", "20"], {}),
+        (["--runtime", "tensorflow"], {}),
+        (["--log-format", "xml"], {}),
+        (["--allowed-networks", "10.0.0.0/33"], {}),
         (["--no-such-flag"], {}),
     ],
 )
-def test_bad_values_exit_with_a_usage_error(argv: list[str], env: dict[str, str], capsys: pytest.CaptureFixture[str]) -> None:
+def test_bad_values_exit_with_a_usage_error(
+    argv: list[str], env: dict[str, str], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
     with pytest.raises(SystemExit) as exited:
-        load_settings(argv, env)
+        load_settings(argv)
     assert exited.value.code == 2
-    assert "error" in capsys.readouterr().err
+    error = capsys.readouterr().err
+    assert "error" in error
+    assert "Traceback" not in error
 
 
-def test_help_documents_every_setting_and_its_variable() -> None:
-    text = build_parser({}).format_help()
-    for spec in fields(Settings):
-        assert "--" + spec.name.replace("_", "-") in text
-        assert "ICS_" + spec.name.upper() in text
+def test_help_documents_every_setting_and_its_variable(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        load_settings(["--help"])
+    assert exited.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # help wraps lines anywhere
+    for name in Settings.model_fields:
+        assert "--" + name.replace("_", "-") in text
+        assert "ICS_" + name.upper() in text
+
+
+def test_an_api_key_from_the_environment_never_shows(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("ICS_API_KEYS", "secret-key-123")
+    settings = load_settings([])
+    assert settings.api_key_list() == ["secret-key-123"]
+    assert "secret-key-123" not in repr(settings)
+    with pytest.raises(SystemExit):
+        load_settings(["--help"])
+    assert "secret-key-123" not in capsys.readouterr().out
 
 
 def test_the_web_process_does_not_import_torch() -> None:
     """Only workers load torch (~900 MiB RSS); the service side must stay light."""
-    import subprocess
-    import sys
-
-    code = "import sys, run_service, service.app; print(sorted({'torch', 'torchvision', 'onnxruntime'} & set(sys.modules)))"
-    output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    code = (
+        "import sys, run_service, service.app, service.main; "
+        "print(sorted({'torch', 'torchvision', 'onnxruntime'} & set(sys.modules)))"
+    )
+    output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT).stdout
     assert output.strip() == "[]"
 
 
 def test_workers_and_threads_follow_the_usable_cores() -> None:
-    import os
-
     cores = len(os.sched_getaffinity(0))
     settings = Settings()
     assert settings.resolved_workers() == cores

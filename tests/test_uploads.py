@@ -57,7 +57,9 @@ async def test_uploaded_photos_get_the_labels_their_urls_get(
 
     assert uploaded["status"] == "completed"
     assert [item["url"] for item in uploaded["items"]] == [
-        "upload:coffee.jpg", "upload:chelsea.jpg", image_server.url("/photos/rocket"),
+        "upload:coffee.jpg",
+        "upload:chelsea.jpg",
+        image_server.url("/photos/rocket"),
     ]
     assert uploaded["items"][0]["labels"][0]["label"] == "espresso"
     for got, expected in zip(await labels_of(uploaded), await labels_of(by_url), strict=True):

@@ -1,10 +1,9 @@
-"""Image files uploaded to POST /submit as multipart/form-data.
+"""Reading POST /submit as multipart/form-data: image files and URLs, one per part.
 
 An upload gets the limits a download gets (`--max-image-bytes` per image, `--max-urls-per-task`
-items per task), and every uploaded byte the service holds, from the moment it is read off
-the socket until its image is queued for the model, counts against one service-wide budget
-(`--max-upload-bytes`): however many clients upload at once, memory stays bounded. Parts are
-streamed a chunk at a time, so an oversized file is refused without being buffered whole.
+items per task), and its bytes are reserved in the service-wide upload budget
+(`service.tasks.uploads`) as they arrive. Parts are streamed a chunk at a time, so an
+oversized file is refused without being buffered whole.
 """
 
 from __future__ import annotations
@@ -16,42 +15,14 @@ from typing import Any
 from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import BadHttpMessage
 
-from service.errors import ApiError, too_busy
-from service.schemas import UPLOAD_PREFIX
+from service.api.errors import ApiError, too_busy
+from service.tasks.uploads import Upload, UploadBudget
 
 CHUNK_BYTES = 64 * 1024
 MAX_TEXT_BYTES = 64 * 1024  # one text part: a URL, top_k or model
 MAX_FILENAME_CHARS = 255
 FILES = "files"
 TEXT_FIELDS = ("urls", "top_k", "model")
-
-
-class UploadBudget:
-    """Bytes of uploaded images held by the whole service."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.used = 0
-
-    def reserve(self, size: int) -> bool:
-        if self.used + size > self.limit:
-            return False
-        self.used += size
-        return True
-
-    def release(self, size: int) -> None:
-        self.used -= size
-
-
-@dataclass(frozen=True)
-class Upload:
-    filename: str
-    data: bytes
-
-    @property
-    def url(self) -> str:
-        """What the task's item shows in place of a URL."""
-        return UPLOAD_PREFIX + self.filename
 
 
 @dataclass
@@ -72,28 +43,6 @@ class UploadForm:
 
     def item_urls(self) -> list[str]:
         return [source.url if isinstance(source, Upload) else source for source in self.sources]
-
-
-class TaskUploads:
-    """One task's uploaded images, by item index, until the dispatcher queues them. Their bytes
-    stay reserved in the budget until taken, or released all at once when the task ends."""
-
-    def __init__(self, form: UploadForm, budget: UploadBudget) -> None:
-        self._files = {index: source.data for index, source in enumerate(form.sources) if isinstance(source, Upload)}
-        self._budget = budget
-
-    def __contains__(self, index: int) -> bool:
-        return index in self._files
-
-    def take(self, index: int) -> bytes:
-        data = self._files.pop(index)
-        self._budget.release(len(data))
-        return data
-
-    def release(self) -> None:
-        """Give back what was never taken (the task was cancelled or failed)."""
-        self._budget.release(sum(len(data) for data in self._files.values()))
-        self._files.clear()
 
 
 async def read_form(request: web.Request, max_items: int, max_image_bytes: int, budget: UploadBudget) -> UploadForm:
@@ -137,7 +86,9 @@ async def _read_part(
         form.fields[name] = await _read_text(part)
     else:
         raise ApiError(
-            400, "unknown_field", f"unknown form field {name!r}; expected {FILES}, {', '.join(TEXT_FIELDS)}",
+            400,
+            "unknown_field",
+            f"unknown form field {name!r}; expected {FILES}, {', '.join(TEXT_FIELDS)}",
             details=[{"field": name}],
         )
     if len(form.sources) > max_items:
@@ -150,7 +101,9 @@ async def _read_file(part: BodyPartReader, form: UploadForm, max_image_bytes: in
         data += chunk
         if len(data) > max_image_bytes:
             raise ApiError(
-                413, "upload_too_large", f"{part.filename or 'a file'}: larger than {max_image_bytes} bytes",
+                413,
+                "upload_too_large",
+                f"{part.filename or 'a file'}: larger than {max_image_bytes} bytes",
                 details=[{"field": FILES, "filename": part.filename}],
             )
         if not budget.reserve(len(chunk)):

@@ -13,16 +13,17 @@ import hmac
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
-from service.errors import ApiError, Handler
+from service.api.errors import ApiError, Handler
+from service.api.openapi import description_of
 
 OWNER = web.RequestKey("owner", str)
 
 
 def is_public(request: web.Request) -> bool:
     """Probes and the API docs carry no credentials: their handlers are described `public`
-    (see `service.openapi.describe`), and Swagger UI's static files are public too."""
+    (see `service.api.openapi.documented`), and Swagger UI's static files are public too."""
     route = request.match_info.route
-    description = getattr(route.handler, "openapi", None)
+    description = description_of(route.handler)
     return bool(description and description.public) or isinstance(route.resource, web.StaticResource)
 
 
@@ -50,7 +51,9 @@ def auth_middleware(keys: list[str]) -> Middleware:
                 matched = key
         if scheme.lower() != "bearer" or matched is None:
             raise ApiError(
-                401, "unauthorized", "a valid API key is required: Authorization: Bearer <key>",
+                401,
+                "unauthorized",
+                "a valid API key is required: Authorization: Bearer <key>",
                 headers={"WWW-Authenticate": 'Bearer realm="image-classification"'},
             )
         request[OWNER] = owner_id(matched.decode())

@@ -9,8 +9,8 @@ from __future__ import annotations
 from aiohttp import web
 from swagger_ui.utils import SWAGGER_UI_PY_ROOT
 
-from service.appkeys import OPENAPI, SETTINGS
-from service.openapi import Reply, build_openapi, describe
+from service.api.keys import OPENAPI, SETTINGS
+from service.api.openapi import Reply, build_openapi, documented
 
 STATIC_PREFIX = "/docs/static"
 TITLE = "Image-classification task service"
@@ -35,14 +35,22 @@ _PAGE = """<!DOCTYPE html>
 """
 
 
-@describe(summary="This OpenAPI 3.1 document", tag="docs", public=True,
-          replies={200: Reply("The OpenAPI document", media_type="application/json")})
+@documented(
+    summary="This OpenAPI 3.1 document",
+    tag="docs",
+    public=True,
+    replies={200: Reply("The OpenAPI document", media_type="application/json")},
+)
 async def openapi_json(request: web.Request) -> web.Response:
     return web.Response(body=request.app[OPENAPI], content_type="application/json")
 
 
-@describe(summary="Swagger UI for this document", tag="docs", public=True,
-          replies={200: Reply("An HTML page", media_type="text/html")})
+@documented(
+    summary="Swagger UI for this document",
+    tag="docs",
+    public=True,
+    replies={200: Reply("An HTML page", media_type="text/html")},
+)
 async def docs_page(request: web.Request) -> web.Response:
     return web.Response(text=_PAGE.format(title=TITLE, static=STATIC_PREFIX), content_type="text/html")
 
@@ -53,4 +61,3 @@ def add_docs(app: web.Application) -> None:
     app.router.add_get("/docs", docs_page)
     app.router.add_static(STATIC_PREFIX, SWAGGER_UI_PY_ROOT / "static")
     app[OPENAPI] = build_openapi(app, TITLE, VERSION, auth=bool(app[SETTINGS].api_key_list()))
-

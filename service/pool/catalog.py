@@ -7,8 +7,7 @@ prefetched while the service runs becomes available without a restart.
 
 from __future__ import annotations
 
-from inference.catalog import ModelInfo, ModelSpec
-from service.schemas import ModelEntry
+from inference.specs import ModelInfo, ModelSpec
 
 
 class ModelCatalog:
@@ -25,16 +24,5 @@ class ModelCatalog:
     def available(self) -> list[str]:
         return [name for name, info in self._infos.items() if info.weights_present()]
 
-    def entries(self) -> list[ModelEntry]:
-        return [
-            ModelEntry(
-                name=info.name,
-                source=info.spec.source,
-                architecture=info.architecture,
-                input_size=info.preprocessing.input_size,
-                num_classes=info.num_classes,
-                default=info.name == self.default,
-                weights_present=info.weights_present(),
-            )
-            for info in self._infos.values()
-        ]
+    def infos(self) -> list[ModelInfo]:
+        return list(self._infos.values())

@@ -1,16 +1,12 @@
-"""The task registry: where tasks and their per-image results live.
+"""The in-memory task registry: tasks in a dict, in creation order, gone with the process.
 
-`TaskRegistry` is the small interface the handlers and the dispatcher use; a durable
-implementation can replace `InMemoryRegistry` without touching them. All state changes go
-through methods that never await in the middle, so on one event loop each call is atomic,
-and final states are sticky: a result that arrives after a cancel is refused, not applied.
+Every state change is a method that never awaits in the middle, so on one event loop each
+call is atomic; final states are sticky (see `service.tasks.registry`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import logging
 import time
 import uuid
@@ -18,9 +14,8 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Protocol
 
-from service.schemas import (
+from service.tasks.records import (
     ErrorInfo,
     Item,
     ItemStatus,
@@ -31,61 +26,9 @@ from service.schemas import (
     TaskStatus,
     TaskSummary,
 )
+from service.tasks.registry import TaskUpdate, decode_cursor, encode_cursor
 
 log = logging.getLogger(__name__)
-
-
-class InvalidCursor(ValueError):
-    """A pagination cursor this registry did not issue."""
-
-
-class TaskRegistry(Protocol):
-    # `owner` identifies the API key that created a task (None without keys); a task is
-    # invisible, as if it did not exist, to every other owner.
-    async def create(self, urls: list[str], model: str, top_k: int, owner: str | None = None) -> TaskDetail: ...
-
-    async def get(self, task_id: str, owner: str | None = None) -> TaskDetail | None: ...
-
-    async def get_json(self, task_id: str, owner: str | None = None) -> bytes | None:
-        """The same snapshot as `get`, serialised (what GET /tasks/<id> sends)."""
-        ...
-
-    async def list(
-        self, status: TaskStatus | None, limit: int, cursor: str | None, owner: str | None = None
-    ) -> TaskPage: ...
-
-    async def update_item(
-        self,
-        task_id: str,
-        index: int,
-        status: ItemStatus,
-        labels: list[Label] | None = None,
-        error: ErrorInfo | None = None,
-    ) -> bool: ...
-
-    async def fail(self, task_id: str, error: ErrorInfo) -> bool: ...
-
-    async def cancel(self, task_id: str, owner: str | None = None) -> TaskDetail | None: ...
-
-    async def remove(self, task_id: str, owner: str | None = None) -> TaskDetail | None: ...
-
-    async def cancel_active(self) -> int: ...
-
-    async def follow(
-        self, task_id: str, seen: int | None, owner: str | None = None, wait: bool = True
-    ) -> TaskUpdate | None: ...
-
-    async def status_counts(self) -> dict[TaskStatus, int]: ...
-
-    async def unfinished_images(self) -> int: ...
-
-
-@dataclass(frozen=True)
-class TaskUpdate:
-    """What a watcher has not seen yet: newly final items, and the task as it is now."""
-
-    items: list[Item]
-    summary: TaskSummary
 
 
 def utcnow() -> datetime:
@@ -119,14 +62,11 @@ class _TaskRecord:
     def done(self) -> int:
         return sum(self.finals.values())
 
-    def summary(self) -> TaskSummary:
-        return TaskSummary(**self._fields())
-
     def detail(self) -> TaskDetail:
         if self.frozen is not None:
             return TaskDetail.model_validate_json(self.frozen)
         # Items are frozen models, so a shallow copy of the list is a consistent snapshot.
-        return TaskDetail(**self._fields(), items=list(self.items))
+        return TaskDetail(**dict(self.summary()), items=list(self.items))
 
     def detail_json(self) -> bytes:
         return self.frozen if self.frozen is not None else self.detail().model_dump_json().encode()
@@ -138,24 +78,24 @@ class _TaskRecord:
         self.frozen = self.detail_json()
         self.items = []
 
-    def _fields(self) -> dict[str, object]:
-        return {
-            "task_id": self.task_id,
-            "status": self.status,
-            "model": self.model,
-            "top_k": self.top_k,
-            "created_at": self.created_at,
-            "started_at": self.started_at,
-            "finished_at": self.finished_at,
-            "error": self.error,
-            "progress": Progress(
+    def summary(self) -> TaskSummary:
+        return TaskSummary(
+            task_id=self.task_id,
+            status=self.status,
+            model=self.model,
+            top_k=self.top_k,
+            created_at=self.created_at,
+            started_at=self.started_at,
+            finished_at=self.finished_at,
+            error=self.error,
+            progress=Progress(
                 total=self.total,
                 done=self.done,
                 succeeded=self.finals[ItemStatus.SUCCEEDED],
                 failed=self.finals[ItemStatus.FAILED],
                 cancelled=self.finals[ItemStatus.CANCELLED],
             ),
-        }
+        )
 
 
 class InMemoryRegistry:
@@ -207,12 +147,12 @@ class InMemoryRegistry:
         record = self._owned(task_id, owner)
         return record.detail_json() if record else None
 
-    async def list(
+    async def page(
         self, status: TaskStatus | None, limit: int, cursor: str | None, owner: str | None = None
     ) -> TaskPage:
         """Newest first. The cursor is the sequence number of the last task already seen."""
         self._expire()
-        before = _decode_cursor(cursor) if cursor else None
+        before = decode_cursor(cursor) if cursor else None
         page: list[_TaskRecord] = []
         more = False
         for record in reversed(self._tasks.values()):
@@ -224,7 +164,7 @@ class InMemoryRegistry:
                 more = True
                 break
             page.append(record)
-        next_cursor = _encode_cursor(page[-1].seq) if more else None
+        next_cursor = encode_cursor(page[-1].seq) if more else None
         return TaskPage(tasks=[record.summary() for record in page], next_cursor=next_cursor)
 
     async def update_item(
@@ -290,6 +230,12 @@ class InMemoryRegistry:
         items = record.detail().items if record.frozen is not None else record.items
         return TaskUpdate(items=[items[index] for index in record.completed[seen:]], summary=record.summary())
 
+    async def wait_final(self, task_id: str) -> None:
+        record = self._tasks.get(task_id)
+        while record is not None and not record.status.is_final:
+            await record.changed.wait()
+            record = self._tasks.get(task_id)
+
     async def cancel_active(self) -> int:
         """Cancel every task still active (at shutdown); how many there were."""
         active = [task_id for task_id, record in self._tasks.items() if not record.status.is_final]
@@ -331,8 +277,12 @@ class InMemoryRegistry:
         record.status = status
         record.finished_at = utcnow()
         log.info(
-            "task %s %s: %d succeeded, %d failed, %d cancelled", record.task_id, status.value,
-            record.finals[ItemStatus.SUCCEEDED], record.finals[ItemStatus.FAILED], record.finals[ItemStatus.CANCELLED],
+            "task %s %s: %d succeeded, %d failed, %d cancelled",
+            record.task_id,
+            status.value,
+            record.finals[ItemStatus.SUCCEEDED],
+            record.finals[ItemStatus.FAILED],
+            record.finals[ItemStatus.CANCELLED],
             extra=_ids(record),
         )
         record.freeze()
@@ -359,18 +309,3 @@ class InMemoryRegistry:
 def _ids(record: _TaskRecord) -> dict[str, object]:
     """Structured fields for a task's log lines (the owner is a key hash, never the key)."""
     return {"task_id": record.task_id, "owner": record.owner}
-
-
-def _encode_cursor(seq: int) -> str:
-    return base64.urlsafe_b64encode(f"seq:{seq}".encode()).decode().rstrip("=")
-
-
-def _decode_cursor(cursor: str) -> int:
-    try:
-        text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-        prefix, _, number = text.partition(":")
-        if prefix != "seq" or not number.isdigit():
-            raise ValueError(text)
-        return int(number)
-    except (ValueError, binascii.Error, UnicodeDecodeError) as exc:
-        raise InvalidCursor(f"invalid cursor {cursor!r}") from exc

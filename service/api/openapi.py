@@ -1,6 +1,6 @@
 """The OpenAPI 3.1 document, generated from the routes and the pydantic models they use.
 
-Each handler carries its description (`@describe(...)`): the models that validate its body
+Each handler carries its description (`@documented(...)`): the models that validate its body
 and query and the models its answers are made from. `build_openapi` walks the app's router,
 so a route without a description is an error at start-up, not a silent gap in the contract.
 """
@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 from aiohttp import web
 from openapi_pydantic.v3.v3_1 import (
     Components,
+    DataType,
     Header,
     Info,
     MediaType,
@@ -31,12 +32,12 @@ from openapi_pydantic.v3.v3_1 import (
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
-from service.schemas import ErrorBody
+from service.api.schemas import ErrorBody
+from service.api.validation import JSON, MULTIPART
 
-JSON = "application/json"
-MULTIPART = "multipart/form-data"
 REF_TEMPLATE = "#/components/schemas/{model}"
 BEARER = "apiKey"
+DESCRIPTION_ATTRIBUTE = "openapi"
 
 # A request body model, or the app key under which the app keeps its own (settings-bound) one.
 BodyModel = type[BaseModel] | web.AppKey[type[BaseModel]]
@@ -65,15 +66,21 @@ class Description:
     tag: str = "tasks"
 
 
-def describe(**kwargs: Any) -> Callable[[H], H]:
+def documented(**kwargs: Any) -> Callable[[H], H]:
     """Attach an OpenAPI description to a handler (see `Description` for the fields)."""
     description = Description(**kwargs)
 
     def attach(handler: H) -> H:
-        handler.openapi = description  # type: ignore[attr-defined]
+        setattr(handler, DESCRIPTION_ATTRIBUTE, description)
         return handler
 
     return attach
+
+
+def description_of(handler: object) -> Description | None:
+    """The description `documented` attached to a handler, if any."""
+    description = getattr(handler, DESCRIPTION_ATTRIBUTE, None)
+    return description if isinstance(description, Description) else None
 
 
 def build_openapi(app: web.Application, title: str, version: str, auth: bool) -> bytes:
@@ -85,9 +92,9 @@ def build_openapi(app: web.Application, title: str, version: str, auth: bool) ->
             continue
         assert route.resource is not None
         path = route.resource.canonical
-        description: Description | None = getattr(route.handler, "openapi", None)
+        description = description_of(route.handler)
         if description is None:
-            raise RuntimeError(f"{route.method} {path} has no OpenAPI description (service.openapi.describe)")
+            raise RuntimeError(f"{route.method} {path} has no OpenAPI description (service.api.openapi.documented)")
         paths.setdefault(path, {})[route.method.lower()] = _operation(app, path, description, auth, models)
 
     _, definitions = models_json_schema(
@@ -99,7 +106,7 @@ def build_openapi(app: web.Application, title: str, version: str, auth: bool) ->
     document = OpenAPI(
         openapi="3.1.0",
         info=Info(title=title, version=version),
-        paths={path: PathItem(**operations) for path, operations in paths.items()},
+        paths={path: PathItem.model_validate(operations) for path, operations in paths.items()},
         components=components,
     )
     # Only what was set: the library's defaults include fields not valid everywhere (allowEmptyValue).
@@ -109,7 +116,7 @@ def build_openapi(app: web.Application, title: str, version: str, auth: bool) ->
 def _operation(
     app: web.Application, path: str, description: Description, auth: bool, models: set[type[BaseModel]]
 ) -> Operation:
-    responses: dict[str, Response] = {}
+    responses: dict[str, Response | Reference] = {}
     for status, reply in description.replies.items():
         responses[str(status)] = _response(reply, models)
     errors = dict(description.errors)
@@ -118,8 +125,8 @@ def _operation(
     for status, codes in sorted(errors.items()):
         responses[str(status)] = _response(Reply(f"Error; `error.code` is one of: {codes}", ErrorBody), models)
 
-    parameters = [
-        Parameter(name=name, param_in="path", required=True, param_schema=Schema(type="string"))
+    parameters: list[Parameter | Reference] = [
+        Parameter.model_validate({"name": name, "in": "path", "required": True, "schema": Schema(type=DataType.STRING)})
         for name in _path_parameters(path)
     ]
     if description.query is not None:
@@ -129,9 +136,9 @@ def _operation(
     if description.body is not None:
         body = _resolve(app, description.body)
         models.add(body)
-        content[JSON] = MediaType(media_type_schema=_ref(body))
+        content[JSON] = MediaType.model_validate({"schema": _ref(body)})
     if description.form is not None:
-        content[MULTIPART] = MediaType(media_type_schema=_form_schema(_resolve(app, description.form)))
+        content[MULTIPART] = MediaType.model_validate({"schema": _form_schema(_resolve(app, description.form))})
     request_body = RequestBody(required=True, content=content) if content else None
     return Operation(
         summary=description.summary,
@@ -148,17 +155,20 @@ def _response(reply: Reply, models: set[type[BaseModel]]) -> Response:
         models.add(reply.model)
         schema: Schema | Reference = _ref(reply.model)
     else:
-        schema = Schema(type="object" if reply.media_type == JSON else "string")
-    headers = {name: Header(description=text, param_schema=Schema(type="string")) for name, text in reply.headers.items()}
+        schema = Schema(type=DataType.OBJECT if reply.media_type == JSON else DataType.STRING)
+    headers: dict[str, Header | Reference] = {
+        name: Header.model_validate({"description": text, "schema": Schema(type=DataType.STRING)})
+        for name, text in reply.headers.items()
+    }
     return Response(
         description=reply.description,
-        content={reply.media_type: MediaType(media_type_schema=schema)},
+        content={reply.media_type: MediaType.model_validate({"schema": schema})},
         headers=headers or None,
     )
 
 
 def _ref(model: type[BaseModel]) -> Reference:
-    return Reference(ref=REF_TEMPLATE.format(model=model.__name__))
+    return Reference.model_validate({"$ref": REF_TEMPLATE.format(model=model.__name__)})
 
 
 def _resolve(app: web.Application, model: BodyModel) -> type[BaseModel]:
@@ -194,12 +204,14 @@ def _query_parameters(query: type[BaseModel]) -> list[Parameter]:
     for name, prop in schema["properties"].items():
         prop = _never_null(prop)
         parameters.append(
-            Parameter(
-                name=name,
-                param_in="query",
-                required=name in schema.get("required", ()),
-                description=prop.pop("description", None),
-                param_schema=Schema.model_validate(prop),
+            Parameter.model_validate(
+                {
+                    "name": name,
+                    "in": "query",
+                    "required": name in schema.get("required", ()),
+                    "description": prop.pop("description", None),
+                    "schema": Schema.model_validate(prop),
+                }
             )
         )
     return parameters

@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from service.schemas import ErrorBody, ErrorDetail
+from service.api.schemas import ErrorBody, ErrorDetail
 
 log = logging.getLogger(__name__)
 

@@ -10,19 +10,18 @@ Declarations come from `--models` (torchvision names, comma-separated) and `--mo
 
 from __future__ import annotations
 
+import tomllib
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
-
-import tomllib
+from typing import Any, Literal, get_args
 
 DEFAULT_MODEL = "efficientnet_lite0"
 
 # Execution engines for nn.Module models (inference.runtimes builds them).
-RUNTIMES = ("onnx", "eager", "channels_last", "torchscript", "compile")
-DEFAULT_RUNTIME = "onnx"
+Runtime = Literal["onnx", "eager", "channels_last", "torchscript", "compile"]
+RUNTIMES: tuple[Runtime, ...] = get_args(Runtime)
+DEFAULT_RUNTIME: Runtime = "onnx"
 
-SOURCES = ("embedded", "torchvision", "checkpoint")
 CHECKPOINT_FORMATS = ("state_dict", "torchscript", "export")
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -127,8 +126,18 @@ def _specs_from_file(path: Path) -> list[ModelSpec]:
 def _spec_from_table(name: str, entry: Any, base: Path) -> ModelSpec:
     if not isinstance(entry, dict):
         raise CatalogError(f"models.{name} must be a table")
-    known = {"source", "architecture", "weights", "path", "format", "labels",
-             "input_size", "resize_size", "mean", "std"}
+    known = {
+        "source",
+        "architecture",
+        "weights",
+        "path",
+        "format",
+        "labels",
+        "input_size",
+        "resize_size",
+        "mean",
+        "std",
+    }
     unknown = sorted(set(entry) - known)
     if unknown:
         raise CatalogError(f"models.{name}: unknown keys {', '.join(unknown)}")
@@ -142,8 +151,10 @@ def _spec_from_table(name: str, entry: Any, base: Path) -> ModelSpec:
     architecture = str(entry.get("architecture", ""))
     form = entry.get("format", "state_dict" if architecture else "")
     if not form:
-        raise CatalogError(f"models.{name}: a checkpoint needs `format` (torchscript, export), or the "
-                           "torchvision `architecture` its state_dict belongs to")
+        raise CatalogError(
+            f"models.{name}: a checkpoint needs `format` (torchscript, export), or the "
+            "torchvision `architecture` its state_dict belongs to"
+        )
     if form not in CHECKPOINT_FORMATS:
         raise CatalogError(f"models.{name}: format must be one of {', '.join(CHECKPOINT_FORMATS)}")
     if form == "state_dict" and not architecture:
@@ -154,8 +165,15 @@ def _spec_from_table(name: str, entry: Any, base: Path) -> ModelSpec:
     labels = base / entry["labels"]
     if not labels.is_file():
         raise CatalogError(f"models.{name}: labels file {labels} does not exist")
-    return ModelSpec(name=name, source="checkpoint", architecture=architecture, path=str(base / entry["path"]),
-                     format=form, labels=str(labels), preprocessing=preprocessing or Preprocessing())
+    return ModelSpec(
+        name=name,
+        source="checkpoint",
+        architecture=architecture,
+        path=str(base / entry["path"]),
+        format=form,
+        labels=str(labels),
+        preprocessing=preprocessing or Preprocessing(),
+    )
 
 
 def _preprocessing(name: str, entry: dict[str, Any]) -> Preprocessing | None:
@@ -166,13 +184,19 @@ def _preprocessing(name: str, entry: dict[str, Any]) -> Preprocessing | None:
     try:
         input_size = int(entry.get("input_size", defaults.input_size))
         resize_size = int(entry.get("resize_size", round(input_size * 256 / 224)))
-        mean = tuple(float(value) for value in entry.get("mean", defaults.mean))
-        std = tuple(float(value) for value in entry.get("std", defaults.std))
+        mean = _triple(entry.get("mean", defaults.mean))
+        std = _triple(entry.get("std", defaults.std))
     except (TypeError, ValueError) as exc:
         raise CatalogError(f"models.{name}: bad preprocessing setting: {exc}") from exc
-    if len(mean) != 3 or len(std) != 3 or min(std) <= 0 or input_size < 1 or resize_size < input_size:
+    if mean is None or std is None or min(std) <= 0 or input_size < 1 or resize_size < input_size:
         raise CatalogError(f"models.{name}: mean/std need 3 values (std > 0), resize_size >= input_size >= 1")
-    return Preprocessing(input_size, resize_size, mean, std)  # type: ignore[arg-type]
+    return Preprocessing(input_size, resize_size, mean, std)
+
+
+def _triple(values: Any) -> tuple[float, float, float] | None:
+    """Three floats (one per RGB channel), or None if there are not three."""
+    numbers = [float(value) for value in values]
+    return (numbers[0], numbers[1], numbers[2]) if len(numbers) == 3 else None
 
 
 def read_labels(path: str) -> tuple[str, ...]:

@@ -1,4 +1,4 @@
-"""The web page at `/`: plain HTML, CSS and JavaScript from `service/static/`, served by the
+"""The web page at `/`: plain HTML, CSS and JavaScript from `service/api/static/`, served by the
 service itself (no build step, nothing from a CDN). It uses only the public API."""
 
 from __future__ import annotations
@@ -7,14 +7,18 @@ from pathlib import Path
 
 from aiohttp import web
 
-from service.openapi import Reply, describe
+from service.api.openapi import Reply, documented
 
 STATIC_DIR = Path(__file__).parent / "static"
 STATIC_PREFIX = "/static"
 
 
-@describe(summary="The web page: submit URLs or files and watch them being classified", tag="page", public=True,
-          replies={200: Reply("An HTML page", media_type="text/html")})
+@documented(
+    summary="The web page: submit URLs or files and watch them being classified",
+    tag="page",
+    public=True,
+    replies={200: Reply("An HTML page", media_type="text/html")},
+)
 async def index(request: web.Request) -> web.FileResponse:
     return web.FileResponse(STATIC_DIR / "index.html")
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import aiohttp
 from yarl import URL
 
-from service.netpolicy import AddressPolicy, BlockedAddressError, PolicyResolver, url_problem
+from service.fetch.policy import AddressPolicy, BlockedAddressError, PolicyResolver, url_problem
 from service.settings import Settings
 
 CHUNK_BYTES = 64 * 1024

@@ -1,103 +1,19 @@
-"""The API's data shapes: request validation, task/item records and response bodies.
-
-The registry stores these records and the handlers serialise them as they are, so the
-JSON a client sees and the Python objects the service keeps cannot drift apart.
+"""The API's wire shapes: request bodies and queries (validation) and the response bodies
+that are not task records (those are `service.tasks.records`, served as they are stored).
 """
 
 from __future__ import annotations
 
-from datetime import datetime
-from enum import StrEnum
 from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, StrictStr, create_model
 from pydantic_core import PydanticCustomError
 
-from service.netpolicy import url_problem
+from service.fetch.policy import url_problem
+from service.tasks.records import Record, TaskStatus
 
 
-class TaskStatus(StrEnum):
-    QUEUED = "queued"
-    RUNNING = "running"
-    COMPLETED = "completed"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-
-    @property
-    def is_final(self) -> bool:
-        return self in (TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.CANCELLED)
-
-
-class ItemStatus(StrEnum):
-    PENDING = "pending"
-    DOWNLOADING = "downloading"
-    CLASSIFYING = "classifying"
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-
-    @property
-    def is_final(self) -> bool:
-        return self in (ItemStatus.SUCCEEDED, ItemStatus.FAILED, ItemStatus.CANCELLED)
-
-
-class _Record(BaseModel):
-    model_config = ConfigDict(frozen=True)
-
-
-class Label(_Record):
-    label: str
-    class_index: int
-    score: float
-
-
-class ErrorInfo(_Record):
-    code: str
-    message: str
-    http_status: int | None = None
-
-
-UPLOAD_PREFIX = "upload:"  # an uploaded file's item has url `upload:<file name>`
-
-
-class Item(_Record):
-    index: int
-    url: str  # the image URL, or `upload:<file name>` for an uploaded file
-    status: ItemStatus = ItemStatus.PENDING
-    labels: list[Label] | None = None
-    error: ErrorInfo | None = None
-
-
-class Progress(_Record):
-    total: int
-    done: int
-    succeeded: int
-    failed: int
-    cancelled: int
-
-
-class TaskSummary(_Record):
-    task_id: str
-    status: TaskStatus
-    model: str
-    top_k: int
-    created_at: datetime
-    started_at: datetime | None
-    finished_at: datetime | None
-    progress: Progress
-    error: ErrorInfo | None = None
-
-
-class TaskDetail(TaskSummary):
-    items: list[Item]
-
-
-class TaskPage(_Record):
-    tasks: list[TaskSummary]
-    next_cursor: str | None
-
-
-class ModelEntry(_Record):
+class ModelEntry(Record):
     name: str
     source: str  # embedded | torchvision | checkpoint
     architecture: str
@@ -107,28 +23,28 @@ class ModelEntry(_Record):
     weights_present: bool  # false: listed but unavailable until its weights are on disk
 
 
-class ModelList(_Record):
+class ModelList(Record):
     default: str
     models: list[ModelEntry]
 
 
-class Health(_Record):
+class Health(Record):
     status: str
 
 
-class SubmitResponse(_Record):
+class SubmitResponse(Record):
     task_id: str
     status: TaskStatus
     total: int
 
 
-class ErrorDetail(_Record):
+class ErrorDetail(Record):
     code: str
     message: str
     details: object | None = None
 
 
-class ErrorBody(_Record):
+class ErrorBody(Record):
     error: ErrorDetail
 
 
@@ -221,13 +137,20 @@ class TaskQuery(BaseModel):
 
     wait: Annotated[
         float,
-        Field(ge=0, le=MAX_WAIT_SECONDS, description="seconds to wait for a change (an item finishing, or the "
-              "task reaching a final state) before answering; 0 answers at once"),
+        Field(
+            ge=0,
+            le=MAX_WAIT_SECONDS,
+            description="seconds to wait for a change (an item finishing, or the "
+            "task reaching a final state) before answering; 0 answers at once",
+        ),
     ] = 0
     done: Annotated[
         int | None,
-        Field(ge=0, description="`progress.done` of the snapshot you already have: answer at once if more items "
-              "are done; default: the count when the request arrives"),
+        Field(
+            ge=0,
+            description="`progress.done` of the snapshot you already have: answer at once if more items "
+            "are done; default: the count when the request arrives",
+        ),
     ] = None
 
 

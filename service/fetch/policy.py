@@ -16,6 +16,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from aiohttp.abc import AbstractResolver, ResolveResult
+from aiohttp.connector import AddrInfoType
 from yarl import URL
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -79,7 +80,7 @@ class AddressPolicy:
             return True
         return is_public(address)
 
-    def socket_factory(self, addr_info: tuple) -> socket.socket:
+    def socket_factory(self, addr_info: AddrInfoType) -> socket.socket:
         """For `aiohttp.TCPConnector(socket_factory=...)`: refuse before the socket exists."""
         family, type_, proto, _, sockaddr = addr_info
         if not self.allows(sockaddr[0]):
@@ -96,7 +97,9 @@ class PolicyResolver(AbstractResolver):
         self._inner = inner
         self._policy = policy
 
-    async def resolve(self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET) -> list[ResolveResult]:
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
         answers = await self._inner.resolve(host, port, family)
         allowed = [answer for answer in answers if self._policy.allows(answer["host"])]
         if not allowed:

@@ -1,0 +1,1 @@
+"""The command-line client (`ics`): it talks to the service over HTTP only."""

@@ -1,0 +1,80 @@
+"""Live progress: `GET /tasks/<id>/events` as Server-Sent Events, from the registry's
+completion order. A watcher joining late first gets every result so far; one that leaves
+is noticed at the next ping and costs nothing after that."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable
+from typing import Any, TypeVar
+
+from aiohttp import web
+from aiohttp_sse import EventSourceResponse
+
+from service.api.auth import request_owner
+from service.api.keys import METRICS, REGISTRY
+from service.api.openapi import Reply, documented
+from service.api.tasks import TASK_NOT_FOUND, task_id_of, task_not_found
+
+routes = web.RouteTableDef()
+
+EVENT_PING_SECONDS = 5.0  # a comment line on idle event streams; a failed one notices a gone watcher
+T = TypeVar("T")
+
+
+@routes.get("/tasks/{task_id}/events")
+@documented(
+    summary="Live progress as Server-Sent Events: `progress`, one `item` per result, then `end`",
+    replies={
+        200: Reply(
+            "An event stream. `progress` carries the task's progress counts; `item` one item that reached a "
+            "final state (in the order they did, each once); `end` the task summary at its final state, after "
+            "which the server closes the stream. A watcher joining late first gets every result so far.",
+            media_type="text/event-stream",
+        )
+    },
+    errors=TASK_NOT_FOUND,
+)
+async def task_events(request: web.Request) -> web.StreamResponse:
+    registry, owner, task_id = request.app[REGISTRY], request_owner(request), task_id_of(request)
+    update = await registry.follow(task_id, seen=0, owner=owner, wait=False)
+    if update is None:
+        raise task_not_found(request)
+    gauge = request.app[METRICS].event_streams
+    gauge.inc()
+    stream = EventSourceResponse(ping_interval=EVENT_PING_SECONDS)
+    try:
+        await stream.prepare(request)
+        async with stream:
+            gone = asyncio.ensure_future(stream.wait())  # ends when a ping fails: the watcher left
+            try:
+                await stream.send(update.summary.progress.model_dump_json(), event="progress")
+                seen = 0
+                while update is not None:
+                    for item in update.items:
+                        await stream.send(item.model_dump_json(), event="item", id=str(seen))
+                        seen += 1
+                    if update.items:
+                        await stream.send(update.summary.progress.model_dump_json(), event="progress")
+                    if update.summary.status.is_final:
+                        await stream.send(update.summary.model_dump_json(), event="end")
+                        break
+                    update = await _unless_gone(registry.follow(task_id, seen=seen, owner=owner), gone)
+            finally:
+                gone.cancel()
+    except ConnectionResetError:
+        pass  # the watcher left while we were writing
+    finally:
+        gauge.dec()
+    return stream
+
+
+async def _unless_gone(news: Awaitable[T], gone: asyncio.Future[None]) -> T | None:
+    """`news`, or None (and `news` cancelled) if `gone` completes first."""
+    waiting = asyncio.ensure_future(news)
+    either: set[asyncio.Future[Any]] = {waiting, gone}
+    await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+    if not waiting.done():
+        waiting.cancel()
+        return None
+    return waiting.result()

@@ -1,0 +1,25 @@
+"""Typed keys for the state an application holds (see `service.app.create_app`)."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from service.api.schemas import SubmitForm, SubmitRequest
+from service.metrics import Metrics
+from service.pool import InferencePool
+from service.pool.catalog import ModelCatalog
+from service.settings import Settings
+from service.tasks.registry import TaskRegistry
+from service.tasks.service import TaskService
+from service.tasks.uploads import UploadBudget
+
+SETTINGS = web.AppKey("settings", Settings)
+REGISTRY = web.AppKey("registry", TaskRegistry)
+TASKS = web.AppKey("tasks", TaskService)
+POOL = web.AppKey("pool", InferencePool)
+CATALOG = web.AppKey("catalog", ModelCatalog)
+METRICS = web.AppKey("metrics", Metrics)
+SUBMIT_REQUEST: web.AppKey[type[SubmitRequest]] = web.AppKey("submit_request")  # bound to this app's limits
+SUBMIT_FORM: web.AppKey[type[SubmitForm]] = web.AppKey("submit_form")  # the same, for multipart uploads
+UPLOAD_BUDGET = web.AppKey("upload_budget", UploadBudget)
+OPENAPI = web.AppKey("openapi", bytes)

@@ -1,0 +1,86 @@
+"""Operations endpoints: liveness, readiness, Prometheus metrics, and the model list."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from service.api.errors import ApiError
+from service.api.keys import CATALOG, METRICS, POOL, REGISTRY, TASKS, UPLOAD_BUDGET
+from service.api.openapi import Reply, documented
+from service.api.schemas import Health, ModelEntry, ModelList
+from service.api.tasks import json_response
+from service.metrics import CONTENT_TYPE
+from service.pool.catalog import ModelCatalog
+
+routes = web.RouteTableDef()
+
+
+@routes.get("/healthz")
+@documented(
+    summary="Liveness: the process and its event loop answer",
+    tag="operations",
+    public=True,
+    replies={200: Reply("Alive", Health)},
+)
+async def healthz(request: web.Request) -> web.Response:
+    """The process is alive and its event loop answers."""
+    return json_response(Health(status="ok"))
+
+
+@routes.get("/readyz")
+@documented(
+    summary="Readiness: every worker is up with the default model loaded",
+    tag="operations",
+    public=True,
+    replies={200: Reply("Ready", Health)},
+    errors={503: "not_ready"},
+)
+async def readyz(request: web.Request) -> web.Response:
+    """Ready when every inference worker is up with the default model loaded."""
+    if not request.app[POOL].check_ready():
+        raise ApiError(503, "not_ready", "the inference workers are starting or being replaced")
+    return json_response(Health(status="ready"))
+
+
+@routes.get("/metrics")
+@documented(
+    summary="Prometheus metrics",
+    tag="operations",
+    replies={200: Reply("Prometheus text format", media_type="text/plain")},
+)
+async def metrics(request: web.Request) -> web.Response:
+    """Prometheus text format; current-state gauges are read at scrape time."""
+    app = request.app
+    app_metrics = app[METRICS]
+    for status, count in (await app[REGISTRY].status_counts()).items():
+        app_metrics.tasks.labels(status=status.value).set(count)
+    app_metrics.queue_depth.set(app[TASKS].queue_depth())
+    app_metrics.upload_bytes.set(app[UPLOAD_BUDGET].used)
+    app_metrics.worker_restarts.set(app[POOL].restarts)
+    return web.Response(body=app_metrics.render(), headers={"Content-Type": CONTENT_TYPE})
+
+
+@routes.get("/models")
+@documented(
+    summary="Every model this service knows, and whether its weights are on disk",
+    tag="models",
+    replies={200: Reply("The models", ModelList)},
+)
+async def list_models(request: web.Request) -> web.Response:
+    catalog = request.app[CATALOG]
+    return json_response(ModelList(default=catalog.default, models=model_entries(catalog)))
+
+
+def model_entries(catalog: ModelCatalog) -> list[ModelEntry]:
+    return [
+        ModelEntry(
+            name=info.name,
+            source=info.spec.source,
+            architecture=info.architecture,
+            input_size=info.preprocessing.input_size,
+            num_classes=info.num_classes,
+            default=info.name == catalog.default,
+            weights_present=info.weights_present(),
+        )
+        for info in catalog.infos()
+    ]

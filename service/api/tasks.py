@@ -1,0 +1,175 @@
+"""Task handlers: submit (JSON or a form), list, read (with an optional long poll), cancel,
+delete. Reads go to the registry; changes go through the task service."""
+
+from __future__ import annotations
+
+import asyncio
+
+from aiohttp import web
+from pydantic import BaseModel
+
+from service.api.auth import request_owner
+from service.api.errors import ApiError, too_busy
+from service.api.forms import read_form
+from service.api.keys import CATALOG, REGISTRY, SETTINGS, SUBMIT_FORM, SUBMIT_REQUEST, TASKS, UPLOAD_BUDGET
+from service.api.openapi import Reply, documented
+from service.api.schemas import SubmitResponse, TaskListQuery, TaskQuery
+from service.api.validation import MULTIPART, query_error_code, read_json_object, submit_error_code, validate
+from service.pool.catalog import ModelCatalog
+from service.tasks.records import TaskDetail, TaskPage
+from service.tasks.registry import InvalidCursor
+from service.tasks.uploads import TaskUploads
+
+routes = web.RouteTableDef()
+
+TASK_NOT_FOUND = {404: "task_not_found"}
+
+
+def json_response(model: BaseModel, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    """A pydantic model as the JSON body."""
+    return web.json_response(text=model.model_dump_json(), status=status, headers=headers)
+
+
+@routes.post("/submit")
+@documented(
+    summary="Submit a batch of images (URLs as JSON, or files and URLs as a form); answers at once with the "
+    "new task's id",
+    body=SUBMIT_REQUEST,
+    form=SUBMIT_FORM,
+    replies={202: Reply("Accepted", SubmitResponse, headers={"Location": "the task's URL"})},
+    errors={
+        400: "invalid_json, invalid_body, invalid_multipart, missing_field, unknown_field, invalid_type, "
+        "invalid_field, field_too_large, empty_urls, too_many_urls, no_images, too_many_images, invalid_url, "
+        "top_k_out_of_range, unknown_model, model_unavailable",
+        413: "request_too_large, upload_too_large",
+        415: "unsupported_media_type",
+        429: "too_busy (see the Retry-After header)",
+    },
+)
+async def submit(request: web.Request) -> web.Response:
+    if request.content_type == MULTIPART:
+        return await _submit_form(request)
+    submission = validate(request.app[SUBMIT_REQUEST], await read_json_object(request), submit_error_code)
+    return await _start_task(request, submission.urls, submission.top_k, submission.model)
+
+
+async def _submit_form(request: web.Request) -> web.Response:
+    app = request.app
+    settings, budget = app[SETTINGS], app[UPLOAD_BUDGET]
+    await _check_capacity(request, 1)  # before reading what may be megabytes of files
+    form = await read_form(request, settings.max_urls_per_task, settings.max_image_bytes, budget)
+    uploads = TaskUploads(form.sources, budget)
+    try:
+        submission = validate(app[SUBMIT_FORM], form.values(), submit_error_code)
+        if not form.sources:
+            raise ApiError(400, "no_images", "the form holds no files and no urls")
+        return await _start_task(request, form.item_urls(), submission.top_k, submission.model, uploads)
+    except BaseException:
+        uploads.release()
+        raise
+
+
+async def _start_task(
+    request: web.Request, urls: list[str], top_k: int | None, model: str | None, uploads: TaskUploads | None = None
+) -> web.Response:
+    """Create the task (which then owns `uploads`) and answer 202."""
+    settings = request.app[SETTINGS]
+    model = model or settings.default_model
+    _check_model(request.app[CATALOG], model)
+    await _check_capacity(request, len(urls))
+    task = await request.app[TASKS].create(
+        urls, model, top_k or settings.default_top_k, request_owner(request), uploads
+    )
+    response = SubmitResponse(task_id=task.task_id, status=task.status, total=len(task.items))
+    return json_response(response, status=202, headers={"Location": f"/tasks/{task.task_id}"})
+
+
+async def _check_capacity(request: web.Request, images: int) -> None:
+    unfinished = await request.app[REGISTRY].unfinished_images()
+    if unfinished + images > request.app[SETTINGS].max_active_images:
+        raise too_busy(f"the service already has {unfinished} unfinished images; retry later")
+
+
+def _check_model(catalog: ModelCatalog, name: str) -> None:
+    info = catalog.get(name)
+    if info is not None and info.weights_present():
+        return
+    available = catalog.available()
+    if info is None:
+        code, reason = "unknown_model", f"unknown model {name!r}"
+    else:
+        code, reason = "model_unavailable", f"the weights of model {name!r} are not on disk"
+    raise ApiError(400, code, f"{reason}; available: {', '.join(available)}", details={"available": available})
+
+
+@routes.get("/tasks")
+@documented(
+    summary="Task summaries, newest first, a page at a time",
+    query=TaskListQuery,
+    replies={200: Reply("A page of tasks", TaskPage)},
+    errors={400: "unknown_parameter, invalid_status, invalid_limit, invalid_cursor"},
+)
+async def list_tasks(request: web.Request) -> web.Response:
+    query = validate(TaskListQuery, request.query, query_error_code)
+    try:
+        page = await request.app[REGISTRY].page(query.status, query.limit, query.cursor, request_owner(request))
+    except InvalidCursor:
+        raise ApiError(400, "invalid_cursor", "the cursor is not one this service issued") from None
+    return json_response(page)
+
+
+@routes.get("/tasks/{task_id}")
+@documented(
+    summary="A task with every item's status and labels; with `wait`, a long poll",
+    query=TaskQuery,
+    replies={200: Reply("The task (after a change, or when `wait` ran out)", TaskDetail)},
+    errors={**TASK_NOT_FOUND, 400: "unknown_parameter, invalid_wait, invalid_done"},
+)
+async def get_task(request: web.Request) -> web.Response:
+    query = validate(TaskQuery, request.query, query_error_code)
+    registry, owner, task_id = request.app[REGISTRY], request_owner(request), task_id_of(request)
+    if query.wait:
+        try:
+            async with asyncio.timeout(query.wait):
+                await registry.follow(task_id, seen=query.done, owner=owner)
+        except TimeoutError:
+            pass  # no change in time: answer with the task as it is
+    body = await registry.get_json(task_id, owner)
+    if body is None:
+        raise task_not_found(request)
+    return web.Response(body=body, content_type="application/json")
+
+
+@routes.delete("/tasks/{task_id}")
+@documented(
+    summary="Cancel the task if it is active, then forget it",
+    replies={200: Reply("The task's final snapshot", TaskDetail)},
+    errors=TASK_NOT_FOUND,
+)
+async def delete_task(request: web.Request) -> web.Response:
+    return _task_or_404(request, await request.app[TASKS].remove(task_id_of(request), request_owner(request)))
+
+
+@routes.post("/tasks/{task_id}/cancel")
+@documented(
+    summary="Cancel the task if it is active and keep it visible",
+    replies={200: Reply("The task's final snapshot", TaskDetail)},
+    errors=TASK_NOT_FOUND,
+)
+async def cancel_task(request: web.Request) -> web.Response:
+    return _task_or_404(request, await request.app[TASKS].cancel(task_id_of(request), request_owner(request)))
+
+
+def task_id_of(request: web.Request) -> str:
+    return request.match_info["task_id"]
+
+
+def task_not_found(request: web.Request) -> ApiError:
+    """Unknown ids and other keys' tasks look the same."""
+    return ApiError(404, "task_not_found", f"no task {task_id_of(request)!r}")
+
+
+def _task_or_404(request: web.Request, task: TaskDetail | None) -> web.Response:
+    if task is None:
+        raise task_not_found(request)
+    return json_response(task)

@@ -1,0 +1,1 @@
+"""Fetching images for strangers: the download client and the address policy (SSRF)."""

@@ -1,0 +1,102 @@
+"""The consumers: batches from the shared queue through the inference pool, outcomes into the
+registry. This is where inference failures become error codes.
+
+One consumer per worker process keeps every worker busy while work waits. A result for a
+task that is final by now (cancelled, say) is refused by the registry and dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from inference.protocol import ModelLoadError, Prediction
+from service.metrics import Metrics
+from service.pool import InferencePool, InferenceTimeout, WorkerCrashed
+from service.pool.catalog import ModelCatalog
+from service.tasks.batching import BatchQueue, Job
+from service.tasks.records import ErrorInfo, ItemStatus
+from service.tasks.registry import TaskRegistry
+
+log = logging.getLogger(__name__)
+
+INTERNAL_ERROR = ErrorInfo(code="internal_error", message="internal error")
+
+
+class Classifier:
+    def __init__(
+        self,
+        registry: TaskRegistry,
+        pool: InferencePool,
+        catalog: ModelCatalog,
+        queue: BatchQueue,
+        metrics: Metrics,
+        batch_size: int,
+        batch_wait: float,
+    ) -> None:
+        self._registry = registry
+        self._pool = pool
+        self._catalog = catalog
+        self._queue = queue
+        self._metrics = metrics
+        self._batch_size = batch_size
+        self._batch_wait = batch_wait
+
+    async def consume(self) -> None:
+        """Classify batches until cancelled."""
+        while True:
+            batch = await self._queue.next_batch(self._batch_size, self._batch_wait)
+            try:
+                await self._classify(batch)
+            except Exception:  # a bug must not kill the consumer and stall every task
+                log.exception("handling a batch of %d images failed", len(batch))
+                await self._fail_jobs(batch, INTERNAL_ERROR)
+
+    async def _classify(self, batch: list[Job], retried: bool = False) -> None:
+        model = batch[0].model
+        self._metrics.batch_size.observe(len(batch))
+        try:
+            with self._metrics.inference_seconds.time():
+                outcomes = await self._pool.classify(
+                    self._catalog.spec(model), [job.data for job in batch], [job.top_k for job in batch]
+                )
+        except ModelLoadError as exc:
+            log.error("model %s failed to load: %s", model, exc)
+            error = ErrorInfo(code="model_load_failed", message=str(exc))
+            for task_id in {job.task_id for job in batch}:
+                await self._registry.fail(task_id, error)  # its pipeline stops when the task is final
+            return
+        except WorkerCrashed:
+            if not retried:
+                log.warning("an inference worker died during a batch of %d images; retrying it once", len(batch))
+                await self._classify(batch, retried=True)
+                return
+            log.error("an inference worker died again on a batch of %d images; failing them", len(batch))
+            await self._fail_jobs(batch, ErrorInfo(code="worker_crashed", message="the inference worker crashed"))
+            return
+        except InferenceTimeout as exc:
+            log.error("inference timed out for a batch of %d images", len(batch))
+            await self._fail_jobs(batch, ErrorInfo(code="inference_timeout", message=str(exc)))
+            return
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("inference failed for a batch of %d images", len(batch))
+            await self._fail_jobs(batch, ErrorInfo(code="inference_error", message="inference failed"))
+            return
+        for job, outcome in zip(batch, outcomes, strict=True):
+            if isinstance(outcome, Prediction):
+                if await self._registry.update_item(
+                    job.task_id, job.index, ItemStatus.SUCCEEDED, labels=list(outcome.labels)
+                ):
+                    self._metrics.image_done(None)
+            else:
+                await self._fail_item(job, ErrorInfo(code=outcome.code, message=outcome.message))
+
+    async def _fail_jobs(self, jobs: list[Job], error: ErrorInfo) -> None:
+        for job in jobs:
+            await self._fail_item(job, error)
+
+    async def _fail_item(self, job: Job, error: ErrorInfo) -> None:
+        if await self._registry.update_item(job.task_id, job.index, ItemStatus.FAILED, error=error):
+            self._metrics.image_done(error.code)

@@ -1,0 +1,68 @@
+"""A task's pipeline: its images, in submission order, from their sources into the batch queue.
+
+Each download holds one of the global download slots until its image is downloaded *and*
+queued, so neither open connections nor buffered images grow without bound; uploaded
+images skip the download. Every step first moves the item on in the registry, which refuses
+once the task is final, so a cancelled task starts nothing new.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+
+from service.fetch.fetcher import FetchError, FetchLimits, fetch
+from service.metrics import Metrics
+from service.tasks.batching import BatchQueue, Job
+from service.tasks.records import ErrorInfo, ItemStatus, TaskDetail
+from service.tasks.registry import TaskRegistry
+from service.tasks.uploads import TaskUploads
+
+
+class Pipeline:
+    """Shared by every task: the download session, its limits and slots, and the queue."""
+
+    def __init__(
+        self,
+        registry: TaskRegistry,
+        session: aiohttp.ClientSession,
+        limits: FetchLimits,
+        download_concurrency: int,
+        queue: BatchQueue,
+        metrics: Metrics,
+    ) -> None:
+        self._registry = registry
+        self._session = session
+        self._limits = limits
+        self._slots = asyncio.Semaphore(download_concurrency)
+        self._queue = queue
+        self._metrics = metrics
+
+    async def run(self, task: TaskDetail, uploads: TaskUploads | None) -> None:
+        async with asyncio.TaskGroup() as group:
+            for item in task.items:
+                if uploads is not None and item.index in uploads:
+                    await self._enqueue(task, item.index, uploads.take(item.index))
+                    continue
+                await self._slots.acquire()
+                download = group.create_task(self._download(task, item.index, item.url))
+                # Released when the download ends in any way, even cancelled before it ran.
+                download.add_done_callback(lambda _: self._slots.release())
+
+    async def _download(self, task: TaskDetail, index: int, url: str) -> None:
+        if not await self._registry.update_item(task.task_id, index, ItemStatus.DOWNLOADING):
+            return
+        try:
+            with self._metrics.download_seconds.time():
+                data = await fetch(self._session, url, self._limits)
+        except FetchError as exc:
+            error = ErrorInfo(code=exc.code, message=exc.message, http_status=exc.http_status)
+            if await self._registry.update_item(task.task_id, index, ItemStatus.FAILED, error=error):
+                self._metrics.image_done(error.code)
+            return
+        await self._enqueue(task, index, data)
+
+    async def _enqueue(self, task: TaskDetail, index: int, data: bytes) -> None:
+        if await self._registry.update_item(task.task_id, index, ItemStatus.CLASSIFYING):
+            await self._queue.put(Job(task.task_id, index, task.model, task.top_k, data))

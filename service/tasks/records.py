@@ -1,0 +1,101 @@
+"""Tasks and their items as the registry stores them and the API serves them.
+
+The registry keeps these records and the handlers serialise them as they are, so the JSON a
+client sees and the objects the service keeps cannot drift apart. `Label` is the very type the
+workers return (`inference.protocol.Label`): one type crosses the process boundary.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+
+from pydantic import BaseModel, ConfigDict
+
+from inference.protocol import Label
+
+__all__ = [
+    "ErrorInfo",
+    "Item",
+    "ItemStatus",
+    "Label",
+    "Progress",
+    "TaskDetail",
+    "TaskPage",
+    "TaskStatus",
+    "TaskSummary",
+]
+
+
+class TaskStatus(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def is_final(self) -> bool:
+        return self in (TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.CANCELLED)
+
+
+class ItemStatus(StrEnum):
+    PENDING = "pending"
+    DOWNLOADING = "downloading"
+    CLASSIFYING = "classifying"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def is_final(self) -> bool:
+        return self in (ItemStatus.SUCCEEDED, ItemStatus.FAILED, ItemStatus.CANCELLED)
+
+
+class Record(BaseModel):
+    """Immutable: a snapshot handed out stays as it was when taken."""
+
+    model_config = ConfigDict(frozen=True)
+
+
+class ErrorInfo(Record):
+    code: str
+    message: str
+    http_status: int | None = None
+
+
+class Item(Record):
+    index: int
+    url: str  # the image URL, or `upload:<file name>` for an uploaded file
+    status: ItemStatus = ItemStatus.PENDING
+    labels: list[Label] | None = None
+    error: ErrorInfo | None = None
+
+
+class Progress(Record):
+    total: int
+    done: int
+    succeeded: int
+    failed: int
+    cancelled: int
+
+
+class TaskSummary(Record):
+    task_id: str
+    status: TaskStatus
+    model: str
+    top_k: int
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    progress: Progress
+    error: ErrorInfo | None = None
+
+
+class TaskDetail(TaskSummary):
+    items: list[Item]
+
+
+class TaskPage(Record):
+    tasks: list[TaskSummary]
+    next_cursor: str | None

@@ -1,0 +1,106 @@
+"""The task registry interface: where tasks and their per-image results live.
+
+The task service writes through it and the HTTP handlers read through it; a durable backend
+can replace the in-memory one (`service.tasks.memory`) without touching either. Final states
+are sticky: a result that arrives after a cancel is refused, not applied.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from dataclasses import dataclass
+from typing import Protocol
+
+from service.tasks.records import ErrorInfo, Item, ItemStatus, Label, TaskDetail, TaskPage, TaskStatus, TaskSummary
+
+
+class InvalidCursor(ValueError):
+    """A pagination cursor this registry did not issue."""
+
+
+@dataclass(frozen=True)
+class TaskUpdate:
+    """What a watcher has not seen yet: newly final items, and the task as it is now."""
+
+    items: list[Item]
+    summary: TaskSummary
+
+
+class TaskRegistry(Protocol):
+    # `owner` identifies the API key that created a task (None without keys); a task is
+    # invisible, as if it did not exist, to every other owner.
+    async def create(self, urls: list[str], model: str, top_k: int, owner: str | None = None) -> TaskDetail: ...
+
+    async def get(self, task_id: str, owner: str | None = None) -> TaskDetail | None: ...
+
+    async def get_json(self, task_id: str, owner: str | None = None) -> bytes | None:
+        """The same snapshot as `get`, serialised (what GET /tasks/<id> sends)."""
+        ...
+
+    async def page(
+        self, status: TaskStatus | None, limit: int, cursor: str | None, owner: str | None = None
+    ) -> TaskPage:
+        """Task summaries, newest first; raises InvalidCursor for a cursor it did not issue."""
+        ...
+
+    async def update_item(
+        self,
+        task_id: str,
+        index: int,
+        status: ItemStatus,
+        labels: list[Label] | None = None,
+        error: ErrorInfo | None = None,
+    ) -> bool:
+        """Move one item on; False (and no change) if the task or the item is already final."""
+        ...
+
+    async def fail(self, task_id: str, error: ErrorInfo) -> bool:
+        """The task cannot run at all: its unfinished items fail with the task's error."""
+        ...
+
+    async def cancel(self, task_id: str, owner: str | None = None) -> TaskDetail | None:
+        """Cancel an active task (a final one is left as it is); its snapshot, or None if unknown."""
+        ...
+
+    async def remove(self, task_id: str, owner: str | None = None) -> TaskDetail | None:
+        """Cancel, then forget, a task; its last snapshot, or None if unknown."""
+        ...
+
+    async def cancel_active(self) -> int:
+        """Cancel every task still active (at shutdown); how many there were."""
+        ...
+
+    async def follow(
+        self, task_id: str, seen: int | None, owner: str | None = None, wait: bool = True
+    ) -> TaskUpdate | None:
+        """The items that reached a final state after the first `seen` ones (in completion
+        order; None: as many as have now), with the task's summary; with `wait`, waits until
+        there is one or the task is final. None if the task is unknown or was forgotten."""
+        ...
+
+    async def wait_final(self, task_id: str) -> None:
+        """Return once the task is in a final state, or gone (whoever owns it)."""
+        ...
+
+    async def status_counts(self) -> dict[TaskStatus, int]:
+        """Tasks held now, by status (every status present, zeros included)."""
+        ...
+
+    async def unfinished_images(self) -> int: ...
+
+
+def encode_cursor(seq: int) -> str:
+    """An opaque page cursor: the sequence number of the last task already seen."""
+    return base64.urlsafe_b64encode(f"seq:{seq}".encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> int:
+    try:
+        text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        prefix, _, number = text.partition(":")
+        if prefix != "seq" or not number.isdigit():
+            raise ValueError(text)
+        return int(number)
+    except (ValueError, binascii.Error, UnicodeDecodeError) as exc:
+        raise InvalidCursor(f"invalid cursor {cursor!r}") from exc

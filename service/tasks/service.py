@@ -1,0 +1,120 @@
+"""The task service: every change of a task's state goes through here (create, start, cancel,
+remove, shutdown), and it owns the lifetimes of the work behind each task.
+
+Each task runs as one job of an aiojobs scheduler, from creation until the task reaches a
+final state: the job feeds the task's images into the batch queue (`Pipeline`) and watches
+the registry; whatever makes the task final (its last result, a cancel, a delete, a model
+that cannot load) stops its downloads and drops its queued images, in one place. A fixed
+set of consumers (`Classifier`) classifies the batches. Shutdown gives running tasks a
+grace period (`drain`), then cancels what is left.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from types import TracebackType
+
+import aiohttp
+import aiojobs
+
+from service.fetch.fetcher import FetchLimits
+from service.metrics import Metrics
+from service.pool import InferencePool
+from service.pool.catalog import ModelCatalog
+from service.tasks.batching import BatchQueue
+from service.tasks.classifier import INTERNAL_ERROR, Classifier
+from service.tasks.pipeline import Pipeline
+from service.tasks.records import TaskDetail
+from service.tasks.registry import TaskRegistry
+from service.tasks.uploads import TaskUploads
+
+log = logging.getLogger(__name__)
+
+STOP_TIMEOUT = 10.0  # seconds a task's job may take to stop once cancelled
+
+
+class TaskService:
+    def __init__(
+        self,
+        registry: TaskRegistry,
+        pool: InferencePool,
+        catalog: ModelCatalog,
+        session: aiohttp.ClientSession,
+        limits: FetchLimits,
+        metrics: Metrics,
+        *,
+        consumers: int,
+        download_concurrency: int,
+        max_queued_images: int,
+        batch_size: int,
+        batch_wait: float,
+    ) -> None:
+        self._registry = registry
+        self._queue = BatchQueue(max_queued_images)
+        self._pipeline = Pipeline(registry, session, limits, download_concurrency, self._queue, metrics)
+        self._classifier = Classifier(registry, pool, catalog, self._queue, metrics, batch_size, batch_wait)
+        self._consumer_count = consumers
+        self._consumers: list[asyncio.Task[None]] = []
+        self._jobs = aiojobs.Scheduler(limit=None, close_timeout=STOP_TIMEOUT, wait_timeout=None)
+
+    async def __aenter__(self) -> TaskService:
+        self._consumers = [asyncio.create_task(self._classifier.consume()) for _ in range(self._consumer_count)]
+        return self
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    def queue_depth(self) -> int:
+        return len(self._queue)
+
+    async def create(
+        self, urls: list[str], model: str, top_k: int, owner: str | None, uploads: TaskUploads | None = None
+    ) -> TaskDetail:
+        """Store a new task and start working on it; `uploads` holds the bytes of the items
+        that were uploaded rather than given as URLs (the task now owns them)."""
+        task = await self._registry.create(urls, model, top_k, owner)
+        await self._jobs.spawn(self._run(task, uploads), name=task.task_id)
+        return task
+
+    async def cancel(self, task_id: str, owner: str | None = None) -> TaskDetail | None:
+        """Cancel a task (its job stops its work); the final snapshot, or None if unknown."""
+        return await self._registry.cancel(task_id, owner)
+
+    async def remove(self, task_id: str, owner: str | None = None) -> TaskDetail | None:
+        """Cancel and forget a task; its last snapshot, or None if unknown."""
+        return await self._registry.remove(task_id, owner)
+
+    async def drain(self, grace: float) -> None:
+        """At shutdown: give active tasks `grace` seconds to finish, then stop every job."""
+        unfinished = await self._registry.unfinished_images()
+        if unfinished:
+            log.info("shutting down: waiting up to %gs for %d unfinished images", grace, unfinished)
+        await self._jobs.wait_and_close(grace)
+
+    async def close(self) -> None:
+        """Stop all work; tasks still active are cancelled."""
+        await self._jobs.close()
+        cancelled = await self._registry.cancel_active()
+        if cancelled:
+            log.info("cancelled %d active tasks at shutdown", cancelled)
+        for consumer in self._consumers:
+            consumer.cancel()
+        await asyncio.gather(*self._consumers, return_exceptions=True)
+
+    async def _run(self, task: TaskDetail, uploads: TaskUploads | None) -> None:
+        """The task's job: feed its images until it is final; then stop feeding."""
+        try:
+            async with asyncio.TaskGroup() as group:
+                feeding = group.create_task(self._pipeline.run(task, uploads))
+                await self._registry.wait_final(task.task_id)
+                feeding.cancel()
+        except Exception:
+            log.exception("task %s: pipeline failed", task.task_id)
+            await self._registry.fail(task.task_id, INTERNAL_ERROR)
+        finally:
+            if uploads is not None:
+                uploads.release()
+            await self._queue.drop_task(task.task_id)

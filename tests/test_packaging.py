@@ -1,0 +1,74 @@
+"""The project as a package: pins in one place, `pip install .` with its console scripts, and
+the service's own requirements free of test tools."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tomllib
+import zipfile
+from pathlib import Path
+
+from tests.conftest import ROOT
+
+
+def test_requirements_files_are_generated_from_pyproject() -> None:
+    result = subprocess.run(
+        [sys.executable, "tools/requirements.py", "--check"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    for requirement in [
+        *project["dependencies"],
+        *(r for extra in project["optional-dependencies"].values() for r in extra),
+    ]:
+        assert "==" in requirement, f"{requirement} is not pinned"
+    runtime = (ROOT / "requirements.txt").read_text()
+    for tool in ("pytest", "playwright", "schemathesis", "mypy", "ruff"):
+        assert tool not in runtime  # the README's run command installs only what the service needs
+
+
+def test_pip_install_gives_the_console_scripts(tmp_path: Path) -> None:
+    """A wheel built from the tree installs into a fresh virtualenv with `ics` and `ics-service`
+    (its dependencies are lent from this virtualenv, to spare a 5 GB download)."""
+    source = tmp_path / "source"  # a copy: building writes build/ and *.egg-info/ beside the sources
+    for package in ("service", "inference", "client"):
+        shutil.copytree(ROOT / package, source / package, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(tmp_path), "."],
+        cwd=source,
+        check=True,
+        capture_output=True,
+    )
+    (wheel,) = tmp_path.glob("*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "service/api/static/index.html" in names and "client/cli.py" in names and "inference/worker.py" in names
+    assert not any(name.startswith(("tests/", "bench/")) for name in names)
+
+    fresh = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(fresh)], check=True)
+    subprocess.run([fresh / "bin" / "pip", "install", "-q", "--no-deps", str(wheel)], check=True, capture_output=True)
+    env = {**os.environ, "PYTHONPATH": sysconfig.get_paths()["purelib"]}  # the dependencies, not the project
+    elsewhere = tmp_path  # not the checkout: the installed packages must be the ones imported
+    client = subprocess.run([fresh / "bin" / "ics", "--help"], cwd=elsewhere, env=env, capture_output=True, text=True)
+    assert client.returncode == 0, client.stderr
+    assert "Exit status" in client.stdout
+    service = subprocess.run(
+        [fresh / "bin" / "ics-service", "--help"], cwd=elsewhere, env=env, capture_output=True, text=True
+    )
+    assert service.returncode == 0, service.stderr
+    assert "--max-urls-per-task" in service.stdout
+    where = subprocess.run(
+        [fresh / "bin" / "python", "-c", "import service; print(service.__file__)"],
+        cwd=elsewhere,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert where.stdout.startswith(str(fresh))
