@@ -5,7 +5,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    TORCH_HOME=/var/cache/torch
+    TORCH_HOME=/var/cache/torch \
+    ICS_DATA_DIR=/var/lib/ics
 
 WORKDIR /app
 
@@ -23,9 +24,11 @@ COPY run_service.py .
 
 RUN groupadd --system --gid 10001 app \
     && useradd --system --uid 10001 --gid app --home-dir /app app \
-    && mkdir -p /var/cache/torch \
-    && chown app:app /var/cache/torch
+    && mkdir -p /var/cache/torch /var/lib/ics \
+    && chown app:app /var/cache/torch /var/lib/ics
 USER 10001:10001
+# Tasks and spooled uploads (SQLite): keep them across container restarts and deploys.
+VOLUME ["/var/lib/ics"]
 
 EXPOSE 8080
 HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \

@@ -1,6 +1,6 @@
 """Throughput and latency benchmark: offline limit vs the real service end to end.
 
-    .venv/bin/python -m bench.run_bench            # ~2-3 minutes on 2 cores
+    .venv/bin/python -m bench.run_bench            # ~5 minutes on 2 cores
 
 In one run it (1) makes >= 1,000 realistic JPEGs and serves them from a loopback image
 server in its own process; (2) measures the offline limit: the service's own worker code,
@@ -9,7 +9,9 @@ against `run_service.py` started as a subprocess, one 1,000-URL task and 100 con
 10-URL tasks from the first POST to the last item done, in rounds interleaved with (2) so
 each ratio compares figures taken minutes apart; (4) measures GET /tasks/<id> and
 POST /submit latency while the service is saturated; (5) reports peak memory of the
-service and its workers. It prints a table with the ratios.
+service and its workers. It does (3)-(5) for each task store (`--stores`, default both:
+one service each, rounds interleaved) and prints a table with the ratios, sqlite / memory
+included.
 """
 
 from __future__ import annotations
@@ -199,65 +201,86 @@ def percentile(values: list[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
 
 
+class Service:
+    """`run_service.py` on one task store, as a subprocess, with its memory watched."""
+
+    def __init__(self, args: argparse.Namespace, store: str, data_dir: str) -> None:
+        self.store = store
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        command = [sys.executable, "run_service.py", "--host", "127.0.0.1", "--port", str(self.port)]
+        command += [
+            "--runtime",
+            args.runtime,
+            "--workers",
+            str(args.workers),
+            "--threads-per-worker",
+            str(args.threads),
+        ]
+        command += ["--store", store, "--data-dir", data_dir, "--allowed-networks", "127.0.0.1/32"]
+        self.process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.memory = MemoryWatch(self.process.pid)
+
+    def workers(self) -> list[psutil.Process]:
+        return [child for child in self.memory.process.children() if "spawn_main" in " ".join(child.cmdline())]
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=60)
+
+
 async def service_run(
     args: argparse.Namespace, settings: Settings, images: list[bytes], image_server_pid: int, image_port: int
 ) -> dict[str, Any]:
-    """Rounds of offline limit, one 1,000-URL task and many small tasks, interleaved so
-    that a slow spell of this shared machine hits both sides of each ratio; then latency."""
-    port = free_port()
-    command = [
-        sys.executable,
-        "run_service.py",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--runtime",
-        args.runtime,
-        "--workers",
-        str(args.workers),
-        "--threads-per-worker",
-        str(args.threads),
-        "--allowed-networks",
-        "127.0.0.1/32",
-    ]  # the loopback image server
-    # Popen returns as soon as the process exists; waiting for it to serve happens off the loop below.
-    service = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # noqa: ASYNC220
-    base = f"http://127.0.0.1:{port}"
+    """Rounds of offline limit, then for each store one 1,000-URL task and many small tasks,
+    interleaved so that a slow spell of this shared machine hits both sides of each ratio;
+    then latency, per store."""
     urls = [f"http://127.0.0.1:{image_port}/img/{n}.jpg" for n in range(len(images))]
-    result: dict[str, Any] = {"offline": [], "big": [], "small": []}
-    try:
-        await asyncio.to_thread(_wait_for_port, port)
-        memory = MemoryWatch(service.pid)
-        sampler = asyncio.create_task(memory.run())
-        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=200)) as http:
-            await wait_all_done(http, base, {await submit(http, base, urls[:32])})  # warm-up
-            workers = [child for child in memory.process.children() if "spawn_main" in " ".join(child.cmdline())]
-            others = [psutil.Process(image_server_pid), psutil.Process()]
-            for round_number in range(args.repeat):
-                print(
-                    f"round {round_number + 1}/{args.repeat}: offline, 1 big task, {args.small_tasks} small tasks",
-                    flush=True,
-                )
-                result["offline"].append(await asyncio.to_thread(offline_limit, images, settings))
-                before = [cpu_seconds([memory.process]), cpu_seconds(workers), *map(cpu_seconds, ([p] for p in others))]
-                started = time.perf_counter()
-                result["big"].append(await one_big_task(http, base, urls))
-                if round_number == 0:  # where the CPU goes during one 1,000-URL task
-                    elapsed = time.perf_counter() - started
-                    result["web_cpu"] = (cpu_seconds([memory.process]) - before[0]) / len(urls)
-                    result["worker_busy"] = (cpu_seconds(workers) - before[1]) / elapsed / len(workers)
-                    result["other_cpu"] = [
-                        (cpu_seconds([p]) - b) / elapsed for p, b in zip(others, before[2:], strict=True)
-                    ]
-                result["small"].append(await many_small_tasks(http, base, urls, tasks=args.small_tasks))
-            result["latency"] = await latency_under_load(http, base, urls)
-        sampler.cancel()
-        result["memory"] = memory
-        return result
-    finally:
-        service.terminate()
-        service.wait(timeout=60)
+    result: dict[str, Any] = {"offline": [], "stores": {}}
+    with tempfile.TemporaryDirectory() as data_root:
+        services = [Service(args, store, f"{data_root}/{store}") for store in args.stores.split(",")]
+        samplers = []
+        try:
+            for service in services:
+                await asyncio.to_thread(_wait_for_port, service.port)
+                samplers.append(asyncio.create_task(service.memory.run()))
+                result["stores"][service.store] = {"big": [], "small": []}
+            async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=200)) as http:
+                for service in services:  # warm-up
+                    await wait_all_done(http, service.base, {await submit(http, service.base, urls[:32])})
+                others = [psutil.Process(image_server_pid), psutil.Process()]
+                for round_number in range(args.repeat):
+                    print(
+                        f"round {round_number + 1}/{args.repeat}: offline; per store 1 big task, "
+                        f"{args.small_tasks} small tasks",
+                        flush=True,
+                    )
+                    result["offline"].append(await asyncio.to_thread(offline_limit, images, settings))
+                    for service in services:
+                        figures = result["stores"][service.store]
+                        workers = service.workers()
+                        processes = [service.memory.process]
+                        before = [cpu_seconds(processes), cpu_seconds(workers), *(cpu_seconds([p]) for p in others)]
+                        started = time.perf_counter()
+                        figures["big"].append(await one_big_task(http, service.base, urls))
+                        if round_number == 0:  # where the CPU goes during one 1,000-URL task
+                            elapsed = time.perf_counter() - started
+                            figures["web_cpu"] = (cpu_seconds(processes) - before[0]) / len(urls)
+                            figures["worker_busy"] = (cpu_seconds(workers) - before[1]) / elapsed / len(workers)
+                            figures["other_cpu"] = [
+                                (cpu_seconds([p]) - b) / elapsed for p, b in zip(others, before[2:], strict=True)
+                            ]
+                        figures["small"].append(await many_small_tasks(http, service.base, urls, args.small_tasks))
+                for service in services:
+                    result["stores"][service.store]["latency"] = await latency_under_load(http, service.base, urls)
+            for service in services:
+                result["stores"][service.store]["memory"] = service.memory
+            return result
+        finally:
+            for sampler in samplers:
+                sampler.cancel()
+            for service in services:
+                service.stop()
 
 
 def median(values: list[float]) -> float:
@@ -287,6 +310,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=defaults.resolved_workers())
     parser.add_argument("--threads", type=int, default=defaults.resolved_threads())
     parser.add_argument("--repeat", type=int, default=3, help="runs per throughput figure; the median is reported")
+    parser.add_argument("--stores", default="sqlite,memory", help="task stores to compare, one service each")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     settings = Settings(runtime=args.runtime, workers=args.workers, threads_per_worker=args.threads)
@@ -303,74 +327,76 @@ def main() -> None:
         finally:
             server.terminate()
 
-    memory: MemoryWatch = result["memory"]
-    offline, big, small = median(result["offline"]), median(result["big"]), median(result["small"])
-    big_ratios = [b / o for b, o in zip(result["big"], result["offline"], strict=True)]
-    small_ratios = [s / o for s, o in zip(result["small"], result["offline"], strict=True)]
-    get, post = result["latency"]["get"], result["latency"]["submit"]
+    offline = result["offline"]
     sizes = sorted(len(data) for data in images)
     rows = [
         (
             "machine",
-            f"{os.cpu_count()} CPUs, {len(os.sched_getaffinity(0))} usable; "
+            f"{cpu_model()}; {os.cpu_count()} CPUs, {len(os.sched_getaffinity(0))} usable; "
             f"{args.workers} workers x {args.threads} threads; runtime {args.runtime}",
         ),
         ("images", f"{len(images)} JPEGs, 640x480..1600x1200, median {sizes[len(sizes) // 2] // 1024} KiB"),
-        ("offline limit", f"{offline:.1f} images/s" + runs(result["offline"])),
-        ("1 task x 1,000 URLs", f"{big:.1f} images/s" + runs(result["big"])),
-        (
-            f"{args.small_tasks} tasks x {len(images) // args.small_tasks} URLs",
-            f"{small:.1f} images/s" + runs(result["small"]),
-        ),
-        ("1,000-URL task / offline, same round", ratios(big_ratios)),
-        ("small tasks / offline, same round", ratios(small_ratios)),
-        (
-            "GET /tasks/<id> (1,000 items), saturated",
-            f"p50 {percentile(get, 0.5) * 1000:.1f} ms, p99 {percentile(get, 0.99) * 1000:.1f} ms (n={len(get)})",
-        ),
-        (
-            "POST /submit, saturated",
-            f"p50 {percentile(post, 0.5) * 1000:.1f} ms, p99 {percentile(post, 0.99) * 1000:.1f} ms (n={len(post)})",
-        ),
-        ("web process CPU per image", f"{result['web_cpu'] * 1000:.2f} ms (HTTP, downloads, registry, dispatch)"),
-        ("worker CPU busy, 1,000-URL task", f"{result['worker_busy']:.0%} of each worker's wall time"),
-        (
-            "bench's own CPU, 1,000-URL task",
-            f"image server {result['other_cpu'][0]:.0%}, client {result['other_cpu'][1]:.0%} of a core",
-        ),
-        (
-            "peak memory",
-            f"RSS service {mib(memory.peak['main_rss'])}, workers {mib(memory.peak['workers_rss'])}, "
-            f"total {mib(memory.peak['total_rss'])}; PSS total {mib(memory.peak['total_pss'])}",
-        ),
+        ("offline limit", f"{median(offline):.1f} images/s" + runs(offline)),
     ]
+    report: dict[str, Any] = {"offline_images_per_s": offline, "mean_image_bytes": statistics.mean(sizes)}
+    for store, figures in result["stores"].items():
+        memory: MemoryWatch = figures["memory"]
+        get, post = figures["latency"]["get"], figures["latency"]["submit"]
+        big_ratios = [b / o for b, o in zip(figures["big"], offline, strict=True)]
+        small_ratios = [s / o for s, o in zip(figures["small"], offline, strict=True)]
+        rows += [
+            (f"[{store}] 1 task x 1,000 URLs", f"{median(figures['big']):.1f} images/s" + runs(figures["big"])),
+            (
+                f"[{store}] {args.small_tasks} tasks x {len(images) // args.small_tasks} URLs",
+                f"{median(figures['small']):.1f} images/s" + runs(figures["small"]),
+            ),
+            (f"[{store}] 1,000-URL task / offline, same round", ratios(big_ratios)),
+            (f"[{store}] small tasks / offline, same round", ratios(small_ratios)),
+            (
+                f"[{store}] GET /tasks/<id> (1,000 items), saturated",
+                f"p50 {percentile(get, 0.5) * 1000:.1f} ms, p99 {percentile(get, 0.99) * 1000:.1f} ms (n={len(get)})",
+            ),
+            (
+                f"[{store}] POST /submit, saturated",
+                f"p50 {percentile(post, 0.5) * 1000:.1f} ms, p99 {percentile(post, 0.99) * 1000:.1f} ms "
+                f"(n={len(post)})",
+            ),
+            (f"[{store}] web process CPU per image", f"{figures['web_cpu'] * 1000:.2f} ms"),
+            (f"[{store}] worker CPU busy, 1,000-URL task", f"{figures['worker_busy']:.0%} of each worker's wall time"),
+            (
+                f"[{store}] peak memory",
+                f"RSS service {mib(memory.peak['main_rss'])}, workers {mib(memory.peak['workers_rss'])}; "
+                f"PSS total {mib(memory.peak['total_pss'])}",
+            ),
+        ]
+        report[store] = {
+            "big_task_images_per_s": figures["big"],
+            "small_tasks_images_per_s": figures["small"],
+            "get_p99_s": percentile(get, 0.99),
+            "submit_p99_s": percentile(post, 0.99),
+            "web_cpu_s_per_image": figures["web_cpu"],
+            "peak_memory_bytes": memory.peak,
+        }
+    stores = result["stores"]
+    if {"sqlite", "memory"} <= set(stores):
+        for kind, label in (("big", "1,000-URL task"), ("small", "small tasks")):
+            pairs = [s / m for s, m in zip(stores["sqlite"][kind], stores["memory"][kind], strict=True)]
+            rows.append((f"sqlite / memory, {label}, same round", ratios(pairs)))
+            report[f"sqlite_over_memory_{kind}"] = pairs
     width = max(len(name) for name, _ in rows)
     print()
     for name, value in rows:
         print(f"| {name.ljust(width)} | {value} |")
     if args.json:
-        args.json.write_text(
-            json.dumps(
-                {
-                    "offline_images_per_s": result["offline"],
-                    "big_task_images_per_s": result["big"],
-                    "small_tasks_images_per_s": result["small"],
-                    "big_task_ratios": big_ratios,
-                    "small_tasks_ratios": small_ratios,
-                    "get_p50_s": percentile(get, 0.5),
-                    "get_p99_s": percentile(get, 0.99),
-                    "submit_p50_s": percentile(post, 0.5),
-                    "submit_p99_s": percentile(post, 0.99),
-                    "peak_memory_bytes": memory.peak,
-                    "get_samples": len(get),
-                    "submit_samples": len(post),
-                    "mean_image_bytes": statistics.mean(sizes),
-                    "web_cpu_s_per_image": result["web_cpu"],
-                    "worker_busy": result["worker_busy"],
-                },
-                indent=2,
-            )
-        )
+        args.json.write_text(json.dumps(report, indent=2))
+
+
+def cpu_model() -> str:
+    """The CPU's model name and whether it has AVX-512 BF16 / AMX (figures depend on them)."""
+    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    model = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), "?")
+    flags = sorted({flag for flag in text.split() if flag == "avx512_bf16" or flag.startswith("amx")})
+    return f"{model} ({', '.join(flags) or 'no avx512_bf16/amx'})"
 
 
 if __name__ == "__main__":

@@ -38,9 +38,28 @@ from service.pool.process import ProcessInferencePool
 from service.settings import Settings
 from service.tasks.memory import InMemoryRegistry
 from service.tasks.service import TaskService
-from service.tasks.uploads import UploadBudget
+from service.tasks.sqlite import SqliteRegistry
+from service.tasks.uploads import UploadBudget, UploadSpool
 
 log = logging.getLogger(__name__)
+
+
+async def registry_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The task registry: SQLite in the data dir (a bad data dir stops start-up here, before
+    any worker starts), or memory."""
+    settings = app[SETTINGS]
+    if settings.store == "memory":
+        app[REGISTRY] = InMemoryRegistry(settings.finished_task_ttl, settings.max_finished_tasks)
+        yield
+        return
+    registry = await SqliteRegistry.open(
+        settings.data_dir, settings.finished_task_ttl, settings.max_finished_tasks, app[METRICS]
+    )
+    app[REGISTRY] = registry
+    try:
+        yield
+    finally:
+        await registry.close()
 
 
 async def pool_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -75,6 +94,8 @@ async def pool_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def tasks_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
+    budget = app[UPLOAD_BUDGET]
+    spool = UploadSpool(settings.data_dir / "uploads", budget) if settings.store == "sqlite" else None
     async with (
         make_session(settings) as session,
         TaskService(
@@ -84,6 +105,8 @@ async def tasks_ctx(app: web.Application) -> AsyncIterator[None]:
             session,
             FetchLimits.from_settings(settings),
             app[METRICS],
+            budget,
+            spool,
             consumers=settings.resolved_workers(),
             download_concurrency=settings.download_concurrency,
             max_queued_images=settings.max_queued_images,
@@ -106,7 +129,6 @@ def create_app(settings: Settings) -> web.Application:
         middlewares.append(auth_middleware(settings.api_key_list()))
     app = web.Application(middlewares=middlewares, client_max_size=settings.max_request_bytes)
     app[SETTINGS] = settings
-    app[REGISTRY] = InMemoryRegistry(settings.finished_task_ttl, settings.max_finished_tasks)
     app[METRICS] = Metrics()
     app[SUBMIT_REQUEST] = SubmitRequest.limited(
         max_urls=settings.max_urls_per_task, max_url_length=settings.max_url_length, max_top_k=settings.max_top_k
@@ -115,7 +137,7 @@ def create_app(settings: Settings) -> web.Application:
         max_items=settings.max_urls_per_task, max_url_length=settings.max_url_length, max_top_k=settings.max_top_k
     )
     app[UPLOAD_BUDGET] = UploadBudget(settings.max_upload_bytes)
-    app.cleanup_ctx.extend([pool_ctx, tasks_ctx])
+    app.cleanup_ctx.extend([registry_ctx, pool_ctx, tasks_ctx])
     app.on_shutdown.append(drain_tasks)
     for module in (operations, tasks, events):
         app.add_routes(module.routes)

@@ -20,6 +20,7 @@ from service.app import create_app
 from service.logs import configure_logging
 from service.pool import DefaultModelError
 from service.settings import Settings, load_settings
+from service.tasks.sqlite import StoreError
 
 log = logging.getLogger("service")
 
@@ -50,6 +51,6 @@ def main() -> None:
         return
     try:
         uvloop.run(serve(settings))
-    except (DefaultModelError, CatalogError) as exc:
+    except (DefaultModelError, CatalogError, StoreError) as exc:
         log.error("%s", exc)
         raise SystemExit(1) from None

@@ -40,6 +40,19 @@ class Metrics:
             "ics_upload_bytes", "Uploaded image bytes held, not yet queued for the model", registry=self.registry
         )
         self.event_streams = Gauge("ics_event_streams", "Open GET /tasks/<id>/events streams", registry=self.registry)
+        self.store_write_seconds = Histogram(
+            "ics_store_write_seconds",
+            "Seconds per batch of task changes written to the store",
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
+            registry=self.registry,
+        )
+        self.store_write_errors = Counter(
+            "ics_store_write_errors", "Batches of task changes the store failed to write", registry=self.registry
+        )
+        self.store_pending = Gauge(
+            "ics_store_pending_changes", "Task changes queued for the store, not yet written", registry=self.registry
+        )
+        self.store_bytes = Gauge("ics_store_bytes", "Size of the task store on disk", registry=self.registry)
 
     def image_done(self, code: str | None) -> None:
         """One image succeeded (code None) or failed with `code`."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Annotated, Literal, NoReturn
 
 from pydantic import Field, PrivateAttr, ValidationError, model_validator
@@ -98,6 +99,12 @@ class Settings(BaseSettings):
     allowed_networks: str = Field("", description="comma-separated CIDRs downloads may reach even though not public")
     batch_timeout: Seconds = Field(
         120.0, description="seconds a batch may run before its worker is recycled and its images fail"
+    )
+    store: Literal["sqlite", "memory"] = Field(
+        "sqlite", description="where tasks are kept: sqlite (in --data-dir; they survive restarts) or memory"
+    )
+    data_dir: Path = Field(
+        Path("data"), description="directory for the task database and uploads waiting to be classified"
     )
     finished_task_ttl: Seconds = Field(3600.0, description="seconds a finished task stays visible")
     max_finished_tasks: NonNegative = Field(10_000, description="finished tasks kept at most (oldest evicted first)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import sys
+import tempfile
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -32,12 +33,15 @@ TEST_SETTINGS: dict[str, Any] = {
     "batch_wait_ms": 20.0,
     "max_redirects": 3,
     "allow_private_networks": True,  # the test image server is on 127.0.0.1
+    "shutdown_grace": 1.0,  # a test that leaves a task running does not wait 30 s at teardown
 }
 
 
 def settings_for(**overrides: Any) -> Settings:
-    """The tests' settings with `overrides`, validated like a user's."""
-    return Settings(**{**TEST_SETTINGS, **overrides})
+    """The tests' settings with `overrides`, validated like a user's (each call with a data dir
+    of its own, unless `overrides` name one)."""
+    data_dir = {"data_dir": tempfile.mkdtemp(prefix="ics-test-data-")}
+    return Settings(**{**TEST_SETTINGS, **data_dir, **overrides})
 
 
 def free_port() -> int:
@@ -47,8 +51,11 @@ def free_port() -> int:
 
 
 def service_command(port: int, *flags: str) -> list[str]:
-    """`run_service.py` as a user starts it, on 127.0.0.1 with one worker."""
-    return [sys.executable, "run_service.py", "--host", "127.0.0.1", "--port", str(port), "--workers", "1", *flags]
+    """`run_service.py` as a user starts it, on 127.0.0.1 with one worker (and a data dir of
+    its own, unless `flags` name one)."""
+    data = [] if "--data-dir" in flags else ["--data-dir", tempfile.mkdtemp(prefix="ics-test-data-")]
+    address = ["--host", "127.0.0.1", "--port", str(port)]
+    return [sys.executable, "run_service.py", *address, "--workers", "1", *data, *flags]
 
 
 @pytest.fixture(scope="session", autouse=True)

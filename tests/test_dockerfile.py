@@ -63,3 +63,13 @@ def test_hadolint_passes() -> None:
     hadolint = Path(sys.executable).parent / "hadolint"  # installed by requirements.txt beside python
     result = subprocess.run([str(hadolint), str(ROOT / "Dockerfile")], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_task_store_lives_on_a_volume_the_app_user_owns(dockerfile: DockerfileParser) -> None:
+    (volume,) = instructions(dockerfile, "VOLUME")
+    assert json.loads(volume) == ["/var/lib/ics"]
+    assert dockerfile.envs["ICS_DATA_DIR"] == "/var/lib/ics"
+    setup = next(value for value in instructions(dockerfile, "RUN") if "useradd" in value)
+    assert "/var/lib/ics" in setup.split("chown", 1)[1]  # created, then owned by the app user
+    compose = (ROOT / "docker-compose.yml").read_text()
+    assert ":/var/lib/ics" in compose

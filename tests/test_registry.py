@@ -1,18 +1,45 @@
-"""The in-memory registry: transitions, sticky final states, listing and pagination."""
+"""The registry contract, on both backends (memory, and SQLite in a temporary data dir):
+transitions, sticky final states, listing and pagination, expiry."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
 import pytest
 
+from service.metrics import Metrics
 from service.tasks.memory import InMemoryRegistry
 from service.tasks.records import ErrorInfo, ItemStatus, Label, TaskStatus
 from service.tasks.registry import InvalidCursor
+from service.tasks.sqlite import SqliteRegistry
 
 LABELS = [Label(label="espresso", class_index=967, score=0.9)]
 
+MakeRegistry = Callable[..., Awaitable[InMemoryRegistry]]
 
-async def test_create_gives_a_queued_task_with_pending_items() -> None:
-    registry = InMemoryRegistry()
+
+@pytest.fixture(params=["memory", "sqlite"])
+async def make_registry(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[MakeRegistry]:
+    """`await make_registry(finished_ttl=..., max_finished=..., clock=...)` on this backend."""
+    opened: list[SqliteRegistry] = []
+
+    async def make(**options: Any) -> InMemoryRegistry:
+        options = {"finished_ttl": 3600.0, "max_finished": 10_000, **options}
+        if request.param == "memory":
+            return InMemoryRegistry(**options)
+        registry = await SqliteRegistry.open(tmp_path / f"data{len(opened)}", metrics=Metrics(), **options)
+        opened.append(registry)
+        return registry
+
+    yield make
+    for registry in opened:
+        await registry.close()
+
+
+async def test_create_gives_a_queued_task_with_pending_items(make_registry: MakeRegistry) -> None:
+    registry = await make_registry()
     task = await registry.create(["http://a/1", "http://a/1"], "m", 5)
     assert task.status is TaskStatus.QUEUED
     assert task.started_at is None and task.finished_at is None
@@ -25,8 +52,8 @@ async def test_create_gives_a_queued_task_with_pending_items() -> None:
     assert await registry.get("nope") is None
 
 
-async def test_items_move_on_and_the_task_completes_when_all_are_final() -> None:
-    registry = InMemoryRegistry()
+async def test_items_move_on_and_the_task_completes_when_all_are_final(make_registry: MakeRegistry) -> None:
+    registry = await make_registry()
     task = await registry.create(["u0", "u1"], "m", 1)
     assert await registry.update_item(task.task_id, 0, ItemStatus.DOWNLOADING)
     running = await registry.get(task.task_id)
@@ -43,8 +70,8 @@ async def test_items_move_on_and_the_task_completes_when_all_are_final() -> None
     assert await registry.unfinished_images() == 0
 
 
-async def test_final_states_are_sticky() -> None:
-    registry = InMemoryRegistry()
+async def test_final_states_are_sticky(make_registry: MakeRegistry) -> None:
+    registry = await make_registry()
     task = await registry.create(["u0", "u1"], "m", 1)
     await registry.update_item(task.task_id, 0, ItemStatus.SUCCEEDED, labels=LABELS)
     assert not await registry.update_item(task.task_id, 0, ItemStatus.FAILED)
@@ -59,16 +86,16 @@ async def test_final_states_are_sticky() -> None:
     assert await registry.unfinished_images() == 0
 
 
-async def test_snapshots_do_not_change_under_later_updates() -> None:
-    registry = InMemoryRegistry()
+async def test_snapshots_do_not_change_under_later_updates(make_registry: MakeRegistry) -> None:
+    registry = await make_registry()
     task = await registry.create(["u0"], "m", 1)
     await registry.update_item(task.task_id, 0, ItemStatus.SUCCEEDED, labels=LABELS)
     assert task.items[0].status is ItemStatus.PENDING
     assert task.status is TaskStatus.QUEUED
 
 
-async def test_fail_closes_unfinished_items_with_the_task_error() -> None:
-    registry = InMemoryRegistry()
+async def test_fail_closes_unfinished_items_with_the_task_error(make_registry: MakeRegistry) -> None:
+    registry = await make_registry()
     task = await registry.create(["u0", "u1"], "m", 1)
     await registry.update_item(task.task_id, 0, ItemStatus.SUCCEEDED, labels=LABELS)
     error = ErrorInfo(code="model_unavailable", message="no weights")
@@ -81,8 +108,8 @@ async def test_fail_closes_unfinished_items_with_the_task_error() -> None:
     assert (await registry.cancel(task.task_id)).status is TaskStatus.FAILED
 
 
-async def test_remove_cancels_and_forgets() -> None:
-    registry = InMemoryRegistry()
+async def test_remove_cancels_and_forgets(make_registry: MakeRegistry) -> None:
+    registry = await make_registry()
     task = await registry.create(["u0"], "m", 1)
     removed = await registry.remove(task.task_id)
     assert removed.status is TaskStatus.CANCELLED
@@ -91,8 +118,8 @@ async def test_remove_cancels_and_forgets() -> None:
     assert await registry.unfinished_images() == 0
 
 
-async def test_list_is_newest_first_with_filter_and_cursor() -> None:
-    registry = InMemoryRegistry()
+async def test_list_is_newest_first_with_filter_and_cursor(make_registry: MakeRegistry) -> None:
+    registry = await make_registry()
     ids = [(await registry.create([f"u{n}"], "m", 1)).task_id for n in range(5)]
     await registry.cancel(ids[1])
     await registry.cancel(ids[3])
@@ -117,8 +144,8 @@ async def test_list_is_newest_first_with_filter_and_cursor() -> None:
 
 
 @pytest.mark.parametrize("cursor", ["=", "!!!", "c2VxOng", "bm9wZTox", "//79"])  # ..., "seq:x", "nope:1", bytes
-async def test_foreign_cursors_are_rejected(cursor: str) -> None:
-    registry = InMemoryRegistry()
+async def test_foreign_cursors_are_rejected(cursor: str, make_registry: MakeRegistry) -> None:
+    registry = await make_registry()
     with pytest.raises(InvalidCursor):
         await registry.page(None, 10, cursor)
 
@@ -131,9 +158,9 @@ class FakeClock:
         return self.now
 
 
-async def test_finished_tasks_expire_after_the_ttl() -> None:
+async def test_finished_tasks_expire_after_the_ttl(make_registry: MakeRegistry) -> None:
     clock = FakeClock()
-    registry = InMemoryRegistry(finished_ttl=60, max_finished=100, clock=clock)
+    registry = await make_registry(finished_ttl=60, max_finished=100, clock=clock)
     done = await registry.create(["u0"], "m", 1)
     active = await registry.create(["u1"], "m", 1)
     await registry.update_item(done.task_id, 0, ItemStatus.SUCCEEDED, labels=LABELS)
@@ -146,8 +173,8 @@ async def test_finished_tasks_expire_after_the_ttl() -> None:
     assert await registry.get(active.task_id) is not None  # unfinished tasks never expire
 
 
-async def test_at_most_max_finished_tasks_are_kept_oldest_finished_first() -> None:
-    registry = InMemoryRegistry(finished_ttl=3600, max_finished=2, clock=FakeClock())
+async def test_at_most_max_finished_tasks_are_kept_oldest_finished_first(make_registry: MakeRegistry) -> None:
+    registry = await make_registry(finished_ttl=3600, max_finished=2, clock=FakeClock())
     ids = [(await registry.create([f"u{n}"], "m", 1)).task_id for n in range(4)]
     for task_id in (ids[2], ids[0], ids[3]):  # finish order: 2, 0, 3
         await registry.cancel(task_id)
@@ -155,8 +182,8 @@ async def test_at_most_max_finished_tasks_are_kept_oldest_finished_first() -> No
     assert remaining == {ids[0], ids[3], ids[1]}  # 2 finished first, so it went; 1 is still active
 
 
-async def test_finished_tasks_are_kept_as_one_serialised_snapshot() -> None:
-    registry = InMemoryRegistry()
+async def test_finished_tasks_are_kept_as_one_serialised_snapshot(make_registry: MakeRegistry) -> None:
+    registry = await make_registry()
     task = await registry.create(["u0", "u1"], "m", 1)
     await registry.update_item(task.task_id, 0, ItemStatus.SUCCEEDED, labels=LABELS)
     running_json = await registry.get_json(task.task_id)

@@ -74,8 +74,13 @@ async def test_run_service_classifies_a_photo_and_stops_on_sigint(image_server: 
     assert any("POST /submit" in line["message"] for line in lines if line["logger"] == "aiohttp.access")
 
 
-async def test_sigterm_cancels_after_the_grace_period_and_leaves_no_workers(image_server: ImageServer) -> None:
-    async with running_service("--shutdown-grace", "1.5", "--download-concurrency", "1") as (process, base):
+async def test_sigterm_with_the_memory_store_cancels_after_the_grace_period_and_leaves_no_workers(
+    image_server: ImageServer,
+) -> None:
+    async with running_service("--store", "memory", "--shutdown-grace", "1.5", "--download-concurrency", "1") as (
+        process,
+        base,
+    ):
         workers = psutil.Process(process.pid).children(recursive=True)
         assert workers
         async with aiohttp.ClientSession() as http:

@@ -1,11 +1,14 @@
-"""The task engine on its own: the task service with the in-memory registry and a fake
-inference pool (no worker processes), downloading from a real image server on 127.0.0.1."""
+"""The task engine on its own: the task service with a registry (memory, or SQLite in a
+temporary data dir) and a fake inference pool (no worker processes), downloading from a real
+image server on 127.0.0.1."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,7 +24,8 @@ from service.pool.catalog import ModelCatalog
 from service.tasks.memory import InMemoryRegistry
 from service.tasks.records import ItemStatus, TaskDetail, TaskStatus
 from service.tasks.service import TaskService
-from service.tasks.uploads import TaskUploads, Upload, UploadBudget
+from service.tasks.sqlite import SqliteRegistry
+from service.tasks.uploads import UploadBudget, UploadSpool
 from tests.conftest import settings_for
 from tests.fakes import FakePool, image
 
@@ -63,10 +67,26 @@ async def images(aiohttp_server: Callable[..., Any]) -> Images:
     return served
 
 
+@dataclass
+class Engine:
+    service: TaskService
+    registry: InMemoryRegistry
+    metrics: Metrics
+    budget: UploadBudget
+
+
 @asynccontextmanager
-async def engine(pool: FakePool, **overrides: Any) -> AsyncIterator[tuple[TaskService, InMemoryRegistry, Metrics]]:
-    settings = settings_for(**overrides)
-    registry, metrics = InMemoryRegistry(), Metrics()
+async def engine(pool: FakePool, store: str = "memory", **overrides: Any) -> AsyncIterator[Engine]:
+    """A task service (with consumers running) on `store`; `data_dir` in `overrides` reopens one."""
+    settings = settings_for(store=store, **overrides)
+    metrics, budget = Metrics(), UploadBudget(10_000)
+    registry: InMemoryRegistry
+    spool = None
+    if store == "memory":
+        registry = InMemoryRegistry()
+    else:
+        registry = await SqliteRegistry.open(settings.data_dir, 3600, 100, metrics)
+        spool = UploadSpool(settings.data_dir / "uploads", budget)
     catalog = ModelCatalog(await pool.model_infos([EMBEDDED, OTHER]), EMBEDDED.name)
     async with (
         make_session(settings) as session,
@@ -77,6 +97,8 @@ async def engine(pool: FakePool, **overrides: Any) -> AsyncIterator[tuple[TaskSe
             session,
             FetchLimits.from_settings(settings),
             metrics,
+            budget,
+            spool,
             consumers=1,
             download_concurrency=settings.download_concurrency,
             max_queued_images=settings.max_queued_images,
@@ -84,7 +106,14 @@ async def engine(pool: FakePool, **overrides: Any) -> AsyncIterator[tuple[TaskSe
             batch_wait=0.005,
         ) as service,
     ):
-        yield service, registry, metrics
+        yield Engine(service, registry, metrics, budget)
+    if isinstance(registry, SqliteRegistry):
+        await registry.close()
+
+
+def with_uploads(urls_before: list[str], upload: bytes, urls_after: list[str]) -> tuple[list[str], dict[int, bytes]]:
+    """Item URLs and the uploaded files' bytes by index, for one upload between URLs."""
+    return [*urls_before, "upload:a.jpg", *urls_after], {len(urls_before): upload}
 
 
 async def final(registry: InMemoryRegistry, task_id: str) -> TaskDetail:
@@ -99,55 +128,55 @@ def labels(task: TaskDetail) -> list[str | None]:
     return [item.labels[0].label if item.labels else (item.error.code if item.error else None) for item in task.items]
 
 
-async def test_urls_and_uploads_are_classified_in_submission_order(images: Images) -> None:
-    pool, budget = FakePool(), UploadBudget(1000)
-    async with engine(pool, batch_size=4) as (service, registry, metrics):
-        sources: list[str | Upload] = [images.urls("cat")[0], Upload("a.jpg", image("espresso")), images.urls("dog")[0]]
-        assert budget.reserve(len(image("espresso")))
-        uploads = TaskUploads(sources, budget)
-        urls = [source.url if isinstance(source, Upload) else source for source in sources]
-        task = await service.create([*urls, *images.urls("rocket")], EMBEDDED.name, 2, None, uploads)
-        done = await final(registry, task.task_id)
+@pytest.mark.parametrize("store", ["memory", "sqlite"])
+async def test_urls_and_uploads_are_classified_in_submission_order(images: Images, store: str) -> None:
+    async with engine(FakePool(), store, batch_size=4) as running:
+        urls, files = with_uploads(images.urls("cat"), image("espresso"), images.urls("dog", "rocket"))
+        assert running.budget.reserve(len(image("espresso")))
+        task = await running.service.create(urls, EMBEDDED.name, 2, None, files)
+        done = await final(running.registry, task.task_id)
+        assert running.budget.used == 0
+        metrics = running.metrics
     assert done.status is TaskStatus.COMPLETED
     assert labels(done) == ["cat", "espresso", "dog", "rocket"]
     assert [len(item.labels or []) for item in done.items] == [2] * 4
     assert images.hits == 3  # the upload was not downloaded
-    assert budget.used == 0
-    assert metrics.images.labels(outcome="succeeded", code="")._value.get() == 4
+    assert metrics.registry.get_sample_value("ics_images_total", {"outcome": "succeeded", "code": ""}) == 4
 
 
 async def test_cancel_stops_downloads_drops_queued_images_and_refuses_late_results(images: Images) -> None:
     pool = FakePool()
     pool.hold.clear()  # the first batch stays in the "worker"
-    async with engine(pool, download_concurrency=2, batch_size=1) as (service, registry, _):
+    async with engine(pool, download_concurrency=2, batch_size=1) as running:
         images.delay = 0.3
-        task = await service.create(images.urls(*(f"img{n}" for n in range(20))), EMBEDDED.name, 1, None)
+        task = await running.service.create(images.urls(*(f"img{n}" for n in range(20))), EMBEDDED.name, 1, None)
         async with asyncio.timeout(10):
             while not pool.batches:
                 await asyncio.sleep(0.01)
         images.delay = 1.0  # the downloads in flight now are still running at the cancel
         await asyncio.sleep(0.4)
-        cancelled = await service.cancel(task.task_id)
+        cancelled = await running.service.cancel(task.task_id)
         assert cancelled is not None and cancelled.status is TaskStatus.CANCELLED
         hits = images.hits
         await asyncio.sleep(1.2)
         assert images.hits == hits < 20  # nothing new was fetched
         assert images.aborted == 2  # and both downloads in flight were cut off
-        assert service.queue_depth() == 0
+        assert running.service.queue_depth() == 0
         pool.hold.set()  # the batch in the worker comes back now: refused
         await asyncio.sleep(0.1)
-        assert await registry.get(task.task_id) == cancelled
+        assert await running.registry.get(task.task_id) == cancelled
 
 
 async def test_a_model_that_cannot_load_fails_its_task_and_stops_its_downloads(images: Images) -> None:
     pool = FakePool()
     pool.failures = [ModelLoadError("no weights")]
-    async with engine(pool, download_concurrency=1, batch_size=1) as (service, registry, _):
+    async with engine(pool, download_concurrency=1, batch_size=1) as running:
         images.delay = 0.2
-        doomed = await service.create(images.urls(*(f"img{n}" for n in range(10))), OTHER.name, 1, None)
-        failed = await final(registry, doomed.task_id)
+        doomed = await running.service.create(images.urls(*(f"img{n}" for n in range(10))), OTHER.name, 1, None)
+        failed = await final(running.registry, doomed.task_id)
         await asyncio.sleep(0.5)
-        fine = await final(registry, (await service.create(images.urls("cat"), EMBEDDED.name, 1, None)).task_id)
+        fine_task = await running.service.create(images.urls("cat"), EMBEDDED.name, 1, None)
+        fine = await final(running.registry, fine_task.task_id)
     assert failed.status is TaskStatus.FAILED and failed.error is not None
     assert failed.error.code == "model_load_failed"
     assert images.hits < 10
@@ -168,46 +197,70 @@ async def test_inference_failures_become_item_error_codes(
 ) -> None:
     pool = FakePool()
     pool.failures = list(failures)
-    async with engine(pool, batch_size=2) as (service, registry, _):
-        first = await final(registry, (await service.create(images.urls("cat", "dog"), EMBEDDED.name, 1, None)).task_id)
-        after = await final(registry, (await service.create(images.urls("owl"), EMBEDDED.name, 1, None)).task_id)
+    async with engine(pool, batch_size=2) as running:
+        first_task = await running.service.create(images.urls("cat", "dog"), EMBEDDED.name, 1, None)
+        first = await final(running.registry, first_task.task_id)
+        after_task = await running.service.create(images.urls("owl"), EMBEDDED.name, 1, None)
+        after = await final(running.registry, after_task.task_id)
     assert first.status is TaskStatus.COMPLETED
     assert labels(first) == expected
     assert labels(after) == ["owl"]  # the consumer carried on
 
 
 async def test_drain_waits_for_tasks_that_finish_in_time_and_cancels_the_rest(images: Images) -> None:
-    pool = FakePool()
-    budget = UploadBudget(1000)
-    async with engine(pool, download_concurrency=1) as (service, registry, _):
+    async with engine(FakePool(), download_concurrency=1) as running:
         images.delay = 0.2
-        quick = await service.create(images.urls("cat"), EMBEDDED.name, 1, None)
-        assert budget.reserve(5)
-        sources: list[str | Upload] = [*images.urls(*(f"img{n}" for n in range(30))), Upload("x.jpg", b"12345")]
-        slow_uploads = TaskUploads(sources, budget)
-        urls = [source.url if isinstance(source, Upload) else source for source in sources]
-        slow = await service.create(urls, EMBEDDED.name, 1, None, slow_uploads)
+        quick = await running.service.create(images.urls("cat"), EMBEDDED.name, 1, None)
+        urls, files = with_uploads(images.urls(*(f"img{n}" for n in range(30))), b"12345", [])
+        assert running.budget.reserve(5)
+        slow = await running.service.create(urls, EMBEDDED.name, 1, None, files)
         loop = asyncio.get_running_loop()
         started = loop.time()
-        await service.drain(grace=1.0)
+        await running.service.drain(grace=1.0)
         assert 0.9 < loop.time() - started < 5
-    assert (await registry.get(quick.task_id)).status is TaskStatus.COMPLETED  # type: ignore[union-attr]
-    left = await registry.get(slow.task_id)
+        budget = running.budget
+    assert (await running.registry.get(quick.task_id)).status is TaskStatus.COMPLETED  # type: ignore[union-attr]
+    left = await running.registry.get(slow.task_id)
     assert left is not None and left.status is TaskStatus.CANCELLED
     assert ItemStatus.CANCELLED in {item.status for item in left.items}
     assert budget.used == 0  # the upload that never got queued was given back
 
 
+async def test_a_durable_task_outlives_a_shutdown_and_resumes_with_its_upload(images: Images, tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    async with engine(FakePool(), "sqlite", download_concurrency=1, data_dir=data_dir) as running:
+        images.delay = 0.2
+        urls, files = with_uploads(images.urls(*(f"img{n}" for n in range(8))), image("espresso"), images.urls("cat"))
+        assert running.budget.reserve(len(image("espresso")))
+        task = await running.service.create(urls, EMBEDDED.name, 1, None, files)
+        async with asyncio.timeout(10):
+            while (await running.registry.get(task.task_id)).progress.done < 2:  # type: ignore[union-attr]
+                await asyncio.sleep(0.05)
+        await running.service.drain(grace=0)
+        kept = await running.registry.get(task.task_id)
+    assert kept is not None and kept.status is TaskStatus.RUNNING  # not cancelled: kept for the next start
+    assert (data_dir / "uploads" / task.task_id / "8").is_file()  # the upload waits on disk
+    before = {item.index: item for item in kept.items if item.status.is_final}
+
+    images.delay = 0
+    async with engine(FakePool(), "sqlite", data_dir=data_dir) as running:
+        done = await final(running.registry, task.task_id)
+    assert done.status is TaskStatus.COMPLETED
+    assert labels(done) == [f"img{n}" for n in range(8)] + ["espresso", "cat"]
+    assert all(done.items[index] == item for index, item in before.items())  # results from before, unchanged
+    assert not (data_dir / "uploads" / task.task_id).exists()  # spooled files go once their items are final
+
+
 async def test_remove_forgets_the_task_and_stops_it(images: Images) -> None:
     pool = FakePool()
-    async with engine(pool, download_concurrency=1) as (service, registry, _):
+    async with engine(pool, download_concurrency=1) as running:
         images.delay = 0.3
-        task = await service.create(images.urls(*(f"img{n}" for n in range(10))), EMBEDDED.name, 1, None)
+        task = await running.service.create(images.urls(*(f"img{n}" for n in range(10))), EMBEDDED.name, 1, None)
         await asyncio.sleep(0.1)
-        removed = await service.remove(task.task_id)
+        removed = await running.service.remove(task.task_id)
         assert removed is not None and removed.status is TaskStatus.CANCELLED
-        assert await registry.get(task.task_id) is None
+        assert await running.registry.get(task.task_id) is None
         hits = images.hits
         await asyncio.sleep(0.8)
         assert images.hits == hits
-        assert await registry.unfinished_images() == 0
+        assert await running.registry.unfinished_images() == 0

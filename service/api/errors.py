@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from service.api.schemas import ErrorBody, ErrorDetail
+from service.tasks.registry import StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,14 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return await handler(request)
     except ApiError as exc:
         return error_response(exc.status, exc.code, exc.message, exc.details, exc.headers)
+    except StoreUnavailable as exc:
+        log.warning("%s %s: %s", request.method, request.path, exc)
+        return error_response(
+            503,
+            "store_unavailable",
+            "the task store cannot write right now; retry later",
+            headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+        )
     except web.HTTPException as exc:
         if exc.status < 400:
             raise

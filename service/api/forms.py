@@ -44,6 +44,10 @@ class UploadForm:
     def item_urls(self) -> list[str]:
         return [source.url if isinstance(source, Upload) else source for source in self.sources]
 
+    def files(self) -> dict[int, bytes]:
+        """The uploaded files' bytes, by the index of their item."""
+        return {index: source.data for index, source in enumerate(self.sources) if isinstance(source, Upload)}
+
 
 async def read_form(request: web.Request, max_items: int, max_image_bytes: int, budget: UploadBudget) -> UploadForm:
     """The form, with its files' bytes reserved in `budget`; or ApiError, with nothing reserved."""

@@ -11,6 +11,7 @@ from service.api.schemas import Health, ModelEntry, ModelList
 from service.api.tasks import json_response
 from service.metrics import CONTENT_TYPE
 from service.pool.catalog import ModelCatalog
+from service.tasks.sqlite import SqliteRegistry
 
 routes = web.RouteTableDef()
 
@@ -39,6 +40,8 @@ async def readyz(request: web.Request) -> web.Response:
     """Ready when every inference worker is up with the default model loaded."""
     if not request.app[POOL].check_ready():
         raise ApiError(503, "not_ready", "the inference workers are starting or being replaced")
+    if not request.app[REGISTRY].healthy():
+        raise ApiError(503, "not_ready", "the task store cannot write")
     return json_response(Health(status="ready"))
 
 
@@ -57,6 +60,10 @@ async def metrics(request: web.Request) -> web.Response:
     app_metrics.queue_depth.set(app[TASKS].queue_depth())
     app_metrics.upload_bytes.set(app[UPLOAD_BUDGET].used)
     app_metrics.worker_restarts.set(app[POOL].restarts)
+    registry = app[REGISTRY]
+    if isinstance(registry, SqliteRegistry):
+        app_metrics.store_pending.set(registry.journal.pending())
+        app_metrics.store_bytes.set(registry.journal.size_bytes())
     return web.Response(body=app_metrics.render(), headers={"Content-Type": CONTENT_TYPE})
 
 

@@ -18,11 +18,11 @@ from service.api.validation import MULTIPART, query_error_code, read_json_object
 from service.pool.catalog import ModelCatalog
 from service.tasks.records import TaskDetail, TaskPage
 from service.tasks.registry import InvalidCursor
-from service.tasks.uploads import TaskUploads
 
 routes = web.RouteTableDef()
 
 TASK_NOT_FOUND = {404: "task_not_found"}
+STORE_UNAVAILABLE = {503: "store_unavailable (see the Retry-After header)"}
 
 
 def json_response(model: BaseModel, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
@@ -44,13 +44,15 @@ def json_response(model: BaseModel, status: int = 200, headers: dict[str, str] |
         413: "request_too_large, upload_too_large",
         415: "unsupported_media_type",
         429: "too_busy (see the Retry-After header)",
+        **STORE_UNAVAILABLE,
     },
 )
 async def submit(request: web.Request) -> web.Response:
     if request.content_type == MULTIPART:
         return await _submit_form(request)
     submission = validate(request.app[SUBMIT_REQUEST], await read_json_object(request), submit_error_code)
-    return await _start_task(request, submission.urls, submission.top_k, submission.model)
+    model = await _admit(request, submission.model, len(submission.urls))
+    return await _start_task(request, submission.urls, submission.top_k, model)
 
 
 async def _submit_form(request: web.Request) -> web.Response:
@@ -58,28 +60,31 @@ async def _submit_form(request: web.Request) -> web.Response:
     settings, budget = app[SETTINGS], app[UPLOAD_BUDGET]
     await _check_capacity(request, 1)  # before reading what may be megabytes of files
     form = await read_form(request, settings.max_urls_per_task, settings.max_image_bytes, budget)
-    uploads = TaskUploads(form.sources, budget)
     try:
         submission = validate(app[SUBMIT_FORM], form.values(), submit_error_code)
         if not form.sources:
             raise ApiError(400, "no_images", "the form holds no files and no urls")
-        return await _start_task(request, form.item_urls(), submission.top_k, submission.model, uploads)
+        model = await _admit(request, submission.model, len(form.sources))
     except BaseException:
-        uploads.release()
+        budget.release(form.size)
         raise
+    return await _start_task(request, form.item_urls(), submission.top_k, model, form.files())
+
+
+async def _admit(request: web.Request, model: str | None, images: int) -> str:
+    """The model the task will use, if it is available and the service has room."""
+    model = model or request.app[SETTINGS].default_model
+    _check_model(request.app[CATALOG], model)
+    await _check_capacity(request, images)
+    return model
 
 
 async def _start_task(
-    request: web.Request, urls: list[str], top_k: int | None, model: str | None, uploads: TaskUploads | None = None
+    request: web.Request, urls: list[str], top_k: int | None, model: str, files: dict[int, bytes] | None = None
 ) -> web.Response:
-    """Create the task (which then owns `uploads`) and answer 202."""
-    settings = request.app[SETTINGS]
-    model = model or settings.default_model
-    _check_model(request.app[CATALOG], model)
-    await _check_capacity(request, len(urls))
-    task = await request.app[TASKS].create(
-        urls, model, top_k or settings.default_top_k, request_owner(request), uploads
-    )
+    """Create the task (which then owns the reserved bytes of `files`) and answer 202."""
+    top_k = top_k or request.app[SETTINGS].default_top_k
+    task = await request.app[TASKS].create(urls, model, top_k, request_owner(request), files)
     response = SubmitResponse(task_id=task.task_id, status=task.status, total=len(task.items))
     return json_response(response, status=202, headers={"Location": f"/tasks/{task.task_id}"})
 
@@ -144,7 +149,7 @@ async def get_task(request: web.Request) -> web.Response:
 @documented(
     summary="Cancel the task if it is active, then forget it",
     replies={200: Reply("The task's final snapshot", TaskDetail)},
-    errors=TASK_NOT_FOUND,
+    errors={**TASK_NOT_FOUND, **STORE_UNAVAILABLE},
 )
 async def delete_task(request: web.Request) -> web.Response:
     return _task_or_404(request, await request.app[TASKS].remove(task_id_of(request), request_owner(request)))
@@ -154,7 +159,7 @@ async def delete_task(request: web.Request) -> web.Response:
 @documented(
     summary="Cancel the task if it is active and keep it visible",
     replies={200: Reply("The task's final snapshot", TaskDetail)},
-    errors=TASK_NOT_FOUND,
+    errors={**TASK_NOT_FOUND, **STORE_UNAVAILABLE},
 )
 async def cancel_task(request: web.Request) -> web.Response:
     return _task_or_404(request, await request.app[TASKS].cancel(task_id_of(request), request_owner(request)))

@@ -1,7 +1,9 @@
-"""The in-memory task registry: tasks in a dict, in creation order, gone with the process.
+"""The in-memory task registry: tasks in a dict, in creation order.
 
 Every state change is a method that never awaits in the middle, so on one event loop each
-call is atomic; final states are sticky (see `service.tasks.registry`).
+call is atomic; final states are sticky (see `service.tasks.registry`). Each change is also
+told to a `Journal`, in the order it happens: the durable registry
+(`service.tasks.sqlite`) keeps this registry as its cache and writes the journal to disk.
 """
 
 from __future__ import annotations
@@ -11,9 +13,10 @@ import logging
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Protocol
 
 from service.tasks.records import (
     ErrorInfo,
@@ -36,7 +39,9 @@ def utcnow() -> datetime:
 
 
 @dataclass
-class _TaskRecord:
+class TaskState:
+    """One task as the registry holds it (a journal reads these; nothing else does)."""
+
     seq: int
     task_id: str
     model: str
@@ -98,33 +103,79 @@ class _TaskRecord:
         )
 
 
+class Journal(Protocol):
+    """Told every change of a task, in order, right after it happened in memory."""
+
+    def created(self, task: TaskState) -> None: ...
+
+    def started(self, task: TaskState) -> None: ...
+
+    def item_final(self, task: TaskState, index: int) -> None:
+        """An item reached a final state while its task goes on."""
+        ...
+
+    def finished(self, task: TaskState) -> None:
+        """The task reached a final state (`task.frozen` holds its snapshot)."""
+        ...
+
+    def forgotten(self, task: TaskState) -> None: ...
+
+
+class NoJournal:
+    """Keep nothing: tasks live as long as the process."""
+
+    def created(self, task: TaskState) -> None:
+        pass
+
+    def started(self, task: TaskState) -> None:
+        pass
+
+    def item_final(self, task: TaskState, index: int) -> None:
+        pass
+
+    def finished(self, task: TaskState) -> None:
+        pass
+
+    def forgotten(self, task: TaskState) -> None:
+        pass
+
+
 class InMemoryRegistry:
     """Keeps tasks in a dict, in creation order.
 
     Memory stays bounded: a finished task is forgotten `finished_ttl` seconds after it
     finished, and at most `max_finished` finished tasks are kept (oldest finished go
-    first). Expiry is checked on every call, so no background task is needed.
+    first). Expiry is checked on every call, so no background task is needed. `clock` is
+    wall-clock seconds (finish times outlive the process in a durable registry).
     """
 
     def __init__(
         self,
         finished_ttl: float = 3600.0,
         max_finished: int = 10_000,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Callable[[], float] = time.time,
+        journal: Journal | None = None,
     ) -> None:
-        self._tasks: dict[str, _TaskRecord] = {}
+        self._tasks: dict[str, TaskState] = {}
+        self._ids: dict[int, str] = {}  # seq -> task id
         self._finished: dict[str, float] = {}  # task id -> when it finished, oldest first
         self._finished_ttl = finished_ttl
         self._max_finished = max_finished
         self._clock = clock
+        self._journal: Journal = journal or NoJournal()
         self._next_seq = 1
         self._unfinished = 0
 
-    async def create(self, urls: list[str], model: str, top_k: int, owner: str | None = None) -> TaskDetail:
+    def healthy(self) -> bool:
+        return True
+
+    async def create(
+        self, urls: list[str], model: str, top_k: int, owner: str | None = None, task_id: str | None = None
+    ) -> TaskDetail:
         self._expire()
-        record = _TaskRecord(
+        record = TaskState(
             seq=self._next_seq,
-            task_id=uuid.uuid4().hex,
+            task_id=task_id or uuid.uuid4().hex,
             model=model,
             top_k=top_k,
             items=[Item(index=index, url=url) for index, url in enumerate(urls)],
@@ -133,7 +184,9 @@ class InMemoryRegistry:
         )
         self._next_seq += 1
         self._tasks[record.task_id] = record
+        self._ids[record.seq] = record.task_id
         self._unfinished += len(urls)
+        self._journal.created(record)
         log.info("task %s created: %d images, model %s", record.task_id, len(urls), model, extra=_ids(record))
         return record.detail()
 
@@ -153,7 +206,7 @@ class InMemoryRegistry:
         """Newest first. The cursor is the sequence number of the last task already seen."""
         self._expire()
         before = decode_cursor(cursor) if cursor else None
-        page: list[_TaskRecord] = []
+        page: list[TaskState] = []
         more = False
         for record in reversed(self._tasks.values()):
             if before is not None and record.seq >= before:
@@ -185,11 +238,14 @@ class InMemoryRegistry:
         if record.status is TaskStatus.QUEUED:
             record.status = TaskStatus.RUNNING
             record.started_at = utcnow()
+            self._journal.started(record)
             log.info("task %s running", task_id, extra=_ids(record))
         if status.is_final:
             self._count_final(record, index, status)
             if record.done == record.total:
                 self._finish(record, TaskStatus.COMPLETED)
+            else:
+                self._journal.item_final(record, index)
             record.notify()
         return True
 
@@ -236,12 +292,35 @@ class InMemoryRegistry:
             await record.changed.wait()
             record = self._tasks.get(task_id)
 
-    async def cancel_active(self) -> int:
-        """Cancel every task still active (at shutdown); how many there were."""
+    async def active(self) -> list[tuple[TaskDetail, str | None]]:
+        """Tasks not yet final with their owners, oldest first (what a restart resumes)."""
+        return [(record.detail(), record.owner) for record in self._tasks.values() if not record.status.is_final]
+
+    async def shutdown(self) -> None:
+        """Tasks live as long as the process: cancel every task still active."""
         active = [task_id for task_id, record in self._tasks.items() if not record.status.is_final]
         for task_id in active:
             await self.cancel(task_id, self._tasks[task_id].owner)
-        return len(active)
+        if active:
+            log.info("cancelled %d active tasks at shutdown", len(active))
+
+    def restore(self, tasks: Iterable[TaskState]) -> None:
+        """Take back tasks kept elsewhere (in creation order), as they were; items of an
+        active task that had not reached a final state start again from pending."""
+        finished: list[TaskState] = []
+        for record in tasks:
+            for index, item in enumerate(record.items):
+                if not item.status.is_final and item.status is not ItemStatus.PENDING:
+                    record.items[index] = item.model_copy(update={"status": ItemStatus.PENDING})
+            self._tasks[record.task_id] = record
+            self._ids[record.seq] = record.task_id
+            self._next_seq = max(self._next_seq, record.seq + 1)
+            self._unfinished += record.total - record.done
+            if record.status.is_final:
+                finished.append(record)
+        for record in sorted(finished, key=lambda record: record.finished_at or record.created_at):
+            self._finished[record.task_id] = (record.finished_at or record.created_at).timestamp()
+        self._expire()
 
     async def status_counts(self) -> dict[TaskStatus, int]:
         """Tasks held now, by status (every status present, zeros included)."""
@@ -258,22 +337,22 @@ class InMemoryRegistry:
     async def unfinished_images(self) -> int:
         return self._unfinished
 
-    def _owned(self, task_id: str, owner: str | None) -> _TaskRecord | None:
+    def _owned(self, task_id: str, owner: str | None) -> TaskState | None:
         record = self._tasks.get(task_id)
         return record if record is not None and record.owner == owner else None
 
-    def _close_items(self, record: _TaskRecord, status: ItemStatus, error: ErrorInfo | None) -> None:
+    def _close_items(self, record: TaskState, status: ItemStatus, error: ErrorInfo | None) -> None:
         for index, item in enumerate(record.items):
             if not item.status.is_final:
                 record.items[index] = item.model_copy(update={"status": status, "error": error})
                 self._count_final(record, index, status)
 
-    def _count_final(self, record: _TaskRecord, index: int, status: ItemStatus) -> None:
+    def _count_final(self, record: TaskState, index: int, status: ItemStatus) -> None:
         record.finals[status] += 1
         record.completed.append(index)
         self._unfinished -= 1
 
-    def _finish(self, record: _TaskRecord, status: TaskStatus) -> None:
+    def _finish(self, record: TaskState, status: TaskStatus) -> None:
         record.status = status
         record.finished_at = utcnow()
         log.info(
@@ -286,6 +365,7 @@ class InMemoryRegistry:
             extra=_ids(record),
         )
         record.freeze()
+        self._journal.finished(record)
         record.notify()
         self._finished[record.task_id] = self._clock()
         while len(self._finished) > self._max_finished:
@@ -303,9 +383,21 @@ class InMemoryRegistry:
         record = self._tasks.pop(task_id, None)
         self._finished.pop(task_id, None)
         if record is not None:
+            del self._ids[record.seq]
+            self._journal.forgotten(record)
             record.notify()  # its watchers find it gone
 
+    def _drop(self, task_id: str) -> int:
+        """Undo the creation of a task nobody was told about; its sequence number."""
+        record = self._tasks.pop(task_id)
+        del self._ids[record.seq]
+        self._unfinished -= record.total - record.done
+        return record.seq
 
-def _ids(record: _TaskRecord) -> dict[str, object]:
+    def _by_seq(self, seqs: Iterable[int]) -> list[TaskState]:
+        return [self._tasks[self._ids[seq]] for seq in seqs if seq in self._ids]
+
+
+def _ids(record: TaskState) -> dict[str, object]:
     """Structured fields for a task's log lines (the owner is a key hash, never the key)."""
     return {"task_id": record.task_id, "owner": record.owner}

@@ -17,7 +17,11 @@ from service.metrics import Metrics
 from service.tasks.batching import BatchQueue, Job
 from service.tasks.records import ErrorInfo, ItemStatus, TaskDetail
 from service.tasks.registry import TaskRegistry
-from service.tasks.uploads import TaskUploads
+from service.tasks.uploads import UPLOAD_PREFIX, TaskUploads
+
+# An uploaded file that is gone: its task was resumed after a restart and the spooled file was
+# missing from the data dir.
+UPLOAD_LOST = ErrorInfo(code="upload_lost", message="the uploaded file was lost before it could be classified")
 
 
 class Pipeline:
@@ -42,8 +46,13 @@ class Pipeline:
     async def run(self, task: TaskDetail, uploads: TaskUploads | None) -> None:
         async with asyncio.TaskGroup() as group:
             for item in task.items:
-                if uploads is not None and item.index in uploads:
-                    await self._enqueue(task, item.index, uploads.take(item.index))
+                if item.status.is_final:
+                    continue  # a resumed task: this one was done before the restart
+                if item.url.startswith(UPLOAD_PREFIX):
+                    if uploads is not None and item.index in uploads:
+                        await self._enqueue(task, item.index, await uploads.take(item.index))
+                    else:
+                        await self._fail(task.task_id, item.index, UPLOAD_LOST)
                     continue
                 await self._slots.acquire()
                 download = group.create_task(self._download(task, item.index, item.url))
@@ -57,11 +66,15 @@ class Pipeline:
             with self._metrics.download_seconds.time():
                 data = await fetch(self._session, url, self._limits)
         except FetchError as exc:
-            error = ErrorInfo(code=exc.code, message=exc.message, http_status=exc.http_status)
-            if await self._registry.update_item(task.task_id, index, ItemStatus.FAILED, error=error):
-                self._metrics.image_done(error.code)
+            await self._fail(
+                task.task_id, index, ErrorInfo(code=exc.code, message=exc.message, http_status=exc.http_status)
+            )
             return
         await self._enqueue(task, index, data)
+
+    async def _fail(self, task_id: str, index: int, error: ErrorInfo) -> None:
+        if await self._registry.update_item(task_id, index, ItemStatus.FAILED, error=error):
+            self._metrics.image_done(error.code)
 
     async def _enqueue(self, task: TaskDetail, index: int, data: bytes) -> None:
         if await self._registry.update_item(task.task_id, index, ItemStatus.CLASSIFYING):

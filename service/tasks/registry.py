@@ -19,6 +19,10 @@ class InvalidCursor(ValueError):
     """A pagination cursor this registry did not issue."""
 
 
+class StoreUnavailable(Exception):
+    """A durable registry cannot write a change now (it keeps trying; readiness fails)."""
+
+
 @dataclass(frozen=True)
 class TaskUpdate:
     """What a watcher has not seen yet: newly final items, and the task as it is now."""
@@ -30,7 +34,16 @@ class TaskUpdate:
 class TaskRegistry(Protocol):
     # `owner` identifies the API key that created a task (None without keys); a task is
     # invisible, as if it did not exist, to every other owner.
-    async def create(self, urls: list[str], model: str, top_k: int, owner: str | None = None) -> TaskDetail: ...
+    def healthy(self) -> bool:
+        """False while changes cannot be kept (a durable store failing to write)."""
+        ...
+
+    async def create(
+        self, urls: list[str], model: str, top_k: int, owner: str | None = None, task_id: str | None = None
+    ) -> TaskDetail:
+        """A new queued task (`task_id`: an id made for it beforehand, else a new one). A
+        durable registry has it on disk when this returns."""
+        ...
 
     async def get(self, task_id: str, owner: str | None = None) -> TaskDetail | None: ...
 
@@ -67,8 +80,14 @@ class TaskRegistry(Protocol):
         """Cancel, then forget, a task; its last snapshot, or None if unknown."""
         ...
 
-    async def cancel_active(self) -> int:
-        """Cancel every task still active (at shutdown); how many there were."""
+    async def active(self) -> list[tuple[TaskDetail, str | None]]:
+        """Tasks not yet final with their owners, oldest first: at start-up, what a durable
+        registry resumes."""
+        ...
+
+    async def shutdown(self) -> None:
+        """The service stops: an in-memory registry cancels the tasks still active; a durable
+        one keeps them to resume at the next start."""
         ...
 
     async def follow(

@@ -6,13 +6,15 @@ final state: the job feeds the task's images into the batch queue (`Pipeline`) a
 the registry; whatever makes the task final (its last result, a cancel, a delete, a model
 that cannot load) stops its downloads and drops its queued images, in one place. A fixed
 set of consumers (`Classifier`) classifies the batches. Shutdown gives running tasks a
-grace period (`drain`), then cancels what is left.
+grace period (`drain`), then stops their jobs; the registry decides what becomes of them
+(a durable one keeps them, and the next start resumes them here).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from types import TracebackType
 
 import aiohttp
@@ -27,7 +29,7 @@ from service.tasks.classifier import INTERNAL_ERROR, Classifier
 from service.tasks.pipeline import Pipeline
 from service.tasks.records import TaskDetail
 from service.tasks.registry import TaskRegistry
-from service.tasks.uploads import TaskUploads
+from service.tasks.uploads import UPLOAD_PREFIX, HeldUploads, TaskUploads, UploadBudget, UploadSpool
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +45,8 @@ class TaskService:
         session: aiohttp.ClientSession,
         limits: FetchLimits,
         metrics: Metrics,
+        budget: UploadBudget,
+        spool: UploadSpool | None = None,
         *,
         consumers: int,
         download_concurrency: int,
@@ -51,6 +55,8 @@ class TaskService:
         batch_wait: float,
     ) -> None:
         self._registry = registry
+        self._budget = budget
+        self._spool = spool  # None: uploads are held in memory
         self._queue = BatchQueue(max_queued_images)
         self._pipeline = Pipeline(registry, session, limits, download_concurrency, self._queue, metrics)
         self._classifier = Classifier(registry, pool, catalog, self._queue, metrics, batch_size, batch_wait)
@@ -60,6 +66,7 @@ class TaskService:
 
     async def __aenter__(self) -> TaskService:
         self._consumers = [asyncio.create_task(self._classifier.consume()) for _ in range(self._consumer_count)]
+        await self._resume()
         return self
 
     async def __aexit__(
@@ -71,13 +78,45 @@ class TaskService:
         return len(self._queue)
 
     async def create(
-        self, urls: list[str], model: str, top_k: int, owner: str | None, uploads: TaskUploads | None = None
+        self, urls: list[str], model: str, top_k: int, owner: str | None, files: dict[int, bytes] | None = None
     ) -> TaskDetail:
-        """Store a new task and start working on it; `uploads` holds the bytes of the items
-        that were uploaded rather than given as URLs (the task now owns them)."""
-        task = await self._registry.create(urls, model, top_k, owner)
-        await self._jobs.spawn(self._run(task, uploads), name=task.task_id)
+        """Store a new task and start working on it. `files` are the bytes of the items that
+        were uploaded rather than given as URLs, by item index; their bytes are reserved in
+        the upload budget, and the task owns that reservation from now on, whatever happens."""
+        task_id = uuid.uuid4().hex
+        uploads: TaskUploads | None = None
+        if files:
+            uploads = HeldUploads(files, self._budget) if self._spool is None else await self._save(task_id, files)
+        try:
+            task = await self._registry.create(urls, model, top_k, owner, task_id)
+        except BaseException:
+            if uploads is not None:
+                uploads.release()
+            raise
+        await self._jobs.spawn(self._run(task, owner, uploads), name=task.task_id)
         return task
+
+    async def _save(self, task_id: str, files: dict[int, bytes]) -> TaskUploads:
+        assert self._spool is not None
+        try:
+            return await self._spool.save(task_id, files)
+        except BaseException:
+            self._budget.release(sum(len(data) for data in files.values()))
+            raise
+
+    async def _resume(self) -> None:
+        """Start again the tasks a durable registry kept (none for the in-memory one)."""
+        active = await self._registry.active()
+        if self._spool is not None:
+            self._spool.sweep({task.task_id for task, _ in active})
+        for task, owner in active:
+            uploads = None
+            if self._spool is not None:
+                indices = [item.index for item in task.items if item.url.startswith(UPLOAD_PREFIX)]
+                uploads = self._spool.resume(task.task_id, (i for i in indices if not task.items[i].status.is_final))
+            await self._jobs.spawn(self._run(task, owner, uploads), name=task.task_id)
+        if active:
+            log.info("resumed %d tasks", len(active))
 
     async def cancel(self, task_id: str, owner: str | None = None) -> TaskDetail | None:
         """Cancel a task (its job stops its work); the final snapshot, or None if unknown."""
@@ -95,26 +134,40 @@ class TaskService:
         await self._jobs.wait_and_close(grace)
 
     async def close(self) -> None:
-        """Stop all work; tasks still active are cancelled."""
+        """Stop all work; the registry decides what becomes of tasks still active."""
         await self._jobs.close()
-        cancelled = await self._registry.cancel_active()
-        if cancelled:
-            log.info("cancelled %d active tasks at shutdown", cancelled)
+        await self._registry.shutdown()
         for consumer in self._consumers:
             consumer.cancel()
         await asyncio.gather(*self._consumers, return_exceptions=True)
 
-    async def _run(self, task: TaskDetail, uploads: TaskUploads | None) -> None:
+    async def _run(self, task: TaskDetail, owner: str | None, uploads: TaskUploads | None) -> None:
         """The task's job: feed its images until it is final; then stop feeding."""
         try:
             async with asyncio.TaskGroup() as group:
                 feeding = group.create_task(self._pipeline.run(task, uploads))
-                await self._registry.wait_final(task.task_id)
+                if uploads is None:
+                    await self._registry.wait_final(task.task_id)
+                else:
+                    await self._discard_final_uploads(task.task_id, owner, uploads)
                 feeding.cancel()
         except Exception:
             log.exception("task %s: pipeline failed", task.task_id)
             await self._registry.fail(task.task_id, INTERNAL_ERROR)
-        finally:
+        except asyncio.CancelledError:  # the service stops: a durable task resumes at the next start
             if uploads is not None:
-                uploads.release()
+                uploads.close()
+            raise
+        finally:
             await self._queue.drop_task(task.task_id)
+        if uploads is not None:
+            uploads.release()
+
+    async def _discard_final_uploads(self, task_id: str, owner: str | None, uploads: TaskUploads) -> None:
+        """Until the task is final: let go of each upload once its item is final."""
+        seen = 0
+        while (update := await self._registry.follow(task_id, seen, owner)) is not None:
+            uploads.discard(item.index for item in update.items)
+            seen += len(update.items)
+            if update.summary.status.is_final:
+                return
