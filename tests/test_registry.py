@@ -197,3 +197,20 @@ async def test_finished_tasks_are_kept_as_one_serialised_snapshot(make_registry:
     assert await registry.get_json(task.task_id) == done.model_dump_json().encode()
     assert registry._tasks[task.task_id].items == []  # no per-item objects left to walk
     assert await registry.get_json(task.task_id, owner="someone else") is None
+
+
+async def test_a_running_tasks_json_follows_every_change(make_registry: MakeRegistry) -> None:
+    registry = await make_registry()
+    task = await registry.create([f"u{n}" for n in range(4)], "m", 1, owner="a")
+    changes = [
+        (0, ItemStatus.DOWNLOADING, None, None),
+        (0, ItemStatus.SUCCEEDED, LABELS, None),
+        (1, ItemStatus.FAILED, None, ErrorInfo(code="timeout", message='slow "and" late', http_status=None)),
+        (2, ItemStatus.CLASSIFYING, None, None),
+    ]
+    for index, status, labels, error in changes:
+        await registry.update_item(task.task_id, index, status, labels=labels, error=error)
+        detail = await registry.get(task.task_id, owner="a")
+        assert detail is not None
+        assert await registry.get_json(task.task_id, owner="a") == detail.model_dump_json().encode()
+        assert detail.items[index].status is status
