@@ -20,7 +20,7 @@ from service.app import create_app
 from service.logs import configure_logging
 from service.pool import DefaultModelError
 from service.settings import Settings, load_settings
-from service.tasks.sqlite import StoreError
+from service.tasks.journal import StoreError
 
 log = logging.getLogger("service")
 

@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import socket
+import subprocess
 import sys
 import tempfile
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
@@ -173,6 +178,34 @@ class ImageServer:
         if name not in self.files:
             raise web.HTTPNotFound()
         return web.Response(body=self.files[name], content_type="image/jpeg")
+
+
+@asynccontextmanager
+async def running_service(*flags: str) -> AsyncIterator[tuple[subprocess.Popen[bytes], str]]:
+    """`run_service.py` as a user starts it (see `service_command`; private networks allowed),
+    in a process group of its own, until `/readyz` answers 200; whatever is left of the group
+    (the web process and its workers) is killed at the end."""
+    port = free_port()
+    output = {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT}
+    command = service_command(port, "--allow-private-networks", *flags)
+    process = subprocess.Popen(command, cwd=ROOT, start_new_session=True, **output)  # type: ignore[call-overload]
+    base = f"http://127.0.0.1:{port}"
+    try:
+        async with aiohttp.ClientSession() as http, asyncio.timeout(120):
+            while True:
+                try:
+                    async with http.get(f"{base}/readyz") as response:
+                        if response.status == 200:
+                            break
+                except aiohttp.ClientConnectionError:
+                    pass
+                assert process.poll() is None, process.stdout.read().decode()  # type: ignore[union-attr]
+                await asyncio.sleep(0.2)
+        yield process, base
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
 
 
 ImageServerFactory = Callable[[str], Awaitable[ImageServer]]

@@ -10,8 +10,6 @@ import os
 import signal
 import sqlite3
 import subprocess
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -21,38 +19,12 @@ import pytest
 
 from client.api import read_events
 from service.metrics import Metrics
+from service.tasks.journal import DATABASE, SCHEMA, StoreError, page_query
 from service.tasks.records import ItemStatus, Label, TaskStatus
-from service.tasks.sqlite import DATABASE, SqliteRegistry, StoreError, page_query
-from tests.conftest import PHOTOS_DIR, ROOT, ImageServer, ServiceFactory, free_port, service_command, submit
+from service.tasks.sqlite import SqliteRegistry
+from tests.conftest import PHOTOS_DIR, ROOT, ImageServer, ServiceFactory, running_service, service_command, submit
 
 FINAL = ("completed", "failed", "cancelled")
-
-
-@asynccontextmanager
-async def running_service(data_dir: Path, *flags: str) -> AsyncIterator[tuple[subprocess.Popen[bytes], str]]:
-    """`run_service.py` on `data_dir`, in a process group of its own (its workers with it)."""
-    port = free_port()
-    command = service_command(port, "--allow-private-networks", "--data-dir", str(data_dir), *flags)
-    process = subprocess.Popen(
-        command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        async with aiohttp.ClientSession() as http, asyncio.timeout(120):
-            while True:
-                try:
-                    async with http.get(f"{base}/readyz") as response:
-                        if response.status == 200:
-                            break
-                except aiohttp.ClientConnectionError:
-                    pass
-                assert process.poll() is None, process.stdout.read().decode()  # type: ignore[union-attr]
-                await asyncio.sleep(0.2)
-        yield process, base
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
 
 
 async def get(http: aiohttp.ClientSession, url: str) -> tuple[int, Any]:
@@ -94,7 +66,7 @@ async def test_a_kill_9_and_a_sigterm_lose_nothing_a_client_was_told(image_serve
     data_dir = tmp_path / "data"
     slow = [image_server.url(f"/slow/coffee?delay=0.3&n={n}") for n in range(24)]
     async with aiohttp.ClientSession() as http:
-        async with running_service(data_dir, "--download-concurrency", "2") as (process, base):
+        async with running_service("--data-dir", str(data_dir), "--download-concurrency", "2") as (process, base):
             done_urls = await post(http, base, json={"urls": [image_server.url("/photos/chelsea")]})
             done_upload = await post(http, base, data=upload_form("coffee.jpg", urls=[]))
             finished = {task_id: await wait_for(http, base, task_id) for task_id in (done_urls, done_upload)}
@@ -108,7 +80,9 @@ async def test_a_kill_9_and_a_sigterm_lose_nothing_a_client_was_told(image_serve
             process.wait()
             psutil.wait_procs(workers, timeout=10)
 
-        async with running_service(data_dir, "--download-concurrency", "2", "--shutdown-grace", "0.5") as (
+        async with running_service(
+            "--data-dir", str(data_dir), "--download-concurrency", "2", "--shutdown-grace", "0.5"
+        ) as (
             process,
             base,
         ):
@@ -139,7 +113,7 @@ async def test_a_kill_9_and_a_sigterm_lose_nothing_a_client_was_told(image_serve
             assert loop.time() - stopped < 15
             assert "active tasks are kept and resume at the next start" in output
 
-        async with running_service(data_dir) as (process, base):
+        async with running_service("--data-dir", str(data_dir)) as (process, base):
             task = await wait_for(http, base, interrupted)
             assert task["status"] == "completed" and task["progress"]["succeeded"] == 12
             for index, item in before_stop.items():
@@ -305,9 +279,7 @@ async def test_a_reopened_store_has_every_task_as_it_was(tmp_path: Path) -> None
 @pytest.mark.parametrize("owner", [None, "alice"])
 def test_task_pages_are_read_by_index(tmp_path: Path, status: TaskStatus | None, owner: str | None) -> None:
     with sqlite3.connect(tmp_path / "plan.db") as connection:
-        from service.tasks.sqlite import _SCHEMA
-
-        connection.executescript(_SCHEMA)
+        connection.executescript(SCHEMA)
         sql, args = page_query(owner, status, 1000, 51)
         plan = " ".join(row[-1] for row in connection.execute(f"EXPLAIN QUERY PLAN {sql}", args))
     assert "USING" in plan and "INDEX" in plan, plan

@@ -8,42 +8,12 @@ import asyncio
 import json
 import signal
 import socket
-import subprocess
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Any
 
 import aiohttp
 import psutil
 
-from tests.conftest import ROOT, ImageServer, free_port, service_command
-
-
-@asynccontextmanager
-async def running_service(*flags: str) -> AsyncIterator[tuple[subprocess.Popen[bytes], str]]:
-    port = free_port()
-    process = subprocess.Popen(
-        service_command(port, "--allow-private-networks", *flags),
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        async with aiohttp.ClientSession() as http, asyncio.timeout(120):
-            while True:
-                try:
-                    async with http.get(f"{base}/healthz") as response:
-                        if response.status == 200:
-                            break
-                except aiohttp.ClientConnectionError:
-                    assert process.poll() is None, process.stdout.read().decode()  # type: ignore[union-attr]
-                    await asyncio.sleep(0.2)
-        yield process, base
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+from tests.conftest import ImageServer, running_service
 
 
 async def submit(http: aiohttp.ClientSession, base: str, urls: list[str]) -> str:

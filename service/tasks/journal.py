@@ -1,0 +1,431 @@
+"""The task journal on disk: SQLite in the data dir, written on one dedicated thread.
+
+The in-memory registry tells the journal every change (`service.tasks.memory.Journal`); the
+journal queues them on the event loop and writes them in batches, one transaction at most
+every `FLUSH_SECONDS`, so the hot path never waits for a commit; `flush()` is for what a
+client must not be told before it is on disk. At start-up it checks the data dir (one
+instance at a time, integrity, schema version), deletes what expired meanwhile and loads
+the rest. Freed pages go back to the file system (incremental vacuum).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import sqlite3
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
+from pathlib import Path
+from typing import Any, TextIO, TypeVar
+
+from pydantic import TypeAdapter
+
+from service.metrics import Metrics
+from service.tasks.memory import TaskState
+from service.tasks.records import ErrorInfo, Item, ItemStatus, Label, TaskStatus
+from service.tasks.registry import StoreUnavailable
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+DATABASE = "tasks.db"
+LOCK = "lock"
+FLUSH_SECONDS = 0.02  # results reach the database within this (plus the write itself)
+RETRY_SECONDS = 1.0  # after a failed write, the next try
+BUSY_SECONDS = 1.0  # how long a write waits for a lock held by another process before it fails
+VACUUM_PAGES = 512  # freed pages returned to the file system per batch that deleted tasks
+
+T = TypeVar("T")
+_LABELS = TypeAdapter(list[Label])
+
+SCHEMA = """
+CREATE TABLE tasks (
+    seq INTEGER PRIMARY KEY,
+    task_id TEXT NOT NULL UNIQUE,
+    owner TEXT,
+    model TEXT NOT NULL,
+    top_k INTEGER NOT NULL,
+    status TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    started_at TEXT,
+    finished_at TEXT,
+    finished_epoch REAL,
+    error TEXT,
+    total INTEGER NOT NULL,
+    succeeded INTEGER NOT NULL DEFAULT 0,
+    failed INTEGER NOT NULL DEFAULT 0,
+    cancelled INTEGER NOT NULL DEFAULT 0,
+    completed TEXT,
+    snapshot BLOB
+);
+CREATE INDEX tasks_by_owner ON tasks (owner, seq);
+CREATE INDEX tasks_by_owner_status ON tasks (owner, status, seq);
+CREATE INDEX tasks_by_finish ON tasks (finished_epoch) WHERE finished_epoch IS NOT NULL;
+CREATE TABLE items (
+    task_seq INTEGER NOT NULL,
+    idx INTEGER NOT NULL,
+    url TEXT NOT NULL,
+    status TEXT NOT NULL,
+    labels TEXT,
+    error TEXT,
+    done_order INTEGER,
+    PRIMARY KEY (task_seq, idx)
+) WITHOUT ROWID;
+"""
+
+
+class StoreError(Exception):
+    """The data dir cannot be used; the message is the one-line reason."""
+
+
+Op = tuple[int, str, list[tuple[Any, ...]]]  # (task seq, SQL, rows for executemany)
+
+
+class SqliteJournal:
+    """The database: one connection on its own thread; changes queued on the event loop and
+    written in batches, one transaction each."""
+
+    def __init__(self, path: Path, lock: TextIO, metrics: Metrics) -> None:
+        self.path = path
+        self._lock = lock
+        self._metrics = metrics
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite")
+        self._connection: sqlite3.Connection | None = None
+        self._pending: list[Op] = []
+        self._writing = asyncio.Lock()
+        self._timer: asyncio.TimerHandle | None = None
+        self._background: set[asyncio.Task[None]] = set()
+        self.healthy = True
+
+    @classmethod
+    async def open(cls, data_dir: Path, metrics: Metrics) -> SqliteJournal:
+        """Raises StoreError when the data dir cannot be used."""
+        lock = await asyncio.to_thread(_open_lock, data_dir)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip()
+            lock.close()
+            raise StoreError(f"data dir {data_dir} is in use by another running instance (pid {holder})") from None
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"{os.getpid()}\n")
+        lock.flush()
+        journal = cls(data_dir / DATABASE, lock, metrics)
+        try:
+            await journal._call(journal._connect)
+        except BaseException:
+            await journal.close()
+            raise
+        return journal
+
+    def _connect(self) -> None:
+        try:
+            connection = sqlite3.connect(self.path)
+            connection.execute(f"PRAGMA busy_timeout = {round(BUSY_SECONDS * 1000)}")
+            version = connection.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise StoreError(
+                    f"database {self.path} was written by a newer version of the service (schema {version}; this "
+                    f"version reads schema {SCHEMA_VERSION})"
+                )
+            check = connection.execute("PRAGMA quick_check").fetchone()[0]
+            if check != "ok":
+                raise StoreError(f"database {self.path} is corrupt: {check}")
+            if version == 0:
+                connection.execute("PRAGMA auto_vacuum = INCREMENTAL")  # before the first table exists
+                connection.executescript(SCHEMA)
+                connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            if connection.execute("PRAGMA journal_mode = WAL").fetchone()[0] != "wal":
+                raise StoreError(f"database {self.path}: cannot switch to WAL mode")
+            connection.execute("PRAGMA synchronous = NORMAL")
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(f"database {self.path} cannot be used: {exc}") from None
+        self._connection = connection
+
+    # --- changes, queued on the loop (see service.tasks.memory.Journal) ---
+
+    def created(self, task: TaskState) -> None:
+        self._queue(
+            task.seq,
+            "INSERT INTO tasks (seq, task_id, owner, model, top_k, status, created_at, total) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            [
+                (
+                    task.seq,
+                    task.task_id,
+                    task.owner,
+                    task.model,
+                    task.top_k,
+                    task.status.value,
+                    task.created_at.isoformat(),
+                    task.total,
+                )
+            ],
+        )
+        self._queue(
+            task.seq,
+            "INSERT INTO items (task_seq, idx, url, status) VALUES (?, ?, ?, ?)",
+            [(task.seq, item.index, item.url, item.status.value) for item in task.items],
+        )
+
+    def started(self, task: TaskState) -> None:
+        assert task.started_at is not None
+        self._queue(
+            task.seq,
+            "UPDATE tasks SET status = ?, started_at = ? WHERE seq = ?",
+            [(task.status.value, task.started_at.isoformat(), task.seq)],
+        )
+
+    def item_final(self, task: TaskState, index: int) -> None:
+        item = task.items[index]
+        labels = _LABELS.dump_json(item.labels).decode() if item.labels is not None else None
+        error = item.error.model_dump_json() if item.error is not None else None
+        self._queue(
+            task.seq,
+            "UPDATE items SET status = ?, labels = ?, error = ?, done_order = ? WHERE task_seq = ? AND idx = ?",
+            [(item.status.value, labels, error, len(task.completed) - 1, task.seq, index)],
+        )
+
+    def finished(self, task: TaskState) -> None:
+        assert task.finished_at is not None
+        self._queue(
+            task.seq,
+            "UPDATE tasks SET status = ?, started_at = ?, finished_at = ?, finished_epoch = ?, error = ?, "
+            "succeeded = ?, failed = ?, cancelled = ?, completed = ?, snapshot = ? WHERE seq = ?",
+            [
+                (
+                    task.status.value,
+                    task.started_at.isoformat() if task.started_at else None,
+                    task.finished_at.isoformat(),
+                    task.finished_at.timestamp(),
+                    task.error.model_dump_json() if task.error else None,
+                    task.finals[ItemStatus.SUCCEEDED],
+                    task.finals[ItemStatus.FAILED],
+                    task.finals[ItemStatus.CANCELLED],
+                    json.dumps(task.completed),
+                    task.frozen,
+                    task.seq,
+                )
+            ],
+        )
+        self._queue(task.seq, "DELETE FROM items WHERE task_seq = ?", [(task.seq,)])  # the snapshot has them
+
+    def forgotten(self, task: TaskState) -> None:
+        self._queue(task.seq, "DELETE FROM items WHERE task_seq = ?", [(task.seq,)])
+        self._queue(task.seq, "DELETE FROM tasks WHERE seq = ?", [(task.seq,)])
+
+    def discard(self, seq: int) -> None:
+        """Drop the changes of a task not yet written (its creation could not be committed)."""
+        self._pending = [op for op in self._pending if op[0] != seq]
+
+    def pending(self) -> int:
+        return len(self._pending)
+
+    def _queue(self, seq: int, sql: str, rows: list[tuple[Any, ...]]) -> None:
+        self._pending.append((seq, sql, rows))
+        if self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(FLUSH_SECONDS, self._flush_soon)
+
+    def _flush_soon(self) -> None:
+        self._timer = None
+        task = asyncio.ensure_future(self._flush_quietly())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _flush_quietly(self) -> None:
+        with contextlib.suppress(StoreUnavailable):  # logged, and tried again
+            await self.flush()
+
+    async def flush(self) -> None:
+        """Write everything queued so far, in one transaction; raises StoreUnavailable if
+        it could not be written (it stays queued and is tried again)."""
+        async with self._writing:
+            ops, self._pending = self._pending, []
+            if not ops and self.healthy:
+                return
+            try:  # with nothing queued after a failure, an empty write tells whether it works again
+                seconds = await self._call(self._write, ops)
+            except sqlite3.Error as exc:
+                self._pending[:0] = ops  # first in line for the next try, in order
+                self._metrics.store_write_errors.inc()
+                if self.healthy:
+                    log.error("writing tasks to %s failed: %s; retrying every %gs", self.path, exc, RETRY_SECONDS)
+                self.healthy = False
+                if self._timer is None:
+                    self._timer = asyncio.get_running_loop().call_later(RETRY_SECONDS, self._flush_soon)
+                raise StoreUnavailable(f"the task store cannot write: {exc}") from None
+            if not self.healthy:
+                log.info("writing tasks to %s works again", self.path)
+            self.healthy = True
+            self._metrics.store_write_seconds.observe(seconds)
+
+    def _write(self, ops: list[Op]) -> float:
+        started = time.perf_counter()
+        connection = self._db()
+        with connection:  # one transaction: commit, or roll back on error
+            connection.execute("BEGIN IMMEDIATE")  # take the write lock now, not at the first change
+            for _, sql, rows in ops:
+                connection.executemany(sql, rows)
+        if any(sql.startswith("DELETE FROM tasks") for _, sql, _ in ops):
+            connection.execute(f"PRAGMA incremental_vacuum({VACUUM_PAGES})").fetchall()
+        return time.perf_counter() - started
+
+    # --- reads, on the database thread ---
+
+    async def page_seqs(
+        self, owner: str | None, status: TaskStatus | None, before: int | None, limit: int
+    ) -> list[int]:
+        """Sequence numbers of one page of tasks, newest first (by the owner/status indexes)."""
+        with contextlib.suppress(StoreUnavailable):  # reads go on while writes fail (statuses may lag)
+            await self.flush()
+        return await self._call(_page_seqs, self._db(), owner, status, before, limit)
+
+    async def load(self, finished_ttl: float, max_finished: int, now: float) -> list[TaskState]:
+        """Delete what expired while the service was down; every other task, oldest first."""
+        return await self._call(_load, self._db(), finished_ttl, max_finished, now)
+
+    async def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        try:
+            await self.flush()
+        except StoreUnavailable:
+            log.error("%d task changes could not be written before shutdown", len(self._pending))
+        finally:
+            if self._connection is not None:
+                await self._call(self._connection.close)
+            await asyncio.to_thread(self._thread.shutdown)
+            self._lock.close()  # releases the data dir
+
+    def size_bytes(self) -> int:
+        return sum(path.stat().st_size for path in (self.path, Path(f"{self.path}-wal")) if path.exists())
+
+    def _db(self) -> sqlite3.Connection:
+        if self._connection is None:
+            raise RuntimeError("the database is not open")
+        return self._connection
+
+    async def _call(self, function: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._thread, function, *args)
+
+
+def _open_lock(data_dir: Path) -> TextIO:
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        return (data_dir / LOCK).open("a+")
+    except OSError as exc:
+        raise StoreError(f"data dir {data_dir} is not usable: {exc.strerror or exc}") from None
+
+
+def _page_seqs(
+    connection: sqlite3.Connection, owner: str | None, status: TaskStatus | None, before: int | None, limit: int
+) -> list[int]:
+    sql, args = page_query(owner, status, before, limit)
+    return [row[0] for row in connection.execute(sql, args)]
+
+
+def page_query(
+    owner: str | None, status: TaskStatus | None, before: int | None, limit: int
+) -> tuple[str, tuple[Any, ...]]:
+    """The SQL for one page: an index range scan on (owner, [status,] seq), newest first."""
+    conditions: list[str] = ["owner IS ?"]
+    args: list[object] = [owner]
+    if status is not None:
+        conditions.append("status = ?")
+        args.append(status.value)
+    if before is not None:
+        conditions.append("seq < ?")
+        args.append(before)
+    where = " AND ".join(conditions)
+    return f"SELECT seq FROM tasks WHERE {where} ORDER BY seq DESC LIMIT ?", (*args, limit)
+
+
+def _load(connection: sqlite3.Connection, finished_ttl: float, max_finished: int, now: float) -> list[TaskState]:
+    with connection:
+        connection.execute("DELETE FROM tasks WHERE finished_epoch <= ?", (now - finished_ttl,))
+        connection.execute(
+            "DELETE FROM tasks WHERE seq IN (SELECT seq FROM tasks WHERE finished_epoch IS NOT NULL "
+            "ORDER BY finished_epoch DESC LIMIT -1 OFFSET ?)",
+            (max_finished,),
+        )
+        connection.execute("DELETE FROM items WHERE task_seq NOT IN (SELECT seq FROM tasks)")
+    connection.execute(f"PRAGMA incremental_vacuum({VACUUM_PAGES * 8})").fetchall()
+    items: dict[int, list[Item]] = {}
+    orders: dict[int, list[tuple[int, int]]] = {}
+    for seq, index, url, status, labels, error, done_order in connection.execute(
+        "SELECT task_seq, idx, url, status, labels, error, done_order FROM items ORDER BY task_seq, idx"
+    ):
+        items.setdefault(seq, []).append(
+            Item(
+                index=index,
+                url=url,
+                status=ItemStatus(status),
+                labels=_LABELS.validate_json(labels) if labels else None,
+                error=ErrorInfo.model_validate_json(error) if error else None,
+            )
+        )
+        if done_order is not None:
+            orders.setdefault(seq, []).append((done_order, index))
+    tasks = []
+    for row in connection.execute(
+        "SELECT seq, task_id, owner, model, top_k, status, created_at, started_at, finished_at, error, total, "
+        "succeeded, failed, cancelled, completed, snapshot FROM tasks ORDER BY seq"
+    ):
+        tasks.append(_task_state(row, items.get(row[0], []), [index for _, index in sorted(orders.get(row[0], []))]))
+    return tasks
+
+
+def _task_state(row: Sequence[Any], items: list[Item], completed: list[int]) -> TaskState:
+    (
+        seq,
+        task_id,
+        owner,
+        model,
+        top_k,
+        status,
+        created_at,
+        started_at,
+        finished_at,
+        error,
+        total,
+        succeeded,
+        failed,
+        cancelled,
+        completed_json,
+        snapshot,
+    ) = row
+    state = TaskState(
+        seq=seq,
+        task_id=task_id,
+        model=model,
+        top_k=top_k,
+        items=items,
+        owner=owner,
+        created_at=datetime.fromisoformat(created_at),
+        started_at=datetime.fromisoformat(started_at) if started_at else None,
+        finished_at=datetime.fromisoformat(finished_at) if finished_at else None,
+        status=TaskStatus(status),
+        error=ErrorInfo.model_validate_json(error) if error else None,
+        total=total,
+    )
+    if state.status.is_final:
+        state.items = []
+        state.frozen = bytes(snapshot)
+        state.completed = json.loads(completed_json)
+        state.finals = Counter(
+            {ItemStatus.SUCCEEDED: succeeded, ItemStatus.FAILED: failed, ItemStatus.CANCELLED: cancelled}
+        )
+    else:
+        state.completed = completed
+        state.finals = Counter(item.status for item in items if item.status.is_final)
+    return state
