@@ -264,3 +264,20 @@ async def test_remove_forgets_the_task_and_stops_it(images: Images) -> None:
         await asyncio.sleep(0.8)
         assert images.hits == hits
         assert await running.registry.unfinished_images() == 0
+
+
+async def test_a_resumed_upload_whose_file_is_gone_fails_upload_lost(images: Images, tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    async with engine(FakePool(), "sqlite", download_concurrency=1, data_dir=data_dir) as running:
+        images.delay = 0.3
+        urls, files = with_uploads(images.urls(*(f"img{n}" for n in range(4))), image("espresso"), [])
+        assert running.budget.reserve(len(image("espresso")))
+        task = await running.service.create(urls, EMBEDDED.name, 1, None, files)
+        await running.service.drain(grace=0)
+    (data_dir / "uploads" / task.task_id / "4").unlink()  # lost while the service was down
+
+    images.delay = 0
+    async with engine(FakePool(), "sqlite", data_dir=data_dir) as running:
+        done = await final(running.registry, task.task_id)
+    assert done.status is TaskStatus.COMPLETED
+    assert labels(done) == ["img0", "img1", "img2", "img3", "upload_lost"]
