@@ -120,6 +120,12 @@ async def test_a_kill_9_and_a_sigterm_lose_nothing_a_client_was_told(image_serve
                 assert task["items"][index] == item
 
 
+async def start_on(data_dir: Path) -> subprocess.CompletedProcess[str]:
+    """`run_service.py` on `data_dir`, as a user starts it, to its exit (a refused start)."""
+    command = service_command(0, "--data-dir", str(data_dir))
+    return await asyncio.to_thread(subprocess.run, command, cwd=ROOT, capture_output=True, text=True, timeout=60)
+
+
 @pytest.mark.parametrize(
     ("prepare", "reason"),
     [
@@ -142,14 +148,7 @@ async def test_a_bad_data_dir_is_refused_with_one_line(tmp_path: Path, prepare: 
     with pytest.raises(StoreError, match=reason):
         await SqliteRegistry.open(data_dir, 3600, 100, Metrics())
     # The service as a user runs it: exit status 1, the reason, no traceback, no worker started.
-    result = await asyncio.to_thread(
-        subprocess.run,
-        service_command(0, "--data-dir", str(data_dir)),
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = await start_on(data_dir)
     assert result.returncode == 1, result.stderr
     assert reason in result.stderr and "Traceback" not in result.stderr
     assert len([line for line in result.stderr.splitlines() if "ERROR" in line]) == 1
@@ -160,14 +159,7 @@ async def test_a_data_dir_in_use_by_another_instance_is_refused(tmp_path: Path) 
     try:
         with pytest.raises(StoreError, match=f"in use by another running instance \\(pid {os.getpid()}\\)"):
             await SqliteRegistry.open(tmp_path, 3600, 100, Metrics())
-        result = await asyncio.to_thread(
-            subprocess.run,
-            service_command(0, "--data-dir", str(tmp_path)),
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        result = await start_on(tmp_path)
         assert result.returncode == 1 and "in use by another running instance" in result.stderr
     finally:
         await holder.close()

@@ -1,6 +1,6 @@
 """The task journal on disk: SQLite in the data dir, written on one dedicated thread.
 
-The in-memory registry tells the journal every change (`service.tasks.memory.Journal`); the
+The in-memory registry tells the journal every change (`service.tasks.state.Journal`); the
 journal queues them on the event loop and writes them in batches, one transaction at most
 every `FLUSH_SECONDS`, so the hot path never waits for a commit; `flush()` is for what a
 client must not be told before it is on disk. At start-up it checks the data dir (one
@@ -28,9 +28,9 @@ from typing import Any, TextIO, TypeVar
 from pydantic import TypeAdapter
 
 from service.metrics import Metrics
-from service.tasks.memory import TaskState
 from service.tasks.records import ErrorInfo, Item, ItemStatus, Label, TaskStatus
 from service.tasks.registry import StoreUnavailable
+from service.tasks.state import TaskState
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +151,7 @@ class SqliteJournal:
             raise StoreError(f"database {self.path} cannot be used: {exc}") from None
         self._connection = connection
 
-    # --- changes, queued on the loop (see service.tasks.memory.Journal) ---
+    # --- changes, queued on the loop (see service.tasks.state.Journal) ---
 
     def created(self, task: TaskState) -> None:
         self._queue(
@@ -220,7 +220,7 @@ class SqliteJournal:
         self._queue(task.seq, "DELETE FROM items WHERE task_seq = ?", [(task.seq,)])  # the snapshot has them
 
     def forgotten(self, task: TaskState) -> None:
-        self._queue(task.seq, "DELETE FROM items WHERE task_seq = ?", [(task.seq,)])
+        # Only final tasks are forgotten, and `finished` already deleted their item rows.
         self._queue(task.seq, "DELETE FROM tasks WHERE seq = ?", [(task.seq,)])
 
     def discard(self, seq: int) -> None:

@@ -8,154 +8,25 @@ told to a `Journal`, in the order it happens: the durable registry
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from typing import Protocol
 
 from service.tasks.records import (
     ErrorInfo,
     Item,
     ItemStatus,
     Label,
-    Progress,
     TaskDetail,
     TaskPage,
     TaskStatus,
-    TaskSummary,
 )
 from service.tasks.registry import TaskUpdate, decode_cursor, encode_cursor
+from service.tasks.state import Journal, NoJournal, TaskState, utcnow
 
 log = logging.getLogger(__name__)
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
-
-
-@dataclass
-class TaskState:
-    """One task as the registry holds it (a journal reads these; nothing else does)."""
-
-    seq: int
-    task_id: str
-    model: str
-    top_k: int
-    items: list[Item]  # emptied once the task is final: `frozen` holds them then
-    owner: str | None = None
-    created_at: datetime = field(default_factory=utcnow)
-    started_at: datetime | None = None
-    finished_at: datetime | None = None
-    status: TaskStatus = TaskStatus.QUEUED
-    error: ErrorInfo | None = None
-    finals: Counter[ItemStatus] = field(default_factory=Counter)
-    total: int = 0
-    frozen: bytes | None = None  # the final snapshot as JSON
-    completed: list[int] = field(default_factory=list)  # item indices, in the order they reached a final state
-    changed: asyncio.Event = field(default_factory=asyncio.Event)  # set (and replaced) on every result
-    item_json: dict[int, bytes] = field(default_factory=dict)  # items serialised since they last changed
-
-    def set_item(self, item: Item) -> None:
-        self.items[item.index] = item
-        self.item_json.pop(item.index, None)
-
-    def notify(self) -> None:
-        self.changed.set()
-        self.changed = asyncio.Event()
-
-    @property
-    def done(self) -> int:
-        return sum(self.finals.values())
-
-    def detail(self) -> TaskDetail:
-        if self.frozen is not None:
-            return TaskDetail.model_validate_json(self.frozen)
-        # Items are frozen models, so a shallow copy of the list is a consistent snapshot.
-        return TaskDetail(**dict(self.summary()), items=list(self.items))
-
-    def detail_json(self) -> bytes:
-        """What `detail().model_dump_json()` gives, assembled from each item's JSON, which is
-        made once per change of that item: a GET of a running 1,000-item task no longer
-        serialises 1,000 items."""
-        if self.frozen is not None:
-            return self.frozen
-        pieces = []
-        for item in self.items:
-            piece = self.item_json.get(item.index)
-            if piece is None:
-                piece = self.item_json[item.index] = item.model_dump_json().encode()
-            pieces.append(piece)
-        head = self.summary().model_dump_json().encode()
-        return head[:-1] + b',"items":[' + b",".join(pieces) + b"]}"
-
-    def freeze(self) -> None:
-        """Keep a final task as one JSON blob instead of thousands of small objects: less
-        memory, nothing for the garbage collector to walk (a full collection over 10,000
-        live items took 70 ms), and GET serves the bytes as they are."""
-        self.frozen = self.detail_json()
-        self.items = []
-        self.item_json = {}
-
-    def summary(self) -> TaskSummary:
-        return TaskSummary(
-            task_id=self.task_id,
-            status=self.status,
-            model=self.model,
-            top_k=self.top_k,
-            created_at=self.created_at,
-            started_at=self.started_at,
-            finished_at=self.finished_at,
-            error=self.error,
-            progress=Progress(
-                total=self.total,
-                done=self.done,
-                succeeded=self.finals[ItemStatus.SUCCEEDED],
-                failed=self.finals[ItemStatus.FAILED],
-                cancelled=self.finals[ItemStatus.CANCELLED],
-            ),
-        )
-
-
-class Journal(Protocol):
-    """Told every change of a task, in order, right after it happened in memory."""
-
-    def created(self, task: TaskState) -> None: ...
-
-    def started(self, task: TaskState) -> None: ...
-
-    def item_final(self, task: TaskState, index: int) -> None:
-        """An item reached a final state while its task goes on."""
-        ...
-
-    def finished(self, task: TaskState) -> None:
-        """The task reached a final state (`task.frozen` holds its snapshot)."""
-        ...
-
-    def forgotten(self, task: TaskState) -> None: ...
-
-
-class NoJournal:
-    """Keep nothing: tasks live as long as the process."""
-
-    def created(self, task: TaskState) -> None:
-        pass
-
-    def started(self, task: TaskState) -> None:
-        pass
-
-    def item_final(self, task: TaskState, index: int) -> None:
-        pass
-
-    def finished(self, task: TaskState) -> None:
-        pass
-
-    def forgotten(self, task: TaskState) -> None:
-        pass
 
 
 class InMemoryRegistry:

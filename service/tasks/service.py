@@ -112,8 +112,10 @@ class TaskService:
         for task, owner in active:
             uploads = None
             if self._spool is not None:
-                indices = [item.index for item in task.items if item.url.startswith(UPLOAD_PREFIX)]
-                uploads = self._spool.resume(task.task_id, (i for i in indices if not task.items[i].status.is_final))
+                waiting = [
+                    item.index for item in task.items if item.url.startswith(UPLOAD_PREFIX) and not item.status.is_final
+                ]
+                uploads = self._spool.resume(task.task_id, waiting)
             await self._jobs.spawn(self._run(task, owner, uploads), name=task.task_id)
         if active:
             log.info("resumed %d tasks", len(active))

@@ -18,7 +18,7 @@ from pathlib import Path
 from service.metrics import Metrics
 from service.tasks.journal import SqliteJournal, StoreError
 from service.tasks.memory import InMemoryRegistry
-from service.tasks.records import ErrorInfo, TaskDetail, TaskPage, TaskStatus
+from service.tasks.records import TaskDetail, TaskPage, TaskStatus
 from service.tasks.registry import StoreUnavailable, decode_cursor, encode_cursor
 
 log = logging.getLogger(__name__)
@@ -74,12 +74,6 @@ class SqliteRegistry(InMemoryRegistry):
             raise
         return task
 
-    async def fail(self, task_id: str, error: ErrorInfo) -> bool:
-        failed = await super().fail(task_id, error)
-        if failed:
-            await self._store.flush()
-        return failed
-
     async def cancel(self, task_id: str, owner: str | None = None) -> TaskDetail | None:
         task = await super().cancel(task_id, owner)
         if task is not None:
@@ -104,7 +98,7 @@ class SqliteRegistry(InMemoryRegistry):
 
     async def shutdown(self) -> None:
         """Keep active tasks: they resume at the next start."""
-        active = len(await self.active())
+        active = sum(1 for record in self._tasks.values() if not record.status.is_final)
         if active:
             log.info("%d active tasks are kept and resume at the next start", active)
 
