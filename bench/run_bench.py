@@ -244,7 +244,7 @@ async def service_run(
             for service in services:
                 await asyncio.to_thread(_wait_for_port, service.port)
                 samplers.append(asyncio.create_task(service.memory.run()))
-                result["stores"][service.store] = {"big": [], "small": []}
+                result["stores"][service.store] = {"big": [], "small": [], "latency": {"get": [], "submit": []}}
             async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=200)) as http:
                 for service in services:  # warm-up
                     await wait_all_done(http, service.base, {await submit(http, service.base, urls[:32])})
@@ -256,7 +256,10 @@ async def service_run(
                         flush=True,
                     )
                     result["offline"].append(await asyncio.to_thread(offline_limit, images, settings))
-                    for service in services:
+                    # Each round changes which store goes first, so neither always runs
+                    # right after the offline measurement.
+                    order = services if round_number % 2 == 0 else services[::-1]
+                    for service in order:
                         figures = result["stores"][service.store]
                         workers = service.workers()
                         processes = [service.memory.process]
@@ -271,8 +274,10 @@ async def service_run(
                                 (cpu_seconds([p]) - b) / elapsed for p, b in zip(others, before[2:], strict=True)
                             ]
                         figures["small"].append(await many_small_tasks(http, service.base, urls, args.small_tasks))
-                for service in services:
-                    result["stores"][service.store]["latency"] = await latency_under_load(http, service.base, urls)
+                    for service in order:  # every round, so p99 stands on a few hundred requests
+                        latency = result["stores"][service.store]["latency"]
+                        for kind, timings in (await latency_under_load(http, service.base, urls)).items():
+                            latency[kind] += timings
             for service in services:
                 result["stores"][service.store]["memory"] = service.memory
             return result

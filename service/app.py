@@ -7,6 +7,7 @@ shutdown, running tasks get `--shutdown-grace` seconds before what is left is ca
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections.abc import AsyncIterator
 
@@ -118,6 +119,14 @@ async def tasks_ctx(app: web.Application) -> AsyncIterator[None]:
         yield
 
 
+async def freeze_start_up_objects(app: web.Application) -> None:
+    """What start-up made (modules, schemas, restored tasks) lives as long as the process: once
+    frozen, the collector's full passes no longer walk it. Under load such a pass took 25-50 ms
+    of the event loop, the worst `GET` latencies of the benchmark."""
+    gc.collect()
+    gc.freeze()
+
+
 async def drain_tasks(app: web.Application) -> None:
     """On shutdown (new connections are already refused): give active tasks the grace period."""
     await app[TASKS].drain(app[SETTINGS].shutdown_grace)
@@ -138,6 +147,7 @@ def create_app(settings: Settings) -> web.Application:
     )
     app[UPLOAD_BUDGET] = UploadBudget(settings.max_upload_bytes)
     app.cleanup_ctx.extend([registry_ctx, pool_ctx, tasks_ctx])
+    app.on_startup.append(freeze_start_up_objects)  # runs after the contexts above have started
     app.on_shutdown.append(drain_tasks)
     for module in (operations, tasks, events):
         app.add_routes(module.routes)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import itertools
 import json
 import logging
 import os
@@ -273,8 +274,9 @@ class SqliteJournal:
         connection = self._db()
         with connection:  # one transaction: commit, or roll back on error
             connection.execute("BEGIN IMMEDIATE")  # take the write lock now, not at the first change
-            for _, sql, rows in ops:
-                connection.executemany(sql, rows)
+            # Consecutive changes of one kind (a batch of finished items) as one statement.
+            for sql, group in itertools.groupby(ops, key=lambda op: op[1]):
+                connection.executemany(sql, [row for _, _, rows in group for row in rows])
         if any(sql.startswith("DELETE FROM tasks") for _, sql, _ in ops):
             connection.execute(f"PRAGMA incremental_vacuum({VACUUM_PAGES})").fetchall()
         return time.perf_counter() - started
