@@ -6,7 +6,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     TORCH_HOME=/var/cache/torch \
-    ICS_DATA_DIR=/var/lib/ics
+    ICS_DATA_DIR=/var/lib/ics \
+    ICS_MODEL_CACHE_DIR=/opt/ics/models
 
 WORKDIR /app
 
@@ -21,6 +22,10 @@ RUN pip install --extra-index-url "$TORCH_INDEX" -r requirements.txt
 COPY inference/ inference/
 COPY service/ service/
 COPY run_service.py .
+
+# The default model's ONNX export, made now so that no container start imports torch: workers
+# run it with OpenVINO or ONNX Runtime from this read-only cache.
+RUN python -m inference.export --cache-dir "$ICS_MODEL_CACHE_DIR"
 
 RUN groupadd --system --gid 10001 app \
     && useradd --system --uid 10001 --gid app --home-dir /app app \

@@ -1,22 +1,29 @@
-"""Forward-pass speed of each runtime on the same weights and pre-decoded inputs.
+"""Forward-pass speed and agreement of every runtime and precision on the same weights.
 
-    .venv/bin/python -m bench.compare_runtimes [--threads 1] [--batch 16]
+    .venv/bin/python -m bench.compare_runtimes [--threads 1] [--batch 16] [--images 300]
 
-Prints images/s per runtime, its set-up time (export, tracing or compiling) and its largest
-probability difference from eager on the test photos.
+For each runtime and precision this machine can run: images/s on pre-decoded inputs, its
+set-up time (export, tracing or compiling), its top-1 agreement with eager PyTorch fp32 on
+the test photos plus `--images` benchmark photos, and its largest probability difference.
 """
 
 from __future__ import annotations
 
 import argparse
+import tempfile
 import time
+from dataclasses import replace
+from pathlib import Path
 
-import torch
+import numpy as np
 
-from bench.images import PHOTOS_DIR
+from bench.images import PHOTOS_DIR, make_images
+from inference import onnx_cache
+from inference.engine import softmax
 from inference.models import load_model
+from inference.onnx_runtimes import Runner
 from inference.preprocess import preprocess
-from inference.specs import EMBEDDED, RUNTIMES
+from inference.specs import BF16_CPU_FLAGS, EMBEDDED, RUNTIMES, cpu_flags, local_info
 
 
 def main() -> None:
@@ -24,28 +31,47 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--images", type=int, default=300, help="benchmark photos for the agreement")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
 
-    eager = load_model(EMBEDDED, "eager", args.threads)
-    photos = [path.read_bytes() for path in sorted(PHOTOS_DIR.glob("*.jpg"))]
-    inputs = torch.stack([preprocess(data, eager.info.preprocessing, eager.transform, 10**8) for data in photos])
-    reference = eager.run(inputs).softmax(dim=1)
-    batch = inputs.repeat(args.batch // len(photos) + 1, 1, 1, 1)[: args.batch]
+    info = local_info(EMBEDDED)
+    photos = [path.read_bytes() for path in sorted(PHOTOS_DIR.glob("*.jpg"))] + make_images(args.images)
+    inputs = np.stack([preprocess(data, info.preprocessing, 10**8) for data in photos])
+    batch = inputs[: args.batch]
+    bf16 = bool(cpu_flags() & set(BF16_CPU_FLAGS))
+    with tempfile.TemporaryDirectory() as cache:
+        onnx_cache.ensure(info, Path(cache))  # the export once, not in the first runtime's set-up time
+        reference = _probabilities(load_model(info, "eager", args.threads, Path(cache)).run, inputs, args.batch)
+        print(f"{len(inputs)} photos; bf16 on this CPU: {'yes' if bf16 else 'no (' + ', '.join(BF16_CPU_FLAGS) + ')'}")
+        print(
+            f"| runtime | precision | images/s ({args.threads} thread(s), batch {args.batch}) | set-up s | "
+            "top-1 = eager fp32 | max |p - p_eager| |"
+        )
+        print("|---|---|---|---|---|---|")
+        for runtime in RUNTIMES:
+            for precision in ("fp32", "bf16") if runtime == "openvino" and bf16 else ("fp32",):
+                started = time.perf_counter()
+                model = load_model(
+                    replace(info, spec=replace(EMBEDDED, precision=precision)), runtime, args.threads, Path(cache)
+                )
+                model.run(batch)  # torch.compile compiles here
+                setup = time.perf_counter() - started
+                started = time.perf_counter()
+                for _ in range(args.rounds):
+                    model.run(batch)
+                speed = args.rounds * len(batch) / (time.perf_counter() - started)
+                probabilities = _probabilities(model.run, inputs, args.batch)
+                agree = (probabilities.argmax(axis=1) == reference.argmax(axis=1)).sum()
+                difference = np.abs(probabilities - reference).max()
+                print(
+                    f"| {runtime} | {model.precision} | {speed:.1f} | {setup:.1f} | {agree}/{len(inputs)} | "
+                    f"{difference:.1e} |",
+                    flush=True,
+                )
 
-    print(f"| runtime | images/s ({args.threads} thread(s), batch {args.batch}) | set-up s | max |p - p_eager| |")
-    print("|---|---|---|---|")
-    for runtime in RUNTIMES:
-        started = time.perf_counter()
-        model = load_model(EMBEDDED, runtime, args.threads)
-        model.run(batch)  # torch.compile compiles here
-        setup = time.perf_counter() - started
-        started = time.perf_counter()
-        for _ in range(args.rounds):
-            model.run(batch)
-        speed = args.rounds * args.batch / (time.perf_counter() - started)
-        difference = (model.run(inputs).softmax(dim=1) - reference).abs().max().item()
-        print(f"| {runtime} | {speed:.1f} | {setup:.1f} | {difference:.1e} |", flush=True)
+
+def _probabilities(run: Runner, inputs: np.ndarray, batch: int) -> np.ndarray:
+    return np.concatenate([softmax(run(inputs[start : start + batch])) for start in range(0, len(inputs), batch)])
 
 
 if __name__ == "__main__":

@@ -6,12 +6,12 @@ import logging
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-import torch
+import numpy as np
 
 from inference.models import LoadedModel, load_model
 from inference.preprocess import ImageRejected, preprocess
 from inference.protocol import Label, Outcome, Prediction, Rejection, WorkerConfig
-from inference.specs import ModelSpec
+from inference.specs import ModelInfo
 
 log = logging.getLogger(__name__)
 
@@ -22,43 +22,52 @@ class Engine:
     models: OrderedDict[str, LoadedModel] = field(default_factory=OrderedDict)  # least recently used first
     startup_error: str = ""  # why the default model did not load, if it did not
 
-    def model(self, spec: ModelSpec) -> LoadedModel:
+    def model(self, info: ModelInfo) -> LoadedModel:
         """Load on first use, then keep the `max_loaded_models` most recently used (the
         default model always among them); raises inference.protocol.ModelLoadError."""
-        loaded = self.models.get(spec.name)
+        loaded = self.models.get(info.name)
         if loaded is not None:
-            self.models.move_to_end(spec.name)
+            self.models.move_to_end(info.name)
             return loaded
-        loaded = self.models[spec.name] = load_model(spec, self.config.runtime, self.config.threads)
-        default = self.config.default_model.name
-        while len(self.models) > max(self.config.max_loaded_models, 1 if spec.name == default else 2):
+        config = self.config
+        loaded = self.models[info.name] = load_model(info, config.runtime, config.threads, config.model_cache_dir)
+        default = config.default_model.name
+        while len(self.models) > max(config.max_loaded_models, 1 if info.name == default else 2):
             evicted = next(name for name in self.models if name != default)
             del self.models[evicted]
             log.info("unloaded model %s (least recently used)", evicted)
         return loaded
 
-    def classify(self, spec: ModelSpec, images: list[bytes], top_k: list[int]) -> list[Outcome]:
+    def classify(self, info: ModelInfo, images: list[bytes], top_k: list[int]) -> list[Outcome]:
         """Decode, preprocess and classify `images` with one forward pass.
 
         An image that cannot be decoded becomes a Rejection in its slot and does not
         affect the others.
         """
-        model = self.model(spec)
+        model = self.model(info)
         outcomes: dict[int, Outcome] = {}
-        tensors: dict[int, torch.Tensor] = {}
+        inputs: dict[int, np.ndarray] = {}
         for slot, data in enumerate(images):
             try:
-                tensors[slot] = preprocess(data, model.info.preprocessing, model.transform, self.config.max_pixels)
+                inputs[slot] = preprocess(data, model.info.preprocessing, self.config.max_pixels)
             except ImageRejected as exc:
                 outcomes[slot] = Rejection(exc.code, exc.message)
-        if tensors:
-            probabilities = model.run(torch.stack(list(tensors.values()))).softmax(dim=1)
-            for slot, row in zip(tensors, probabilities, strict=True):
-                scores, indices = row.topk(min(top_k[slot], row.numel()))
+        if inputs:
+            probabilities = softmax(model.run(np.stack(list(inputs.values()))))
+            for slot, row in zip(inputs, probabilities, strict=True):
+                best = np.argsort(row)[::-1][: top_k[slot]]
                 outcomes[slot] = Prediction(
                     tuple(
-                        Label(class_index=int(index), label=model.categories[int(index)], score=float(score))
-                        for score, index in zip(scores, indices, strict=True)
+                        Label(class_index=int(index), label=model.categories[index], score=float(row[index]))
+                        for index in best
                     )
                 )
         return [outcomes[slot] for slot in range(len(images))]
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise, in float64 so that scores near 1 do not all round to 1.0."""
+    shifted = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
+    exponentials = np.exp(shifted)
+    probabilities: np.ndarray = exponentials / exponentials.sum(axis=1, keepdims=True)
+    return probabilities

@@ -1,9 +1,11 @@
-"""Turn untrusted image bytes into a normalised model input tensor.
+"""Turn untrusted image bytes into a normalised model input array (Pillow and numpy, no torch).
 
 Decoding is the most expensive step for large photos, so JPEGs are decoded with Pillow's
 draft mode (a DCT-domain downscale) to the smallest size that is still at least the
 resize target, and any image still twice that size or more is box-reduced by an integer
-factor; the exact torchvision transform then runs on a much smaller image.
+factor; the exact resize then runs on a much smaller image. The resize, crop and
+normalisation are torchvision's `Resize(antialias=True)`, `CenterCrop` and `Normalize`,
+done with Pillow's antialiased bilinear filter, which they were made to match.
 """
 
 from __future__ import annotations
@@ -11,9 +13,8 @@ from __future__ import annotations
 import io
 import warnings
 
-import torch
+import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
-from torchvision.transforms import v2
 
 from inference.specs import Preprocessing
 
@@ -25,18 +26,6 @@ class ImageRejected(Exception):
         super().__init__(message)
         self.code = code
         self.message = message
-
-
-def build_transform(info: Preprocessing) -> v2.Compose:
-    return v2.Compose(
-        [
-            v2.PILToTensor(),
-            v2.Resize(info.resize_size, antialias=True),
-            v2.CenterCrop(info.input_size),
-            v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(mean=list(info.mean), std=list(info.std)),
-        ]
-    )
 
 
 def decode_image(data: bytes, min_side: int, max_pixels: int) -> Image.Image:
@@ -104,8 +93,23 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def preprocess(data: bytes, info: Preprocessing, transform: v2.Compose, max_pixels: int) -> torch.Tensor:
-    """Bytes to a (3, input_size, input_size) float tensor, or ImageRejected."""
-    image = decode_image(data, min_side=info.resize_size, max_pixels=max_pixels)
-    tensor: torch.Tensor = transform(image)
-    return tensor
+def preprocess(data: bytes, info: Preprocessing, max_pixels: int) -> np.ndarray:
+    """Bytes to a (3, input_size, input_size) float32 array, or ImageRejected."""
+    return to_input(decode_image(data, min_side=info.resize_size, max_pixels=max_pixels), info)
+
+
+def to_input(image: Image.Image, info: Preprocessing) -> np.ndarray:
+    """Shorter side to `resize_size`, the centre `input_size` square, scaled to 0..1 and
+    normalised per channel, channels first."""
+    width, height = image.size
+    if width <= height:
+        size = (info.resize_size, int(info.resize_size * height / width))
+    else:
+        size = (int(info.resize_size * width / height), info.resize_size)
+    image = image.resize(size, Image.Resampling.BILINEAR)
+    left = round((size[0] - info.input_size) / 2)
+    top = round((size[1] - info.input_size) / 2)
+    image = image.crop((left, top, left + info.input_size, top + info.input_size))
+    std = np.asarray(info.std, dtype=np.float32)
+    pixels = np.asarray(image, dtype=np.float32) * (1 / (255 * std)) - np.asarray(info.mean, dtype=np.float32) / std
+    return pixels.transpose(2, 0, 1)

@@ -7,16 +7,18 @@ torch (importing torch costs ~900 MiB of RSS with the PyPI build).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
-from inference.specs import ModelSpec, Runtime
+from inference.specs import ModelInfo, Runtime
 
 
 @dataclass(frozen=True)
 class WorkerConfig:
-    default_model: ModelSpec  # loaded at start and never evicted
+    default_model: ModelInfo  # loaded at start and never evicted
     runtime: Runtime
     threads: int
     max_pixels: int
+    model_cache_dir: Path  # ONNX exports (inference.onnx_cache)
     nice: int = 0  # added to the worker's niceness: the web process then wins the CPU
     max_loaded_models: int = 3  # the default included; least recently used ones go first
 

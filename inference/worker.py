@@ -1,17 +1,19 @@
 """Entry points the process pool runs inside worker processes.
 
-The pool calls `init_worker` once per process and `classify_batch` per batch. This module
-imports torch only inside `init_worker` (through `inference.engine`), so the web process
-can hand these functions to the executor without loading torch itself.
+The pool calls `init_worker` once per process and `classify_batch` per batch. On the default
+path (an ONNX runtime and a cached export) no worker imports torch; `model_infos` imports it
+only when torchvision models are declared or cached, and the pool runs it in a process of
+its own.
 """
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from inference.protocol import ModelLoadError, Outcome, WorkerConfig
-from inference.specs import ModelInfo, ModelSpec
+from inference.specs import ModelInfo, ModelSpec, local_info
 
 if TYPE_CHECKING:
     from inference.engine import Engine
@@ -24,13 +26,10 @@ def init_worker(config: WorkerConfig) -> None:
     """Pool initializer. A default model that cannot load does not raise here (the pool
     would only say "broken"): `worker_info` reports the reason instead."""
     global _engine
-    import torch
-
     from inference.engine import Engine
 
     if config.nice:
         os.nice(config.nice)
-    torch.set_num_threads(config.threads)
     _engine = Engine(config)
     try:
         _engine.model(config.default_model)
@@ -45,7 +44,7 @@ def worker_info() -> tuple[int, tuple[str, ...], str]:
     return os.getpid(), tuple(engine.models), engine.startup_error
 
 
-def classify_batch(model: ModelSpec, images: list[bytes], top_k: list[int]) -> list[Outcome]:
+def classify_batch(model: ModelInfo, images: list[bytes], top_k: list[int]) -> list[Outcome]:
     """Raises inference.protocol.ModelLoadError when the model cannot be loaded."""
     return _current().classify(model, images, top_k)
 
@@ -54,10 +53,20 @@ def model_infos(declared: list[ModelSpec]) -> list[ModelInfo]:
     """Facts about the declared models, then about torchvision weights found in the cache.
 
     Raises inference.specs.CatalogError for a declaration that can never work."""
-    from inference import zoo
+    if not any(spec.source == "torchvision" for spec in declared) and not _hub_checkpoints():
+        return [local_info(spec) for spec in declared]
+    from inference import zoo  # imports torch
 
     specs = declared + zoo.discover_cached({spec.name for spec in declared})
     return [zoo.model_info(spec) for spec in specs]
+
+
+def _hub_checkpoints() -> bool:
+    """Whether torch's hub cache holds any weights file (`$TORCH_HOME/hub/checkpoints`, as
+    torch.hub documents it), found out without importing torch."""
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    hub = Path(os.environ.get("TORCH_HOME") or cache / "torch") / "hub" / "checkpoints"
+    return hub.is_dir() and any(hub.iterdir())
 
 
 def _current() -> Engine:

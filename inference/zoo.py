@@ -16,7 +16,7 @@ import torch
 import torchvision.models
 from torchvision.models import WeightsEnum, get_model_weights, list_models
 
-from inference.specs import CatalogError, ModelInfo, ModelSpec, Preprocessing, read_labels, torchvision_spec
+from inference.specs import CatalogError, ModelInfo, ModelSpec, Preprocessing, local_info, torchvision_spec
 
 log = logging.getLogger(__name__)
 
@@ -43,32 +43,22 @@ def cache_file(weights: WeightsEnum) -> Path:
 
 def model_info(spec: ModelSpec) -> ModelInfo:
     """Raises CatalogError for a declaration that can never work (unknown architecture...)."""
-    if spec.source == "embedded":
-        assert spec.preprocessing is not None
-        return ModelInfo(spec, spec.architecture, spec.preprocessing, num_classes=1000, weights_path="")
-    if spec.source == "torchvision":
-        weights = weights_of(spec)
-        transform = weights.transforms()
-        own = Preprocessing(
-            input_size=transform.crop_size[0],
-            resize_size=transform.resize_size[0],
-            mean=transform.mean,
-            std=transform.std,
-        )
-        return ModelInfo(
-            spec,
-            architecture=spec.architecture,
-            preprocessing=spec.preprocessing or own,
-            num_classes=len(weights.meta["categories"]),
-            weights_path=str(cache_file(weights)),
-        )
-    assert spec.preprocessing is not None
+    if spec.source != "torchvision":
+        return local_info(spec)
+    weights = weights_of(spec)
+    transform = weights.transforms()
+    own = Preprocessing(
+        input_size=transform.crop_size[0],
+        resize_size=transform.resize_size[0],
+        mean=transform.mean,
+        std=transform.std,
+    )
     return ModelInfo(
         spec,
-        architecture=spec.architecture or spec.format,
-        preprocessing=spec.preprocessing,
-        num_classes=len(read_labels(spec.labels)),
-        weights_path=spec.path,
+        architecture=spec.architecture,
+        preprocessing=spec.preprocessing or own,
+        num_classes=len(weights.meta["categories"]),
+        weights_path=str(cache_file(weights)),
     )
 
 

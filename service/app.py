@@ -1,7 +1,7 @@
 """The application factory and the lifetimes of its resources.
 
-Started in order and closed in reverse (`cleanup_ctx`): the inference pool (and the model
-catalog a worker describes), the download session, then the task service that uses both. On
+Started in order and closed in reverse (`cleanup_ctx`): the model catalog and the
+inference pool, the download session, then the task service that uses both. On
 shutdown, running tasks get `--shutdown-grace` seconds before what is left is cancelled.
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 import gc
 import logging
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 from aiohttp import web
 from aiohttp.typedefs import Middleware
@@ -35,7 +36,7 @@ from service.api.schemas import SubmitForm, SubmitRequest
 from service.fetch.fetcher import FetchLimits, make_session
 from service.metrics import Metrics
 from service.pool.catalog import ModelCatalog
-from service.pool.process import ProcessInferencePool
+from service.pool.process import ProcessInferencePool, describe_models
 from service.settings import Settings
 from service.tasks.memory import InMemoryRegistry
 from service.tasks.service import TaskService
@@ -64,28 +65,34 @@ async def registry_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def pool_ctx(app: web.Application) -> AsyncIterator[None]:
-    """Start the workers with the default model loaded, then have one of them describe every
-    declared model and the torchvision weights in the cache (the catalog)."""
+    """Find out about every declared model and the torchvision weights in the cache (the
+    catalog), then start the workers with the default model loaded."""
     settings = app[SETTINGS]
+    infos = await describe_models(settings.model_specs())
+    # Weights found in the cache were not declared: they run at the service's precision.
+    catalog = ModelCatalog(
+        [replace(info, spec=settings.resolve_precision(info.spec)) for info in infos], settings.default_model
+    )
+    log.info(
+        "models: %s",
+        ", ".join(
+            f"{info.name} ({info.spec.source}, {info.spec.precision}"
+            f"{'' if info.weights_present() else ', weights missing'})"
+            for info in catalog.infos()
+        ),
+    )
     config = WorkerConfig(
-        default_model=settings.default_spec(),
-        runtime=settings.runtime,
+        default_model=catalog.info(settings.default_model),
+        runtime=settings.resolved_runtime(),
         threads=settings.resolved_threads(),
         max_pixels=settings.max_image_pixels,
+        model_cache_dir=settings.model_cache_dir,
         nice=settings.worker_nice,
         max_loaded_models=settings.max_loaded_models,
     )
     pool = ProcessInferencePool(settings.resolved_workers(), config, settings.batch_timeout)
     try:
         await pool.start()
-        catalog = ModelCatalog(await pool.model_infos(settings.model_specs()), settings.default_model)
-        log.info(
-            "models: %s",
-            ", ".join(
-                f"{info.name} ({info.spec.source}{'' if info.weights_present() else ', weights missing'})"
-                for info in catalog.infos()
-            ),
-        )
         app[POOL] = pool
         app[CATALOG] = catalog
         yield

@@ -17,7 +17,19 @@ from typing import Annotated, Literal, NoReturn
 from pydantic import Field, PrivateAttr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, CliApp, SettingsConfigDict, SettingsError
 
-from inference.specs import DEFAULT_MODEL, DEFAULT_RUNTIME, CatalogError, ModelSpec, Runtime, declared_specs
+from inference.onnx_cache import default_cache_dir
+from inference.specs import (
+    DEFAULT_MODEL,
+    CatalogError,
+    ModelSpec,
+    Precision,
+    Runtime,
+    RuntimeChoice,
+    cpu_flags,
+    declared_specs,
+    resolve_precision,
+    resolve_runtime,
+)
 from service.fetch.policy import AddressPolicy
 
 PROGRAM = "run_service.py"
@@ -52,7 +64,21 @@ class Settings(BaseSettings):
     worker_nice: Annotated[int, Field(ge=0, le=19)] = Field(
         5, description="niceness added to workers, so the event loop stays responsive under load"
     )
-    runtime: Runtime = Field(DEFAULT_RUNTIME, description="inference engine")
+    runtime: RuntimeChoice = Field(
+        "auto",
+        description="inference engine: auto (openvino where the CPU computes bf16 natively, else onnx), openvino, "
+        "onnx (both run a cached ONNX export without torch), or a torch one: eager, channels_last, torchscript, "
+        "compile",
+    )
+    precision: Precision = Field(
+        "auto",
+        description="inference precision: auto (bf16 where the CPU has avx512_bf16 or AMX and the runtime is "
+        "openvino, else fp32), fp32 or bf16; a model in the models file may set its own",
+    )
+    model_cache_dir: Path = Field(
+        default_cache_dir(),
+        description="directory for the models' ONNX exports, made once per weights file and shared by instances",
+    )
     default_model: str = Field(
         DEFAULT_MODEL, description="model used when a request names none (a declared model's name)"
     )
@@ -127,7 +153,7 @@ class Settings(BaseSettings):
         if self.default_top_k > self.max_top_k:
             raise ValueError("--default-top-k must not exceed --max-top-k")
         try:
-            specs = declared_specs(self.models, self.models_file)
+            specs = [self.resolve_precision(spec) for spec in declared_specs(self.models, self.models_file)]
         except CatalogError as exc:
             raise ValueError(f"models: {exc}") from None
         names = [spec.name for spec in specs]
@@ -140,8 +166,12 @@ class Settings(BaseSettings):
         """The declared models (parsed once, when the settings were validated)."""
         return list(self._model_specs)
 
-    def default_spec(self) -> ModelSpec:
-        return next(spec for spec in self._model_specs if spec.name == self.default_model)
+    def resolve_precision(self, spec: ModelSpec) -> ModelSpec:
+        """`spec` with the precision it runs at (see inference.specs.resolve_precision)."""
+        return resolve_precision(spec, self.resolved_runtime(), self.precision, cpu_flags())
+
+    def resolved_runtime(self) -> Runtime:
+        return resolve_runtime(self.runtime, cpu_flags())
 
     def allowed_network_list(self) -> list[str]:
         return _split(self.allowed_networks)

@@ -73,6 +73,16 @@ def empty_torch_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]
         yield torch_home
 
 
+@pytest.fixture(scope="session", autouse=True)
+def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """One ONNX model cache for the whole run, empty at its start: the first service exports
+    the default model and the others reuse it, as instances on one machine do."""
+    with pytest.MonkeyPatch.context() as patch:
+        cache = tmp_path_factory.mktemp("model_cache")
+        patch.setenv("ICS_MODEL_CACHE_DIR", str(cache))
+        yield cache
+
+
 @pytest.fixture(scope="session")
 def photos() -> dict[str, bytes]:
     return {path.stem: path.read_bytes() for path in sorted(PHOTOS_DIR.glob("*.jpg"))}

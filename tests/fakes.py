@@ -16,6 +16,11 @@ def image(label: str) -> bytes:
     return LABEL_PREFIX + label.encode()
 
 
+def infos(specs: list[ModelSpec]) -> list[ModelInfo]:
+    """What the catalog would know of `specs`, without asking a worker process."""
+    return [ModelInfo(spec, spec.architecture or "fake", Preprocessing(), 1000, "") for spec in specs]
+
+
 class FakePool(InferencePool):
     """An inference pool without processes. An image whose bytes are `image(label)` gets that
     label (score 0.9); other bytes are rejected as `not_an_image`. `failures` are raised by the
@@ -35,10 +40,7 @@ class FakePool(InferencePool):
     def check_ready(self) -> bool:
         return True
 
-    async def model_infos(self, specs: list[ModelSpec]) -> list[ModelInfo]:
-        return [ModelInfo(spec, spec.architecture or "fake", Preprocessing(), 1000, "") for spec in specs]
-
-    async def classify(self, model: ModelSpec, images: list[bytes], top_k: list[int]) -> list[Outcome]:
+    async def classify(self, model: ModelInfo, images: list[bytes], top_k: list[int]) -> list[Outcome]:
         self.batches.append(images)
         await self.hold.wait()
         if self.failures:

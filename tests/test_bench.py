@@ -3,11 +3,32 @@ a bench that no longer runs would leave them unchecked). No timing is asserted h
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from bench import reference
 from bench.images import make_images
-from bench.run_bench import offline_limit
+from bench.run_bench import reference_limit
+from inference import onnx_cache
+from inference.engine import Engine
+from inference.protocol import Prediction, WorkerConfig
+from inference.specs import EMBEDDED, local_info
 from service.settings import Settings
 
 
-def test_the_offline_limit_runs_the_worker_code() -> None:
+def test_the_reference_pipeline_runs(model_cache: Path) -> None:
     images = make_images(8)
-    assert offline_limit(images, Settings(workers=1, threads_per_worker=1, batch_size=4)) > 0
+    assert reference_limit(images, Settings(workers=1, threads_per_worker=1, model_cache_dir=model_cache)) > 0
+
+
+def test_the_reference_classifies_as_the_service_does(photos: dict[str, bytes], model_cache: Path) -> None:
+    """A fair reference: same model, same answers, on the test photos and benchmark photos."""
+    info = local_info(EMBEDDED)
+    images = list(photos.values()) + make_images(16)
+    reference._start(str(onnx_cache.ensure(info, model_cache).onnx))
+    engine = Engine(WorkerConfig(info, "onnx", 1, 10**8, model_cache))
+    ours = [
+        outcome.labels[0].class_index
+        for outcome in engine.classify(info, images, [1] * len(images))
+        if isinstance(outcome, Prediction)
+    ]
+    assert ours == reference._classify(images)

@@ -73,3 +73,12 @@ def test_the_task_store_lives_on_a_volume_the_app_user_owns(dockerfile: Dockerfi
     assert "/var/lib/ics" in setup.split("chown", 1)[1]  # created, then owned by the app user
     compose = (ROOT / "docker-compose.yml").read_text()
     assert ":/var/lib/ics" in compose
+
+
+def test_the_image_exports_the_default_model_at_build(dockerfile: DockerfileParser) -> None:
+    """No container start imports torch: the export is in the image, where the service looks."""
+    cache = dockerfile.envs["ICS_MODEL_CACHE_DIR"]
+    steps = [(entry["instruction"], entry["value"]) for entry in dockerfile.structure]
+    export = steps.index(("RUN", 'python -m inference.export --cache-dir "$ICS_MODEL_CACHE_DIR"'))
+    assert steps.index(("COPY", "inference/ inference/")) < export
+    assert cache.startswith("/") and not cache.startswith(dockerfile.envs["ICS_DATA_DIR"])  # not in the volume

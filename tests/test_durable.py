@@ -267,6 +267,49 @@ async def test_a_reopened_store_has_every_task_as_it_was(tmp_path: Path) -> None
         await reopened.close()
 
 
+# The tables as the first durable version (schema 1) wrote them: no tasks.precision.
+SCHEMA_V1 = SCHEMA.replace("    precision TEXT NOT NULL DEFAULT 'fp32',\n", "")
+
+
+async def test_a_data_dir_of_the_previous_version_is_upgraded_in_place(tmp_path: Path) -> None:
+    assert SCHEMA_V1 != SCHEMA
+    registry = await SqliteRegistry.open(tmp_path, 3600, 100, Metrics())
+    done = await finish(registry, 2)
+    running = await registry.create(["u0", "u1"], "m", 1, precision="bf16")
+    await registry.update_item(running.task_id, 1, ItemStatus.SUCCEEDED, labels=[Label("cup", 968, 0.7)])
+    await registry.close()
+    with sqlite3.connect(tmp_path / DATABASE) as connection:  # rewrite it as schema 1 had it
+        old = json.loads(connection.execute("SELECT snapshot FROM tasks WHERE task_id = ?", (done,)).fetchone()[0])
+        del old["precision"]
+        rows = connection.execute("SELECT * FROM tasks").fetchall()
+        columns = [column[1] for column in connection.execute("PRAGMA table_info(tasks)")]
+        items = connection.execute("SELECT * FROM items").fetchall()
+        connection.executescript("DROP TABLE tasks; DROP TABLE items;" + SCHEMA_V1)
+        for row in rows:
+            values = {name: value for name, value in zip(columns, row, strict=True) if name != "precision"}
+            if values["task_id"] == done:
+                values["snapshot"] = json.dumps(old).encode()
+            marks = ", ".join("?" * len(values))
+            connection.execute(f"INSERT INTO tasks ({', '.join(values)}) VALUES ({marks})", tuple(values.values()))
+        connection.executemany("INSERT INTO items VALUES (?, ?, ?, ?, ?, ?, ?)", items)
+        connection.execute("PRAGMA user_version = 1")
+
+    upgraded = await SqliteRegistry.open(tmp_path, 3600, 100, Metrics())
+    try:
+        finished = await upgraded.get(done)
+        assert finished is not None and finished.precision == "fp32"  # every task before the upgrade ran fp32
+        assert json.loads(await upgraded.get_json(done) or b"")["precision"] == "fp32"
+        resumed = await upgraded.get(running.task_id)
+        assert (
+            resumed is not None and resumed.precision == "fp32" and resumed.items[1].labels == [Label("cup", 968, 0.7)]
+        )
+        assert [task.task_id for task, _ in await upgraded.active()] == [running.task_id]
+    finally:
+        await upgraded.close()
+    with sqlite3.connect(tmp_path / DATABASE) as connection:
+        assert connection.execute("PRAGMA user_version").fetchone()[0] == 2
+
+
 @pytest.mark.parametrize("status", [None, TaskStatus.RUNNING])
 @pytest.mark.parametrize("owner", [None, "alice"])
 def test_task_pages_are_read_by_index(tmp_path: Path, status: TaskStatus | None, owner: str | None) -> None:

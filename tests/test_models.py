@@ -18,10 +18,11 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from inference.engine import Engine
-from inference.models import imagenet_categories
 from inference.protocol import WorkerConfig
-from inference.specs import EMBEDDED, CatalogError, ModelSpec, declared_specs, torchvision_spec
+from inference.specs import EMBEDDED, CatalogError, ModelSpec, declared_specs, local_info, torchvision_spec
+from inference.torch_models import imagenet_categories
 from inference.zoo import cache_file, weights_of
+from service.api.keys import SETTINGS
 from service.settings import load_settings
 from tests.conftest import ROOT, ImageServer, ServiceFactory, service_command, submit, wait_for_task
 
@@ -129,6 +130,7 @@ async def test_checkpoints_serve_beside_the_default_and_missing_weights_are_unav
     make_service: ServiceFactory, image_server: ImageServer, model_dir: Path, download_trap: DownloadTrap
 ) -> None:
     client = await make_service(models="resnet50", models_file=str(model_dir / "models.toml"))
+    precision = client.server.app[SETTINGS].resolve_precision(EMBEDDED).precision  # bf16 on CPUs that have it
     listing = await (await client.get("/models")).json()
     models = {entry["name"]: entry for entry in listing["models"]}
     assert listing["default"] == "efficientnet_lite0"
@@ -139,12 +141,14 @@ async def test_checkpoints_serve_beside_the_default_and_missing_weights_are_unav
         "architecture": "efficientnet-lite0",
         "input_size": 224,
         "num_classes": 1000,
+        "precision": precision,
         "default": True,
         "weights_present": True,
     }
     assert models["pets"]["source"] == "checkpoint" and models["pets"]["architecture"] == "resnet18"
     assert models["pets"]["num_classes"] == 4 and models["pets"]["weights_present"]
     assert models["colours"]["architecture"] == "torchscript" and models["colours"]["num_classes"] == 3
+    assert models["colours"]["precision"] == "fp32"  # a TorchScript file runs as it is
     assert models["shapes"]["input_size"] == 160
     assert models["resnet50"] == {
         "name": "resnet50",
@@ -152,6 +156,7 @@ async def test_checkpoints_serve_beside_the_default_and_missing_weights_are_unav
         "architecture": "resnet50",
         "input_size": 224,
         "num_classes": 1000,
+        "precision": precision,
         "default": False,
         "weights_present": False,
     }
@@ -214,20 +219,19 @@ async def test_torchvision_weights_in_the_hub_cache_are_found_and_used(
         target.unlink()
 
 
-def test_workers_keep_a_bounded_lru_of_models(model_dir: Path) -> None:
-    specs = {spec.name: spec for spec in declared_specs("", str(model_dir / "models.toml"))}
-    engine = Engine(
-        WorkerConfig(default_model=EMBEDDED, runtime="eager", threads=1, max_pixels=10**8, max_loaded_models=3)
-    )
-    engine.model(EMBEDDED)
-    engine.model(specs["pets"])
-    engine.model(specs["colours"])
+def test_workers_keep_a_bounded_lru_of_models(model_dir: Path, model_cache: Path) -> None:
+    infos = {spec.name: local_info(spec) for spec in declared_specs("", str(model_dir / "models.toml"))}
+    default = infos["efficientnet_lite0"]
+    engine = Engine(WorkerConfig(default, "eager", threads=1, max_pixels=10**8, model_cache_dir=model_cache))
+    engine.model(default)
+    engine.model(infos["pets"])
+    engine.model(infos["colours"])
     assert list(engine.models) == ["efficientnet_lite0", "pets", "colours"]
-    engine.model(specs["pets"])  # used again: now the most recent
-    engine.model(specs["shapes"])  # evicts the least recently used one that is not the default
+    engine.model(infos["pets"])  # used again: now the most recent
+    engine.model(infos["shapes"])  # evicts the least recently used one that is not the default
     assert list(engine.models) == ["efficientnet_lite0", "pets", "shapes"]
     for name in ("pets", "shapes", "colours"):
-        engine.model(specs[name])
+        engine.model(infos[name])
     assert list(engine.models) == ["efficientnet_lite0", "shapes", "colours"]  # the default is never evicted
 
 

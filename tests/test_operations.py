@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+from pathlib import Path
 
-from service.api.keys import POOL
+from service.api.keys import POOL, SETTINGS
 from tests.conftest import ImageServer, ServiceFactory, scrape, submit, wait_for_task
 
 
@@ -54,3 +55,21 @@ async def test_metrics_move_as_tasks_run(make_service: ServiceFactory, image_ser
     assert after[("ics_inference_seconds_count", ())] == after[("ics_batch_size_count", ())] >= 1
     assert after[("ics_queue_depth", ())] == 0
     assert after[("ics_worker_restarts", ())] == 0
+
+
+async def test_the_default_path_runs_without_torch_at_the_precision_it_shows(
+    make_service: ServiceFactory, image_server: ImageServer
+) -> None:
+    """Workers on the default runtime map no torch library, and /models and each task show
+    the precision chosen for this CPU."""
+    client = await make_service()
+    settings = client.server.app[SETTINGS]
+    expected = settings.resolve_precision(settings.model_specs()[0]).precision
+    assert settings.resolved_runtime() in ("openvino", "onnx")
+    models = (await (await client.get("/models")).json())["models"]
+    assert [(model["name"], model["precision"]) for model in models] == [("efficientnet_lite0", expected)]
+    task = await wait_for_task(client, (await submit(client, [image_server.url("/photos/coffee")]))["task_id"])
+    assert task["precision"] == expected and task["items"][0]["labels"][0]["label"] == "espresso"
+    (worker,) = client.server.app[POOL].worker_pids()
+    libraries = Path(f"/proc/{worker}/maps").read_text()
+    assert "libtorch" not in libraries and ("openvino" in libraries or "onnxruntime" in libraries)

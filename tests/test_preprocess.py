@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import io
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision.transforms import v2
 
-from inference.preprocess import ImageRejected, build_transform, decode_image, preprocess
+from inference.preprocess import ImageRejected, decode_image, preprocess, to_input
 from inference.specs import EMBEDDED
 
 INFO = EMBEDDED.preprocessing
@@ -22,12 +24,32 @@ def encode(image: Image.Image, fmt: str, **options: object) -> bytes:
     return buffer.getvalue()
 
 
-def test_photo_becomes_a_normalised_input_tensor(photos: dict[str, bytes]) -> None:
-    tensor = preprocess(photos["coffee"], INFO, build_transform(INFO), MAX_PIXELS)
-    assert tensor.shape == (3, 224, 224)
-    assert tensor.dtype == torch.float32
+def test_photo_becomes_a_normalised_input_array(photos: dict[str, bytes]) -> None:
+    array = preprocess(photos["coffee"], INFO, MAX_PIXELS)
+    assert array.shape == (3, 224, 224)
+    assert array.dtype == np.float32
     # TF-Lite normalisation maps 0..255 to about -0.99..1.0
-    assert -1.0 <= float(tensor.min()) < 0 < float(tensor.max()) <= 1.0
+    assert -1.0 <= float(array.min()) < 0 < float(array.max()) <= 1.0
+
+
+@pytest.mark.parametrize("size", [(640, 480), (480, 640), (300, 256), (1024, 1024)])
+def test_resize_crop_and_normalise_match_torchvision(photos: dict[str, bytes], size: tuple[int, int]) -> None:
+    """The numpy path gives torchvision's Resize(antialias) / CenterCrop / Normalize result,
+    up to the rounding of a resampled pixel (one step of 255)."""
+    image = Image.open(io.BytesIO(photos["rocket"])).convert("RGB").resize(size)
+    expected = v2.Compose(
+        [
+            v2.PILToTensor(),
+            v2.Resize(INFO.resize_size, antialias=True),
+            v2.CenterCrop(INFO.input_size),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(mean=list(INFO.mean), std=list(INFO.std)),
+        ]
+    )(image)
+    difference = np.abs(to_input(image, INFO) - expected.numpy())
+    one_step = 1 / (255 * min(INFO.std))
+    assert difference.max() <= one_step + 1e-5
+    assert difference.mean() < one_step / 4
 
 
 def test_large_jpegs_are_draft_decoded_but_keep_enough_pixels(photos: dict[str, bytes]) -> None:

@@ -1,40 +1,152 @@
-"""Every runtime runs the same weights: same top-1 as eager, probabilities within 1e-3."""
+"""Every runtime runs the same weights: same top-1 as eager fp32, probabilities within 1e-3;
+bf16 where the CPU has it. The ONNX export is cached on disk and a damaged file is rebuilt."""
 
 from __future__ import annotations
 
-import pytest
-import torch
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
 
+import numpy as np
+import pytest
+
+from inference import onnx_cache
+from inference.engine import softmax
 from inference.models import load_model
 from inference.preprocess import preprocess
 from inference.protocol import ModelLoadError
-from inference.specs import EMBEDDED, RUNTIMES
+from inference.specs import BF16_CPU_FLAGS, EMBEDDED, RUNTIMES, ModelInfo, ModelSpec, cpu_flags, local_info
+
+INFO = local_info(EMBEDDED)
+ROOT = Path(__file__).parent.parent
 
 
 @pytest.fixture(scope="module")
-def batch(photos: dict[str, bytes]) -> torch.Tensor:
-    model = load_model(EMBEDDED, "eager", threads=1)
-    return torch.stack([preprocess(data, model.info.preprocessing, model.transform, 10**8) for data in photos.values()])
+def batch(photos: dict[str, bytes]) -> np.ndarray:
+    return np.stack([preprocess(data, INFO.preprocessing, 10**8) for data in photos.values()])
 
 
 @pytest.fixture(scope="module")
-def eager_probabilities(batch: torch.Tensor) -> torch.Tensor:
-    return load_model(EMBEDDED, "eager", threads=1).run(batch).softmax(dim=1)
+def eager_probabilities(batch: np.ndarray, model_cache: Path) -> np.ndarray:
+    return softmax(load_model(INFO, "eager", 1, model_cache).run(batch))
 
 
 @pytest.mark.parametrize("runtime", [runtime for runtime in RUNTIMES if runtime != "eager"])
-def test_runtime_agrees_with_eager(runtime: str, batch: torch.Tensor, eager_probabilities: torch.Tensor) -> None:
-    torch.set_num_threads(1)
-    run = load_model(EMBEDDED, runtime, threads=1).run
-    probabilities = run(batch).softmax(dim=1)
+def test_runtime_agrees_with_eager(
+    runtime: str, batch: np.ndarray, eager_probabilities: np.ndarray, model_cache: Path
+) -> None:
+    model = load_model(INFO, runtime, 1, model_cache)  # type: ignore[arg-type]  # every Runtime
+    assert model.precision == "fp32"
+    probabilities = softmax(model.run(batch))
     assert probabilities.shape == eager_probabilities.shape == (3, 1000)
-    assert torch.equal(probabilities.argmax(dim=1), eager_probabilities.argmax(dim=1))
-    assert (probabilities - eager_probabilities).abs().max() < 1e-3
+    assert np.array_equal(probabilities.argmax(axis=1), eager_probabilities.argmax(axis=1))
+    assert np.abs(probabilities - eager_probabilities).max() < 1e-3
     # A batch size the runtime has not seen yet (the ONNX graph has a dynamic batch axis).
-    single = run(batch[:1]).softmax(dim=1)
-    assert (single - eager_probabilities[:1]).abs().max() < 1e-3
+    single = softmax(model.run(batch[:1]))
+    assert np.abs(single - eager_probabilities[:1]).max() < 1e-3
 
 
-def test_unknown_runtime_is_a_load_error() -> None:
+@pytest.mark.skipif(not cpu_flags() & set(BF16_CPU_FLAGS), reason=f"this CPU has none of {', '.join(BF16_CPU_FLAGS)}")
+def test_openvino_bf16_agrees_where_fp32_is_confident(
+    batch: np.ndarray, eager_probabilities: np.ndarray, model_cache: Path
+) -> None:
+    model = load_model(bf16(INFO), "openvino", 1, model_cache)
+    assert model.precision == "bf16"
+    probabilities = softmax(model.run(batch))
+    confident = eager_probabilities.max(axis=1) > 0.5
+    assert confident.any()
+    assert np.array_equal(probabilities.argmax(axis=1)[confident], eager_probabilities.argmax(axis=1)[confident])
+
+
+@pytest.mark.skipif(bool(cpu_flags() & set(BF16_CPU_FLAGS)), reason="this CPU computes bf16")
+def test_bf16_where_the_cpu_cannot_is_a_load_error_not_silent_fp32(model_cache: Path) -> None:
+    with pytest.raises(ModelLoadError, match="bf16"):
+        load_model(bf16(INFO), "openvino", 1, model_cache)
+
+
+def bf16(info: ModelInfo) -> ModelInfo:
+    return replace(info, spec=replace(info.spec, precision="bf16"))
+
+
+def test_unknown_runtime_is_a_load_error(model_cache: Path) -> None:
     with pytest.raises(ModelLoadError):
-        load_model(EMBEDDED, "tensorflow", threads=1)
+        load_model(INFO, "tensorflow", 1, model_cache)  # type: ignore[arg-type]  # the point of the test
+
+
+def test_the_export_is_made_once_and_reused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    entry = onnx_cache.ensure(INFO, tmp_path)
+    assert entry.onnx.is_file() and len(entry.categories()) == 1000
+    made = entry.onnx.stat().st_mtime_ns
+
+    def no_export(*_: object) -> None:
+        raise AssertionError("exported again")
+
+    monkeypatch.setattr(onnx_cache, "_export", no_export)
+    assert load_model(INFO, "openvino", 1, tmp_path).info == INFO
+    assert onnx_cache.ensure(INFO, tmp_path) == entry
+    assert entry.onnx.stat().st_mtime_ns == made
+
+
+def test_a_damaged_export_is_rebuilt_not_fatal(
+    tmp_path: Path, batch: np.ndarray, eager_probabilities: np.ndarray
+) -> None:
+    entry = onnx_cache.ensure(INFO, tmp_path)
+    entry.onnx.write_bytes(entry.onnx.read_bytes()[:5000])  # cut short, as a full disk or a crash would
+    model = load_model(INFO, "openvino", 1, tmp_path)
+    assert np.array_equal(softmax(model.run(batch)).argmax(axis=1), eager_probabilities.argmax(axis=1))
+    assert entry.onnx.stat().st_size > 1_000_000
+
+
+def test_new_weights_get_a_new_export(tmp_path: Path) -> None:
+    weights = tmp_path / "a.pth"
+    weights.write_bytes(b"one")
+    spec = ModelSpec(name="m", source="checkpoint", architecture="resnet18", path=str(weights))
+    first = onnx_cache.entry_for(ModelInfo(spec, "resnet18", INFO.preprocessing, 10, str(weights)), tmp_path)
+    weights.write_bytes(b"two")
+    second = onnx_cache.entry_for(ModelInfo(spec, "resnet18", INFO.preprocessing, 10, str(weights)), tmp_path)
+    assert first.onnx != second.onnx and first.onnx.parent == second.onnx.parent == tmp_path
+
+
+def test_a_worker_on_the_default_path_never_imports_torch(model_cache: Path, photos: dict[str, bytes]) -> None:
+    onnx_cache.ensure(INFO, model_cache)  # what the first start (or the install) did
+    photo = Path(__file__).parent / "photos" / "coffee.jpg"
+    program = f"""
+import sys
+from pathlib import Path
+from inference import worker
+from inference.protocol import Prediction, WorkerConfig
+from inference.specs import EMBEDDED, local_info
+info = local_info(EMBEDDED)
+worker.init_worker(WorkerConfig(info, "openvino", 1, 10**8, Path({str(model_cache)!r})))
+assert worker.worker_info()[2] == "", worker.worker_info()
+outcome, = worker.classify_batch(info, [Path({str(photo)!r}).read_bytes()], [3])
+assert isinstance(outcome, Prediction) and "espresso" in outcome.labels[0].label, outcome
+assert worker.model_infos([EMBEDDED]) == [info]
+print(sorted(name for name in sys.modules if name.split(".")[0] in ("torch", "torchvision")))
+"""
+    done = subprocess.run([sys.executable, "-c", program], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+
+
+def test_an_export_made_at_install_serves_from_a_read_only_cache(tmp_path: Path) -> None:
+    """What the container image does: `python -m inference.export --cache-dir` at build time,
+    then workers read the cache without writing to it (not even a lock file)."""
+    cache = tmp_path / "models"
+    done = subprocess.run(
+        [sys.executable, "-m", "inference.export", "--cache-dir", str(cache)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    files = sorted(path.suffix for path in cache.iterdir())
+    assert files == [".json", ".onnx"]
+    cache.chmod(0o555)
+    try:
+        assert load_model(INFO, "openvino", 1, cache).categories[967] == "espresso"
+        assert sorted(path.suffix for path in cache.iterdir()) == files
+    finally:
+        cache.chmod(0o755)

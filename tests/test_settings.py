@@ -5,9 +5,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
+from inference.specs import EMBEDDED, CatalogError, ModelSpec, Precision, Runtime, resolve_precision, resolve_runtime
 from service.settings import Settings, load_settings
 from tests.conftest import ROOT
 
@@ -51,6 +54,9 @@ def test_environment_then_flags(monkeypatch: pytest.MonkeyPatch) -> None:
         (["--default-top-k", "30", "--max-top-k", "20"], {}),
         (["--worker-nice", "20"], {}),
         (["--runtime", "tensorflow"], {}),
+        (["--precision", "fp16"], {}),
+        (["--precision", "bf16", "--runtime", "onnx"], {}),
+        ([], {"ICS_PRECISION": "bf16", "ICS_RUNTIME": "eager"}),
         (["--log-format", "xml"], {}),
         (["--allowed-networks", "10.0.0.0/33"], {}),
         (["--no-such-flag"], {}),
@@ -95,7 +101,7 @@ def test_the_web_process_does_not_import_torch() -> None:
     """Only workers load torch (~900 MiB RSS); the service side must stay light."""
     code = (
         "import sys, run_service, service.app, service.main; "
-        "print(sorted({'torch', 'torchvision', 'onnxruntime'} & set(sys.modules)))"
+        "print(sorted({'torch', 'torchvision', 'onnxruntime', 'openvino'} & set(sys.modules)))"
     )
     output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT).stdout
     assert output.strip() == "[]"
@@ -108,3 +114,62 @@ def test_workers_and_threads_follow_the_usable_cores() -> None:
     assert settings.resolved_workers() * settings.resolved_threads() <= max(cores, 1)
     assert Settings(workers=1).resolved_threads() == cores
     assert Settings(workers=3, threads_per_worker=2).resolved_threads() == 2
+
+
+BF16_CPU = {"avx2", "avx512f", "avx512_bf16"}
+AMX_CPU = {"avx2", "amx_tile", "amx_bf16"}
+AVX2_CPU = {"avx2", "fma"}
+
+
+@pytest.mark.parametrize(
+    ("flags", "runtime", "asked", "expected"),
+    [
+        (BF16_CPU, "openvino", "auto", "bf16"),
+        (AMX_CPU, "openvino", "auto", "bf16"),
+        (AVX2_CPU, "openvino", "auto", "fp32"),
+        (BF16_CPU, "onnx", "auto", "fp32"),  # ONNX Runtime runs fp32 here
+        (BF16_CPU, "eager", "auto", "fp32"),
+        (BF16_CPU, "openvino", "fp32", "fp32"),
+        (BF16_CPU, "openvino", "bf16", "bf16"),
+    ],
+)
+def test_precision_is_resolved_explicitly(flags: set[str], runtime: Runtime, asked: Precision, expected: str) -> None:
+    assert resolve_precision(EMBEDDED, runtime, asked, flags).precision == expected
+    # A model's own precision (models file) wins over the service's.
+    assert resolve_precision(replace(EMBEDDED, precision="fp32"), runtime, asked, flags).precision == "fp32"
+
+
+@pytest.mark.parametrize(
+    ("flags", "runtime", "problem"),
+    [
+        (AVX2_CPU, "openvino", "needs a CPU with avx512_bf16 or amx_bf16"),
+        (BF16_CPU, "onnx", "needs runtime openvino"),
+        (BF16_CPU, "compile", "needs runtime openvino"),
+    ],
+)
+def test_bf16_where_it_cannot_run_is_refused(flags: set[str], runtime: Runtime, problem: str) -> None:
+    with pytest.raises(CatalogError, match=problem):
+        resolve_precision(EMBEDDED, runtime, "bf16", flags)
+    graph = ModelSpec(name="g", source="checkpoint", format="torchscript", precision="bf16")
+    with pytest.raises(CatalogError, match="TorchScript"):
+        resolve_precision(graph, "openvino", "auto", BF16_CPU)
+
+
+def test_the_runtime_follows_the_cpu_unless_named() -> None:
+    assert resolve_runtime("auto", BF16_CPU) == resolve_runtime("auto", AMX_CPU) == "openvino"
+    assert resolve_runtime("auto", AVX2_CPU) == "onnx"
+    assert resolve_runtime("openvino", AVX2_CPU) == "openvino"
+    settings = Settings(runtime="openvino", precision="fp32")
+    assert settings.resolved_runtime() == "openvino"
+    assert [spec.precision for spec in settings.model_specs()] == ["fp32"]
+
+
+def test_a_models_file_may_set_a_precision(tmp_path: Path) -> None:
+    (tmp_path / "labels.txt").write_text("a\nb\n")
+    models = tmp_path / "models.toml"
+    models.write_text('[models.a]\nformat = "torchscript"\npath = "a.pt"\nlabels = "labels.txt"\nprecision = "fp16"\n')
+    with pytest.raises(SystemExit) as exited:
+        load_settings(["--models-file", str(models)])
+    assert exited.value.code == 2
+    models.write_text('[models.a]\nformat = "torchscript"\npath = "a.pt"\nlabels = "labels.txt"\nprecision = "fp32"\n')
+    assert load_settings(["--models-file", str(models)]).model_specs()[1].precision == "fp32"

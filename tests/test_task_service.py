@@ -27,7 +27,7 @@ from service.tasks.service import TaskService
 from service.tasks.sqlite import SqliteRegistry
 from service.tasks.uploads import UploadBudget, UploadSpool
 from tests.conftest import settings_for
-from tests.fakes import FakePool, image
+from tests.fakes import FakePool, image, infos
 
 OTHER = ModelSpec(name="other", source="torchvision", architecture="resnet18", weights="DEFAULT")
 
@@ -87,7 +87,7 @@ async def engine(pool: FakePool, store: str = "memory", **overrides: Any) -> Asy
     else:
         registry = await SqliteRegistry.open(settings.data_dir, 3600, 100, metrics)
         spool = UploadSpool(settings.data_dir / "uploads", budget)
-    catalog = ModelCatalog(await pool.model_infos([EMBEDDED, OTHER]), EMBEDDED.name)
+    catalog = ModelCatalog(infos([EMBEDDED, OTHER]), EMBEDDED.name)
     async with (
         make_session(settings) as session,
         TaskService(

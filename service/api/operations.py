@@ -86,6 +86,7 @@ def model_entries(catalog: ModelCatalog) -> list[ModelEntry]:
             architecture=info.architecture,
             input_size=info.preprocessing.input_size,
             num_classes=info.num_classes,
+            precision=info.precision,
             default=info.name == catalog.default,
             weights_present=info.weights_present(),
         )

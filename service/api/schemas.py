@@ -9,6 +9,7 @@ from typing import Annotated, Any
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, StrictStr, create_model
 from pydantic_core import PydanticCustomError
 
+from inference.specs import RunPrecision
 from service.fetch.policy import url_problem
 from service.tasks.records import Record, TaskStatus
 
@@ -19,6 +20,7 @@ class ModelEntry(Record):
     architecture: str
     input_size: int
     num_classes: int
+    precision: RunPrecision  # what it runs at: bf16 only where the CPU computes it natively
     default: bool
     weights_present: bool  # false: listed but unavailable until its weights are on disk
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Protocol
 
 from inference.protocol import Outcome
-from inference.specs import ModelInfo, ModelSpec
+from inference.specs import ModelInfo
 
 
 class DefaultModelError(RuntimeError):
@@ -34,12 +34,7 @@ class InferencePool(Protocol):
         """Every worker is up with the default model loaded (no side effects)."""
         ...
 
-    async def model_infos(self, specs: list[ModelSpec]) -> list[ModelInfo]:
-        """Facts about `specs` and the cached torchvision weights, found out by a worker
-        (the web process does not import torch)."""
-        ...
-
-    async def classify(self, model: ModelSpec, images: list[bytes], top_k: list[int]) -> list[Outcome]:
+    async def classify(self, model: ModelInfo, images: list[bytes], top_k: list[int]) -> list[Outcome]:
         """One forward pass. Raises inference.protocol.ModelLoadError if `model` cannot load,
         WorkerCrashed if a worker died, and InferenceTimeout if the batch overran."""
         ...

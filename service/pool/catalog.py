@@ -1,13 +1,13 @@
 """The models this service offers, as the web process sees them (no torch here).
 
-Built at start-up from what a worker found out about the declared models and the torch
-hub cache. Whether a model's weights are on disk is checked on every question, so a model
+Built at start-up from what `service.pool.process.describe_models` found out about the
+declared models and the torch hub cache. Whether a model's weights are on disk is checked on every question, so a model
 prefetched while the service runs becomes available without a restart.
 """
 
 from __future__ import annotations
 
-from inference.specs import ModelInfo, ModelSpec
+from inference.specs import ModelInfo
 
 
 class ModelCatalog:
@@ -18,8 +18,8 @@ class ModelCatalog:
     def get(self, name: str) -> ModelInfo | None:
         return self._infos.get(name)
 
-    def spec(self, name: str) -> ModelSpec:
-        return self._infos[name].spec
+    def info(self, name: str) -> ModelInfo:
+        return self._infos[name]
 
     def available(self) -> list[str]:
         return [name for name, info in self._infos.items() if info.weights_present()]

@@ -29,6 +29,17 @@ log = logging.getLogger(__name__)
 START_TIMEOUT = 180.0  # seconds for every worker to load the default model
 
 
+async def describe_models(specs: list[ModelSpec]) -> list[ModelInfo]:
+    """Facts about `specs` and the torchvision weights in the cache, found out in a process of
+    its own that then exits: it imports torch when torchvision is involved, and neither the
+    web process nor a worker should carry that (~1 GB)."""
+    executor = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+    try:
+        return await asyncio.get_running_loop().run_in_executor(executor, worker.model_infos, specs)
+    finally:
+        await asyncio.to_thread(executor.shutdown)
+
+
 class _Workers:
     """One executor and its worker processes, known by the pids they reported."""
 
@@ -145,11 +156,7 @@ class ProcessInferencePool:
     def worker_pids(self) -> list[int]:
         return self._current.pids
 
-    async def model_infos(self, specs: list[ModelSpec]) -> list[ModelInfo]:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._current.executor, worker.model_infos, specs)
-
-    async def classify(self, model: ModelSpec, images: list[bytes], top_k: list[int]) -> list[Outcome]:
+    async def classify(self, model: ModelInfo, images: list[bytes], top_k: list[int]) -> list[Outcome]:
         workers = self._current
         loop = asyncio.get_running_loop()
         try:

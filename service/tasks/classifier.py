@@ -58,7 +58,7 @@ class Classifier:
         try:
             with self._metrics.inference_seconds.time():
                 outcomes = await self._pool.classify(
-                    self._catalog.spec(model), [job.data for job in batch], [job.top_k for job in batch]
+                    self._catalog.info(model), [job.data for job in batch], [job.top_k for job in batch]
                 )
         except ModelLoadError as exc:
             log.error("model %s failed to load: %s", model, exc)

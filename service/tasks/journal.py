@@ -29,13 +29,13 @@ from typing import Any, TextIO, TypeVar
 from pydantic import TypeAdapter
 
 from service.metrics import Metrics
-from service.tasks.records import ErrorInfo, Item, ItemStatus, Label, TaskStatus
+from service.tasks.records import ErrorInfo, Item, ItemStatus, Label, TaskDetail, TaskStatus
 from service.tasks.registry import StoreUnavailable
 from service.tasks.state import TaskState
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: tasks.precision
 DATABASE = "tasks.db"
 LOCK = "lock"
 FLUSH_SECONDS = 0.02  # results reach the database within this (plus the write itself)
@@ -52,6 +52,7 @@ CREATE TABLE tasks (
     task_id TEXT NOT NULL UNIQUE,
     owner TEXT,
     model TEXT NOT NULL,
+    precision TEXT NOT NULL DEFAULT 'fp32',
     top_k INTEGER NOT NULL,
     status TEXT NOT NULL,
     created_at TEXT NOT NULL,
@@ -145,6 +146,8 @@ class SqliteJournal:
                 connection.execute("PRAGMA auto_vacuum = INCREMENTAL")  # before the first table exists
                 connection.executescript(SCHEMA)
                 connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            elif version < SCHEMA_VERSION:
+                _upgrade(connection, version)
             if connection.execute("PRAGMA journal_mode = WAL").fetchone()[0] != "wal":
                 raise StoreError(f"database {self.path}: cannot switch to WAL mode")
             connection.execute("PRAGMA synchronous = NORMAL")
@@ -157,14 +160,15 @@ class SqliteJournal:
     def created(self, task: TaskState) -> None:
         self._queue(
             task.seq,
-            "INSERT INTO tasks (seq, task_id, owner, model, top_k, status, created_at, total) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO tasks (seq, task_id, owner, model, precision, top_k, status, created_at, total) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             [
                 (
                     task.seq,
                     task.task_id,
                     task.owner,
                     task.model,
+                    task.precision,
                     task.top_k,
                     task.status.value,
                     task.created_at.isoformat(),
@@ -321,6 +325,20 @@ class SqliteJournal:
         return await asyncio.get_running_loop().run_in_executor(self._thread, function, *args)
 
 
+def _upgrade(connection: sqlite3.Connection, version: int) -> None:
+    """Bring a database written by an older version up to SCHEMA_VERSION, in one transaction."""
+    with connection:
+        if version < 2:  # every task so far ran in fp32; finished ones keep their snapshot, which gains the field
+            connection.execute("ALTER TABLE tasks ADD COLUMN precision TEXT NOT NULL DEFAULT 'fp32'")
+            finished = connection.execute("SELECT seq, snapshot FROM tasks WHERE snapshot IS NOT NULL").fetchall()
+            for seq, snapshot in finished:
+                detail = TaskDetail.model_validate({**json.loads(snapshot), "precision": "fp32"})
+                connection.execute(
+                    "UPDATE tasks SET snapshot = ? WHERE seq = ?", (detail.model_dump_json().encode(), seq)
+                )
+        connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+
 def _open_lock(data_dir: Path) -> TextIO:
     try:
         data_dir.mkdir(parents=True, exist_ok=True)
@@ -380,8 +398,8 @@ def _load(connection: sqlite3.Connection, finished_ttl: float, max_finished: int
             orders.setdefault(seq, []).append((done_order, index))
     tasks = []
     for row in connection.execute(
-        "SELECT seq, task_id, owner, model, top_k, status, created_at, started_at, finished_at, error, total, "
-        "succeeded, failed, cancelled, completed, snapshot FROM tasks ORDER BY seq"
+        "SELECT seq, task_id, owner, model, precision, top_k, status, created_at, started_at, finished_at, error, "
+        "total, succeeded, failed, cancelled, completed, snapshot FROM tasks ORDER BY seq"
     ):
         tasks.append(_task_state(row, items.get(row[0], []), [index for _, index in sorted(orders.get(row[0], []))]))
     return tasks
@@ -393,6 +411,7 @@ def _task_state(row: Sequence[Any], items: list[Item], completed: list[int]) -> 
         task_id,
         owner,
         model,
+        precision,
         top_k,
         status,
         created_at,
@@ -410,6 +429,7 @@ def _task_state(row: Sequence[Any], items: list[Item], completed: list[int]) -> 
         seq=seq,
         task_id=task_id,
         model=model,
+        precision=precision,
         top_k=top_k,
         items=items,
         owner=owner,

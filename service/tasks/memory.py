@@ -14,6 +14,7 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable
 
+from inference.specs import RunPrecision
 from service.tasks.records import (
     ErrorInfo,
     Item,
@@ -59,13 +60,20 @@ class InMemoryRegistry:
         return True
 
     async def create(
-        self, urls: list[str], model: str, top_k: int, owner: str | None = None, task_id: str | None = None
+        self,
+        urls: list[str],
+        model: str,
+        top_k: int,
+        owner: str | None = None,
+        task_id: str | None = None,
+        precision: RunPrecision = "fp32",
     ) -> TaskDetail:
         self._expire()
         record = TaskState(
             seq=self._next_seq,
             task_id=task_id or uuid.uuid4().hex,
             model=model,
+            precision=precision,
             top_k=top_k,
             items=[Item(index=index, url=url) for index, url in enumerate(urls)],
             owner=owner,

@@ -13,6 +13,7 @@ from enum import StrEnum
 from pydantic import BaseModel, ConfigDict
 
 from inference.protocol import Label
+from inference.specs import RunPrecision
 
 __all__ = [
     "ErrorInfo",
@@ -84,6 +85,7 @@ class TaskSummary(Record):
     task_id: str
     status: TaskStatus
     model: str
+    precision: RunPrecision  # what the model ran at (bf16: on CPUs that compute it natively)
     top_k: int
     created_at: datetime
     started_at: datetime | None

@@ -12,6 +12,7 @@ import binascii
 from dataclasses import dataclass
 from typing import Protocol
 
+from inference.specs import RunPrecision
 from service.tasks.records import ErrorInfo, Item, ItemStatus, Label, TaskDetail, TaskPage, TaskStatus, TaskSummary
 
 
@@ -39,10 +40,17 @@ class TaskRegistry(Protocol):
         ...
 
     async def create(
-        self, urls: list[str], model: str, top_k: int, owner: str | None = None, task_id: str | None = None
+        self,
+        urls: list[str],
+        model: str,
+        top_k: int,
+        owner: str | None = None,
+        task_id: str | None = None,
+        precision: RunPrecision = "fp32",
     ) -> TaskDetail:
-        """A new queued task (`task_id`: an id made for it beforehand, else a new one). A
-        durable registry has it on disk when this returns."""
+        """A new queued task (`task_id`: an id made for it beforehand, else a new one;
+        `precision`: what its model runs at). A durable registry has it on disk when this
+        returns."""
         ...
 
     async def get(self, task_id: str, owner: str | None = None) -> TaskDetail | None: ...

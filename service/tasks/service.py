@@ -59,6 +59,7 @@ class TaskService:
         self._spool = spool  # None: uploads are held in memory
         self._queue = BatchQueue(max_queued_images)
         self._pipeline = Pipeline(registry, session, limits, download_concurrency, self._queue, metrics)
+        self._catalog = catalog
         self._classifier = Classifier(registry, pool, catalog, self._queue, metrics, batch_size, batch_wait)
         self._consumer_count = consumers
         self._consumers: list[asyncio.Task[None]] = []
@@ -88,7 +89,8 @@ class TaskService:
         if files:
             uploads = HeldUploads(files, self._budget) if self._spool is None else await self._save(task_id, files)
         try:
-            task = await self._registry.create(urls, model, top_k, owner, task_id)
+            precision = self._catalog.info(model).precision
+            task = await self._registry.create(urls, model, top_k, owner, task_id, precision)
         except BaseException:
             if uploads is not None:
                 uploads.release()

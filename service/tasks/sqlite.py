@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from inference.specs import RunPrecision
 from service.metrics import Metrics
 from service.tasks.journal import SqliteJournal, StoreError
 from service.tasks.memory import InMemoryRegistry
@@ -63,9 +64,15 @@ class SqliteRegistry(InMemoryRegistry):
         return self._store.healthy
 
     async def create(
-        self, urls: list[str], model: str, top_k: int, owner: str | None = None, task_id: str | None = None
+        self,
+        urls: list[str],
+        model: str,
+        top_k: int,
+        owner: str | None = None,
+        task_id: str | None = None,
+        precision: RunPrecision = "fp32",
     ) -> TaskDetail:
-        task = await super().create(urls, model, top_k, owner, task_id)
+        task = await super().create(urls, model, top_k, owner, task_id, precision)
         try:
             await self._store.flush()
         except StoreUnavailable:

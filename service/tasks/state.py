@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Protocol
 
+from inference.specs import RunPrecision
 from service.tasks.records import ErrorInfo, Item, ItemStatus, Progress, TaskDetail, TaskStatus, TaskSummary
 
 
@@ -30,6 +31,7 @@ class TaskState:
     top_k: int
     items: list[Item]  # emptied once the task is final: `frozen` holds them then
     owner: str | None = None
+    precision: RunPrecision = "fp32"
     created_at: datetime = field(default_factory=utcnow)
     started_at: datetime | None = None
     finished_at: datetime | None = None
@@ -88,6 +90,7 @@ class TaskState:
             task_id=self.task_id,
             status=self.status,
             model=self.model,
+            precision=self.precision,
             top_k=self.top_k,
             created_at=self.created_at,
             started_at=self.started_at,

@@ -1,0 +1,109 @@
+"""ONNX exports of the models, cached on disk, so workers run them without importing torch.
+
+An entry is two files named after the model and a key: the hash of its weights file, its
+architecture and the export format's version, so new weights or a new export never reuse
+an old file. `<stem>.json` (class names and the input size) is written first and `<stem>.onnx`
+last, each by an atomic rename, so an `.onnx` file that exists is complete. A missing entry
+is exported by `python -m inference.export` in a child process (the one place torch is
+imported on this path), under a lock file so that workers starting together export once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import re
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from inference.protocol import ModelLoadError
+from inference.specs import ModelInfo, ModelSpec, Preprocessing
+
+log = logging.getLogger(__name__)
+
+EXPORT_VERSION = 1  # bump when inference.export changes what it writes
+EXPORT_TIMEOUT = 600.0  # seconds; a large torchvision model exports in well under a minute
+
+
+def default_cache_dir() -> Path:
+    """`$XDG_CACHE_HOME/ics/models`, or `~/.cache/ics/models`: shared by every data dir."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ics" / "models"
+
+
+@dataclass(frozen=True)
+class Entry:
+    onnx: Path
+    meta: Path
+
+    @property
+    def lock(self) -> Path:
+        return self.onnx.with_suffix(".lock")
+
+    def categories(self) -> tuple[str, ...]:
+        return tuple(json.loads(self.meta.read_text())["categories"])
+
+    def remove(self) -> None:
+        self.onnx.unlink(missing_ok=True)
+        self.meta.unlink(missing_ok=True)
+
+
+def entry_for(info: ModelInfo, cache_dir: Path) -> Entry:
+    """Where the export of `info` lives; hashes its weights file (tens of ms for 100 MB)."""
+    digest = hashlib.sha256()
+    with info.weights_file().open("rb") as weights:
+        for block in iter(lambda: weights.read(1 << 20), b""):
+            digest.update(block)
+    digest.update(f"{info.spec.source}:{info.architecture}:{info.num_classes}:v{EXPORT_VERSION}".encode())
+    stem = f"{re.sub(r'[^A-Za-z0-9_.-]', '_', info.name)}-{digest.hexdigest()[:16]}"
+    return Entry(cache_dir / f"{stem}.onnx", cache_dir / f"{stem}.json")
+
+
+def ensure(info: ModelInfo, cache_dir: Path) -> Entry:
+    """The cached export of `info`, made first if it is not there; raises ModelLoadError."""
+    try:
+        entry = entry_for(info, cache_dir)
+    except OSError as exc:
+        raise ModelLoadError(f"the weights of model {info.name!r} cannot be read: {exc}") from exc
+    if entry.onnx.is_file():
+        return entry
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        with entry.lock.open("a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be exporting it: wait for it
+            if not entry.onnx.is_file():
+                _export(info.spec, entry)
+    except OSError as exc:
+        raise ModelLoadError(f"the model cache {cache_dir} is not usable: {exc}") from exc
+    return entry
+
+
+def _export(spec: ModelSpec, entry: Entry) -> None:
+    log.info("exporting model %s to %s (once per weights file)", spec.name, entry.onnx)
+    command = [sys.executable, "-m", "inference.export", "--spec", spec_to_json(spec), "--to", str(entry.onnx)]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=EXPORT_TIMEOUT, check=False)
+    except subprocess.TimeoutExpired:
+        raise ModelLoadError(f"exporting model {spec.name!r} took over {EXPORT_TIMEOUT:g}s") from None
+    if done.returncode != 0 or not entry.onnx.is_file():
+        reason = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit status {done.returncode}"
+        raise ModelLoadError(f"model {spec.name!r} could not be exported to ONNX: {reason}")
+
+
+def spec_to_json(spec: ModelSpec) -> str:
+    return json.dumps(dataclasses.asdict(spec))
+
+
+def spec_from_json(text: str) -> ModelSpec:
+    fields = json.loads(text)
+    if fields.get("preprocessing") is not None:
+        values = fields["preprocessing"]
+        fields["preprocessing"] = Preprocessing(
+            values["input_size"], values["resize_size"], tuple(values["mean"]), tuple(values["std"])
+        )
+    return ModelSpec(**fields)
