@@ -30,7 +30,7 @@ RUN python -m inference.export --cache-dir "$ICS_MODEL_CACHE_DIR"
 RUN groupadd --system --gid 10001 app \
     && useradd --system --uid 10001 --gid app --home-dir /app app \
     && mkdir -p /var/cache/torch /var/lib/ics \
-    && chown app:app /var/cache/torch /var/lib/ics
+    && chown app:app /var/cache/torch /var/lib/ics "$ICS_MODEL_CACHE_DIR"
 USER 10001:10001
 # Tasks and spooled uploads (SQLite): keep them across container restarts and deploys.
 VOLUME ["/var/lib/ics"]

@@ -30,7 +30,9 @@ class Engine:
             self.models.move_to_end(info.name)
             return loaded
         config = self.config
-        loaded = self.models[info.name] = load_model(info, config.runtime, config.threads, config.model_cache_dir)
+        loaded = self.models[info.name] = load_model(
+            info, config.runtime, config.threads, config.model_cache_dir, config.batch_size
+        )
         default = config.default_model.name
         while len(self.models) > max(config.max_loaded_models, 1 if info.name == default else 2):
             evicted = next(name for name in self.models if name != default)

@@ -86,8 +86,11 @@ def ensure(info: ModelInfo, cache_dir: Path) -> Entry:
 def _export(spec: ModelSpec, entry: Entry) -> None:
     log.info("exporting model %s to %s (once per weights file)", spec.name, entry.onnx)
     command = [sys.executable, "-m", "inference.export", "--spec", spec_to_json(spec), "--to", str(entry.onnx)]
+    # The child finds this package where this process found it, whatever its working directory.
+    here = str(Path(__file__).resolve().parent.parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")]))}
     try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=EXPORT_TIMEOUT, check=False)
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=EXPORT_TIMEOUT, check=False)
     except subprocess.TimeoutExpired:
         raise ModelLoadError(f"exporting model {spec.name!r} took over {EXPORT_TIMEOUT:g}s") from None
     if done.returncode != 0 or not entry.onnx.is_file():

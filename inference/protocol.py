@@ -19,6 +19,7 @@ class WorkerConfig:
     threads: int
     max_pixels: int
     model_cache_dir: Path  # ONNX exports (inference.onnx_cache)
+    batch_size: int = 16  # a model runs one batch this big when it loads, so the first real one is not slow
     nice: int = 0  # added to the worker's niceness: the web process then wins the CPU
     max_loaded_models: int = 3  # the default included; least recently used ones go first
 

@@ -87,6 +87,7 @@ async def pool_ctx(app: web.Application) -> AsyncIterator[None]:
         threads=settings.resolved_threads(),
         max_pixels=settings.max_image_pixels,
         model_cache_dir=settings.model_cache_dir,
+        batch_size=settings.batch_size,
         nice=settings.worker_nice,
         max_loaded_models=settings.max_loaded_models,
     )
