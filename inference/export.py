@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from inference.lifetime import die_with_parent
 from inference.onnx_cache import default_cache_dir, entry_for, spec_from_json
 from inference.specs import EMBEDDED, ModelInfo, ModelSpec, local_info
 from inference.torch_models import load_module
@@ -72,6 +73,7 @@ def main() -> None:
     if args.spec:
         if not args.to:
             parser.error("--spec needs --to")
+        die_with_parent(os.getppid())  # started by a worker: not to outlive it
         export(spec_from_json(args.spec), args.to)
         return
     info: ModelInfo = local_info(EMBEDDED)

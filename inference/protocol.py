@@ -20,6 +20,7 @@ class WorkerConfig:
     max_pixels: int
     model_cache_dir: Path  # ONNX exports (inference.onnx_cache)
     batch_size: int = 16  # a model runs one batch this big when it loads, so the first real one is not slow
+    parent_pid: int = 0  # the web process: a worker ends with it (0: do not watch)
     nice: int = 0  # added to the worker's niceness: the web process then wins the CPU
     max_loaded_models: int = 3  # the default included; least recently used ones go first
 

@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from inference.lifetime import die_with_parent
 from inference.protocol import ModelLoadError, Outcome, WorkerConfig
 from inference.specs import ModelInfo, ModelSpec, local_info
 
@@ -28,6 +29,8 @@ def init_worker(config: WorkerConfig) -> None:
     global _engine
     from inference.engine import Engine
 
+    if config.parent_pid:
+        die_with_parent(config.parent_pid)
     if config.nice:
         os.nice(config.nice)
     _engine = Engine(config)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 from collections.abc import AsyncIterator
 from dataclasses import replace
 
@@ -88,6 +89,7 @@ async def pool_ctx(app: web.Application) -> AsyncIterator[None]:
         max_pixels=settings.max_image_pixels,
         model_cache_dir=settings.model_cache_dir,
         batch_size=settings.batch_size,
+        parent_pid=os.getpid(),
         nice=settings.worker_nice,
         max_loaded_models=settings.max_loaded_models,
     )

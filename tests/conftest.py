@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
@@ -213,9 +214,9 @@ async def running_service(*flags: str) -> AsyncIterator[tuple[subprocess.Popen[b
                 await asyncio.sleep(0.2)
         yield process, base
     finally:
-        if process.poll() is None:
+        with contextlib.suppress(ProcessLookupError):  # the web process may be gone, its group not
             os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        process.wait()
 
 
 ImageServerFactory = Callable[[str], Awaitable[ImageServer]]

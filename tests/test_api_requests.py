@@ -13,6 +13,21 @@ BAD_SUBMISSIONS: list[tuple[str, dict[str, Any], int, str]] = [
     ("malformed JSON", {"data": b'{"urls": [', "headers": {"Content-Type": "application/json"}}, 400, "invalid_json"),
     ("not UTF-8", {"data": b"\xff\xfe", "headers": {"Content-Type": "application/json"}}, 400, "invalid_json"),
     (
+        "nested too deeply for the decoder",
+        {"data": b"[" * 100_000 + b"]" * 100_000, "headers": {"Content-Type": "application/json"}},
+        400,
+        "invalid_json",
+    ),
+    (
+        "deep nesting inside a field",
+        {
+            "data": b'{"urls": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+            "headers": {"Content-Type": "application/json"},
+        },
+        400,
+        "invalid_json",
+    ),
+    (
         "wrong content type",
         {"data": b"urls=x", "headers": {"Content-Type": "text/plain"}},
         415,
@@ -29,6 +44,14 @@ BAD_SUBMISSIONS: list[tuple[str, dict[str, Any], int, str]] = [
     ("no host", {"json": {"urls": ["http:///a.jpg"]}}, 400, "invalid_url"),
     ("not a URL", {"json": {"urls": ["not a url"]}}, 400, "invalid_url"),
     ("credentials in URL", {"json": {"urls": ["http://user:pw@example.com/a.jpg"]}}, 400, "invalid_url"),
+    ("space in the host", {"json": {"urls": ["http://exa mple.com/a.jpg"]}}, 400, "invalid_url"),
+    ("NUL in the host", {"json": {"urls": ["http://exa\x00mple.com/a.jpg"]}}, 400, "invalid_url"),
+    (
+        "a lone surrogate (not text)",
+        {"data": b'{"urls": ["http://example.com/\\udcff.jpg"]}', "headers": {"Content-Type": "application/json"}},
+        400,
+        "invalid_field",  # refused as a string already, before it is looked at as a URL
+    ),
     ("URL too long", {"json": {"urls": ["http://example.com/" + "a" * 3000]}}, 400, "invalid_url"),
     ("too many URLs", {"json": {"urls": [GOOD_URL] * 11}}, 400, "too_many_urls"),
     ("top_k zero", {"json": {"urls": [GOOD_URL], "top_k": 0}}, 400, "top_k_out_of_range"),

@@ -12,7 +12,7 @@ from aiohttp.test_utils import TestClient
 from PIL import Image
 
 from service.api.keys import POOL
-from tests.conftest import ImageServer, ServiceFactory, submit, wait_for_task
+from tests.conftest import ImageServer, ServiceFactory, running_service, submit, wait_for_task
 
 
 def heavy_png(photo: bytes) -> bytes:
@@ -88,3 +88,25 @@ async def test_a_hung_batch_fails_and_its_worker_is_recycled(
 
     later = await wait_for_task(client, (await submit(client, [image_server.url("/photos/coffee")]))["task_id"])
     assert later["items"][0]["labels"][0]["label"] == "espresso"
+
+
+async def test_workers_end_with_a_killed_web_process() -> None:
+    """kill -9 of the web process used to leave its workers running under PID 1 for good."""
+    async with running_service() as (process, _):
+        web = psutil.Process(process.pid)
+        workers = [child for child in web.children() if "spawn_main" in " ".join(child.cmdline())]
+        assert workers
+        web.kill()
+        process.wait()
+        async with asyncio.timeout(5):
+            while alive := [worker.pid for worker in workers if running(worker)]:
+                await asyncio.sleep(0.1)
+        assert alive == []
+
+
+def running(process: psutil.Process) -> bool:
+    """Alive; a dead process nobody has reaped yet (a zombie) is not."""
+    try:
+        return process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False

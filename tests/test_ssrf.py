@@ -6,7 +6,7 @@ import ipaddress
 
 import pytest
 
-from service.fetch.policy import AddressPolicy, is_public
+from service.fetch.policy import AddressPolicy, is_public, url_problem
 from tests.conftest import ImageServer, ImageServerFactory, ServiceFactory, submit, wait_for_task
 
 BLOCKED = [
@@ -118,3 +118,21 @@ async def test_redirects_must_stay_on_http_without_credentials(
         image_server.url("/redirect?to=/photos/rocket"),  # relative: fine
     ]
     assert await _item_errors(client, urls) == ["invalid_redirect"] * 3 + [None]
+
+
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        ("http://exa mple.com/a.jpg", "host contains spaces"),
+        ("http://exa%20mple.com/a.jpg", "host contains spaces or percent"),
+        ("http://exa\x00mple.com/a.jpg", "control characters"),
+        ("http://example.com/a\r\nb.jpg", "control characters"),
+        ("http://example.com/\udcff.jpg", "invalid Unicode"),  # a redirect's Location can carry one too
+        ("http://example.com/a b.jpg", None),  # a space in the path is only badly escaped
+        ("http://b\u00fccher.de/a.jpg", None),
+        ("http://[2001:db8::1]:8080/a.jpg", None),
+    ],
+)
+def test_url_text_that_is_never_a_host_or_a_url_is_refused(url: str, problem: str | None) -> None:
+    found = url_problem(url)
+    assert found is None if problem is None else (found is not None and problem in found), found

@@ -178,3 +178,36 @@ async def test_a_full_service_refuses_uploads_and_cancelling_gives_back_uploads_
     async with asyncio.timeout(5):
         while await metric(client, "ics_upload_bytes"):
             await asyncio.sleep(0.05)
+
+
+@pytest.mark.parametrize(
+    ("raw_name", "stored"),
+    [
+        (b"\xff\xfe.jpg", "\ufffd\ufffd.jpg"),  # not UTF-8: once broke its task for good (500 on every read)
+        ("caf\u00e9.jpg".encode(), "caf\u00e9.jpg"),  # UTF-8 stays as it is
+        (b"dir/a\tb.jpg", "a_b.jpg"),  # a path and a control character
+    ],
+)
+async def test_any_file_name_leaves_a_task_that_can_be_read_watched_and_deleted(
+    make_service: ServiceFactory, photos: dict[str, bytes], raw_name: bytes, stored: str
+) -> None:
+    client = await make_service()
+    body = (
+        f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="files"; filename="'.encode()
+        + raw_name
+        + b'"\r\nContent-Type: image/jpeg\r\n\r\n'
+        + photos["coffee"]
+        + f"\r\n--{BOUNDARY}--\r\n".encode()
+    )
+    response = await client.post(
+        "/submit", data=body, headers={"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"}
+    )
+    assert response.status == 202, await response.text()
+    task = await wait_for_task(client, (await response.json())["task_id"])
+    assert task["status"] == "completed"
+    assert task["items"][0]["url"] == f"upload:{stored}"
+    assert task["items"][0]["labels"][0]["label"] == "espresso"
+    events = await client.get(f"/tasks/{task['task_id']}/events")
+    assert events.status == 200 and "event: end" in await events.text()
+    assert (await client.get("/tasks")).status == 200
+    assert (await client.delete(f"/tasks/{task['task_id']}")).status == 200

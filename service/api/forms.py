@@ -131,8 +131,12 @@ async def _read_text(part: BodyPartReader) -> str:
 
 
 def _clean_filename(filename: str | None) -> str:
-    """The base name only (some clients send a path), and not endlessly long."""
-    name = PurePosixPath((filename or "").replace("\\", "/")).name
+    """The base name only (some clients send a path), as text that can be stored and served
+    (bytes that are not UTF-8 become U+FFFD, control characters "_"), not endlessly long."""
+    # aiohttp hands over a header's bytes that are not UTF-8 as lone surrogates: undo that.
+    text = (filename or "").encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    name = PurePosixPath(text.replace("\\", "/")).name
+    name = "".join(char if char.isprintable() else "_" for char in name)
     return name[:MAX_FILENAME_CHARS] or "unnamed"
 
 

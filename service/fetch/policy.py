@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import ipaddress
+import re
 import socket
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -110,10 +111,18 @@ class PolicyResolver(AbstractResolver):
         await self._inner.close()
 
 
+# Control characters are never part of a URL; lone surrogates (what a JSON \udcff escape
+# decodes to) are not text at all and could not even be written back out.
+_NEVER_IN_A_URL = re.compile("[\x00-\x1f\x7f\ud800-\udfff]")
+_NEVER_IN_A_HOST = re.compile(r"[\s%]")
+
+
 def url_problem(url: str, max_length: int | None = None) -> str | None:
     """Why `url` is not an absolute http(s) URL this service will fetch, or None."""
     if max_length is not None and len(url) > max_length:
         return f"URL is longer than {max_length} characters"
+    if _NEVER_IN_A_URL.search(url):
+        return "URL contains control characters or invalid Unicode"
     try:
         parsed = URL(url)
     except (ValueError, TypeError):
@@ -122,6 +131,8 @@ def url_problem(url: str, max_length: int | None = None) -> str | None:
         return "only absolute http and https URLs are accepted"
     if not parsed.host:
         return "URL has no host"
+    if _NEVER_IN_A_HOST.search(parsed.host):
+        return "URL host contains spaces or percent signs"
     if parsed.user is not None or parsed.password is not None:
         return "URLs with user credentials are not accepted"
     return None
