@@ -52,7 +52,7 @@ async def registry_ctx(app: web.Application) -> AsyncIterator[None]:
     any worker starts), or memory."""
     settings = app[SETTINGS]
     if settings.store == "memory":
-        app[REGISTRY] = InMemoryRegistry(settings.finished_task_ttl, settings.max_finished_tasks)
+        app[REGISTRY] = InMemoryRegistry(settings.finished_task_ttl, settings.max_finished_tasks, metrics=app[METRICS])
         yield
         return
     registry = await SqliteRegistry.open(

@@ -54,9 +54,9 @@ class Metrics:
         )
         self.store_bytes = Gauge("ics_store_bytes", "Size of the task store on disk", registry=self.registry)
 
-    def image_done(self, code: str | None) -> None:
-        """One image succeeded (code None) or failed with `code`."""
-        self.images.labels(outcome="failed" if code else "succeeded", code=code or "").inc()
+    def image_final(self, outcome: str, code: str) -> None:
+        """One image reached a final state (succeeded, failed with `code`, or cancelled)."""
+        self.images.labels(outcome=outcome, code=code).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

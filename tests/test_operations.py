@@ -73,3 +73,17 @@ async def test_the_default_path_runs_without_torch_at_the_precision_it_shows(
     (worker,) = client.server.app[POOL].worker_pids()
     libraries = Path(f"/proc/{worker}/maps").read_text()
     assert "libtorch" not in libraries and ("openvino" in libraries or "onnxruntime" in libraries)
+
+
+async def test_every_image_is_counted_once_whichever_way_it_ends(
+    make_service: ServiceFactory, image_server: ImageServer
+) -> None:
+    """`ics_images_total` adds up to the tasks' images: cancelled ones included."""
+    client = await make_service(download_concurrency=1)
+    done = await wait_for_task(client, (await submit(client, [image_server.url("/photos/coffee")]))["task_id"])
+    slow = await submit(client, [image_server.url("/slow/coffee")] + [image_server.url("/photos/coffee")] * 4)
+    assert (await client.post(f"/tasks/{slow['task_id']}/cancel")).status == 200
+    cancelled = await wait_for_task(client, slow["task_id"])
+    images = {labels: value for (name, labels), value in (await scrape(client)).items() if name == "ics_images_total"}
+    assert sum(images.values()) == done["progress"]["total"] + cancelled["progress"]["total"] == 6
+    assert images[(("code", ""), ("outcome", "cancelled"))] == cancelled["progress"]["cancelled"] >= 4

@@ -83,7 +83,7 @@ async def engine(pool: FakePool, store: str = "memory", **overrides: Any) -> Asy
     registry: InMemoryRegistry
     spool = None
     if store == "memory":
-        registry = InMemoryRegistry()
+        registry = InMemoryRegistry(metrics=metrics)
     else:
         registry = await SqliteRegistry.open(settings.data_dir, 3600, 100, metrics)
         spool = UploadSpool(settings.data_dir / "uploads", budget)

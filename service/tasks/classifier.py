@@ -86,10 +86,9 @@ class Classifier:
             return
         for job, outcome in zip(batch, outcomes, strict=True):
             if isinstance(outcome, Prediction):
-                if await self._registry.update_item(
+                await self._registry.update_item(
                     job.task_id, job.index, ItemStatus.SUCCEEDED, labels=list(outcome.labels)
-                ):
-                    self._metrics.image_done(None)
+                )
             else:
                 await self._fail_item(job, ErrorInfo(code=outcome.code, message=outcome.message))
 
@@ -98,5 +97,4 @@ class Classifier:
             await self._fail_item(job, error)
 
     async def _fail_item(self, job: Job, error: ErrorInfo) -> None:
-        if await self._registry.update_item(job.task_id, job.index, ItemStatus.FAILED, error=error):
-            self._metrics.image_done(error.code)
+        await self._registry.update_item(job.task_id, job.index, ItemStatus.FAILED, error=error)

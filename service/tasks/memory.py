@@ -15,6 +15,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 
 from inference.specs import RunPrecision
+from service.metrics import Metrics
 from service.tasks.records import (
     ErrorInfo,
     Item,
@@ -45,6 +46,7 @@ class InMemoryRegistry:
         max_finished: int = 10_000,
         clock: Callable[[], float] = time.time,
         journal: Journal | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self._tasks: dict[str, TaskState] = {}
         self._ids: dict[int, str] = {}  # seq -> task id
@@ -53,6 +55,7 @@ class InMemoryRegistry:
         self._max_finished = max_finished
         self._clock = clock
         self._journal: Journal = journal or NoJournal()
+        self._metrics = metrics
         self._next_seq = 1
         self._unfinished = 0
 
@@ -243,9 +246,13 @@ class InMemoryRegistry:
                 self._count_final(record, index, status)
 
     def _count_final(self, record: TaskState, index: int, status: ItemStatus) -> None:
+        """The one place an item becomes final, however it got there: counted here."""
         record.finals[status] += 1
         record.completed.append(index)
         self._unfinished -= 1
+        if self._metrics is not None:
+            error = record.items[index].error
+            self._metrics.image_final(status.value, error.code if error is not None else "")
 
     def _finish(self, record: TaskState, status: TaskStatus) -> None:
         record.status = status

@@ -73,8 +73,7 @@ class Pipeline:
         await self._enqueue(task, index, data)
 
     async def _fail(self, task_id: str, index: int, error: ErrorInfo) -> None:
-        if await self._registry.update_item(task_id, index, ItemStatus.FAILED, error=error):
-            self._metrics.image_done(error.code)
+        await self._registry.update_item(task_id, index, ItemStatus.FAILED, error=error)
 
     async def _enqueue(self, task: TaskDetail, index: int, data: bytes) -> None:
         if await self._registry.update_item(task.task_id, index, ItemStatus.CLASSIFYING):

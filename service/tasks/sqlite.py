@@ -29,9 +29,14 @@ class SqliteRegistry(InMemoryRegistry):
     """The in-memory registry, journaled to SQLite and restored from it at start-up."""
 
     def __init__(
-        self, journal: SqliteJournal, finished_ttl: float, max_finished: int, clock: Callable[[], float] = time.time
+        self,
+        journal: SqliteJournal,
+        finished_ttl: float,
+        max_finished: int,
+        clock: Callable[[], float] = time.time,
+        metrics: Metrics | None = None,
     ) -> None:
-        super().__init__(finished_ttl, max_finished, clock, journal)
+        super().__init__(finished_ttl, max_finished, clock, journal, metrics)
         self._store = journal
 
     @classmethod
@@ -50,7 +55,7 @@ class SqliteRegistry(InMemoryRegistry):
         except (sqlite3.Error, ValueError) as exc:
             await journal.close()
             raise StoreError(f"database {journal.path} cannot be read: {exc}") from None
-        registry = cls(journal, finished_ttl, max_finished, clock)
+        registry = cls(journal, finished_ttl, max_finished, clock, metrics)
         registry.restore(tasks)
         active = sum(1 for task in tasks if not task.status.is_final)
         log.info("task store %s: %d tasks, %d to resume", journal.path, len(tasks), active)
