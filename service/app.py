@@ -7,6 +7,7 @@ shutdown, running tasks get `--shutdown-grace` seconds before what is left is ca
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
 import os
@@ -23,6 +24,7 @@ from service.api.docs import add_docs
 from service.api.errors import error_middleware
 from service.api.keys import (
     CATALOG,
+    CLOSING,
     METRICS,
     POOL,
     REGISTRY,
@@ -137,6 +139,12 @@ async def freeze_start_up_objects(app: web.Application) -> None:
     gc.freeze()
 
 
+async def release_watchers(app: web.Application) -> None:
+    """First on shutdown: long polls answer with the task as it is and event streams end with
+    a `shutdown` event, so no watcher holds the exit up (the grace below is for tasks)."""
+    app[CLOSING].set()
+
+
 async def drain_tasks(app: web.Application) -> None:
     """On shutdown (new connections are already refused): give active tasks the grace period."""
     await app[TASKS].drain(app[SETTINGS].shutdown_grace)
@@ -158,7 +166,8 @@ def create_app(settings: Settings) -> web.Application:
     app[UPLOAD_BUDGET] = UploadBudget(settings.max_upload_bytes)
     app.cleanup_ctx.extend([registry_ctx, pool_ctx, tasks_ctx])
     app.on_startup.append(freeze_start_up_objects)  # runs after the contexts above have started
-    app.on_shutdown.append(drain_tasks)
+    app[CLOSING] = asyncio.Event()
+    app.on_shutdown.extend([release_watchers, drain_tasks])
     for module in (operations, tasks, events):
         app.add_routes(module.routes)
     add_page(app)

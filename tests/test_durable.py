@@ -319,3 +319,31 @@ def test_task_pages_are_read_by_index(tmp_path: Path, status: TaskStatus | None,
         plan = " ".join(row[-1] for row in connection.execute(f"EXPLAIN QUERY PLAN {sql}", args))
     assert "USING" in plan and "INDEX" in plan, plan
     assert "TEMP B-TREE" not in plan, plan  # no sort: the index gives newest first
+
+
+async def test_sigterm_answers_watchers_at_once_and_the_grace_holds(image_server: ImageServer) -> None:
+    """A long poll or an event stream on a running task used to hold the exit up for the whole
+    shutdown timeout, and the stream got no last event."""
+    slow = [image_server.url("/slow/coffee?delay=30")] * 2
+    async with running_service("--shutdown-grace", "3") as (process, base), aiohttp.ClientSession() as http:
+        task_id = await post(http, base, json={"urls": slow})
+
+        async def long_poll() -> tuple[int, Any]:
+            return await get(http, f"{base}/tasks/{task_id}?wait=60")
+
+        async def stream() -> list[str]:
+            async with http.get(f"{base}/tasks/{task_id}/events") as response:
+                return [event async for event, _ in read_events(response)]
+
+        watchers = asyncio.gather(long_poll(), stream())
+        await asyncio.sleep(1.0)  # both are waiting now
+        loop = asyncio.get_running_loop()
+        stopped = loop.time()
+        process.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(2):
+            (status, task), events = await watchers
+        assert status == 200 and task["status"] == "running"
+        assert events[0] == "progress" and events[-1] == "shutdown"
+        await asyncio.to_thread(process.wait, 20)
+        assert process.returncode == 0
+        assert loop.time() - stopped < 3 + 5  # the grace, then closing down; not the 10 s shutdown timeout

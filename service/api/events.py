@@ -12,9 +12,9 @@ from aiohttp import web
 from aiohttp_sse import EventSourceResponse
 
 from service.api.auth import request_owner
-from service.api.keys import METRICS, REGISTRY
+from service.api.keys import CLOSING, METRICS, REGISTRY
 from service.api.openapi import Reply, documented
-from service.api.tasks import TASK_NOT_FOUND, task_id_of, task_not_found
+from service.api.tasks import TASK_NOT_FOUND, task_id_of, task_not_found, until_closing
 
 routes = web.RouteTableDef()
 
@@ -24,12 +24,13 @@ T = TypeVar("T")
 
 @routes.get("/tasks/{task_id}/events")
 @documented(
-    summary="Live progress as Server-Sent Events: `progress`, one `item` per result, then `end`",
+    summary="Live progress as Server-Sent Events: `progress`, one `item` per result, then `end` (or `shutdown`)",
     replies={
         200: Reply(
             "An event stream. `progress` carries the task's progress counts; `item` one item that reached a "
             "final state (in the order they did, each once); `end` the task summary at its final state, after "
-            "which the server closes the stream. A watcher joining late first gets every result so far.",
+            "which the server closes the stream; `shutdown` the task summary when the service shuts down first "
+            "(the task resumes after a restart: reconnect). A watcher joining late first gets every result so far.",
             media_type="text/event-stream",
         )
     },
@@ -40,7 +41,7 @@ async def task_events(request: web.Request) -> web.StreamResponse:
     update = await registry.follow(task_id, seen=0, owner=owner, wait=False)
     if update is None:
         raise task_not_found(request)
-    gauge = request.app[METRICS].event_streams
+    gauge, closing = request.app[METRICS].event_streams, request.app[CLOSING]
     gauge.inc()
     stream = EventSourceResponse(ping_interval=EVENT_PING_SECONDS)
     try:
@@ -59,7 +60,13 @@ async def task_events(request: web.Request) -> web.StreamResponse:
                     if update.summary.status.is_final:
                         await stream.send(update.summary.model_dump_json(), event="end")
                         break
-                    update = await _unless_gone(registry.follow(task_id, seen=seen, owner=owner), gone)
+                    if closing.is_set():  # the task goes on after a restart: reconnect then
+                        await stream.send(update.summary.model_dump_json(), event="shutdown")
+                        break
+                    news = until_closing(request, registry.follow(task_id, seen=seen, owner=owner))
+                    update = await _unless_gone(news, gone)
+                    if update is None and closing.is_set():  # what arrived meanwhile, then `shutdown`
+                        update = await registry.follow(task_id, seen=seen, owner=owner, wait=False)
             finally:
                 gone.cancel()
     except ConnectionResetError:

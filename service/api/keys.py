@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from aiohttp import web
 
 from service.api.schemas import SubmitForm, SubmitRequest
@@ -23,3 +25,4 @@ SUBMIT_REQUEST: web.AppKey[type[SubmitRequest]] = web.AppKey("submit_request")  
 SUBMIT_FORM: web.AppKey[type[SubmitForm]] = web.AppKey("submit_form")  # the same, for multipart uploads
 UPLOAD_BUDGET = web.AppKey("upload_budget", UploadBudget)
 OPENAPI = web.AppKey("openapi", bytes)
+CLOSING = web.AppKey("closing", asyncio.Event)  # set when shutdown begins: watchers answer at once

@@ -4,6 +4,8 @@ delete. Reads go to the registry; changes go through the task service."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable
+from typing import TypeVar
 
 from aiohttp import web
 from pydantic import BaseModel
@@ -11,7 +13,7 @@ from pydantic import BaseModel
 from service.api.auth import request_owner
 from service.api.errors import ApiError, too_busy
 from service.api.forms import read_form
-from service.api.keys import CATALOG, REGISTRY, SETTINGS, SUBMIT_FORM, SUBMIT_REQUEST, TASKS, UPLOAD_BUDGET
+from service.api.keys import CATALOG, CLOSING, REGISTRY, SETTINGS, SUBMIT_FORM, SUBMIT_REQUEST, TASKS, UPLOAD_BUDGET
 from service.api.openapi import Reply, documented
 from service.api.schemas import SubmitResponse, TaskListQuery, TaskQuery
 from service.api.validation import MULTIPART, query_error_code, read_json_object, submit_error_code, validate
@@ -20,6 +22,7 @@ from service.tasks.records import TaskDetail, TaskPage
 from service.tasks.registry import InvalidCursor
 
 routes = web.RouteTableDef()
+T = TypeVar("T")
 
 TASK_NOT_FOUND = {404: "task_not_found"}
 STORE_UNAVAILABLE = {503: "store_unavailable (see the Retry-After header)"}
@@ -136,13 +139,26 @@ async def get_task(request: web.Request) -> web.Response:
     if query.wait:
         try:
             async with asyncio.timeout(query.wait):
-                await registry.follow(task_id, seen=query.done, owner=owner)
+                await until_closing(request, registry.follow(task_id, seen=query.done, owner=owner))
         except TimeoutError:
             pass  # no change in time: answer with the task as it is
     body = await registry.get_json(task_id, owner)
     if body is None:
         raise task_not_found(request)
     return web.Response(body=body, content_type="application/json")
+
+
+async def until_closing(request: web.Request, news: Awaitable[T]) -> T | None:
+    """`news`, or None (and `news` cancelled) once the service begins to shut down."""
+    waiting = asyncio.ensure_future(news)
+    closing = asyncio.ensure_future(request.app[CLOSING].wait())
+    try:
+        await asyncio.wait({waiting, closing}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        closing.cancel()
+        if not waiting.done():
+            waiting.cancel()
+    return waiting.result() if waiting.done() and not waiting.cancelled() else None
 
 
 @routes.delete("/tasks/{task_id}")
