@@ -1,4 +1,4 @@
-"""Processes the service starts end with the process that started them, however it ended.
+"""Worker processes end with the web process, however it ended, and say that they are alive.
 
 A `kill -9` of the web process used to leave its workers (hundreds of MB each) running under
 PID 1 for good, and a restart started more beside them. Linux's parent-death signal kills a
@@ -12,6 +12,9 @@ import ctypes
 import os
 import signal
 import sys
+import threading
+import time
+from multiprocessing.context import BaseContext
 
 PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
@@ -24,3 +27,38 @@ def die_with_parent(parent_pid: int) -> None:
             raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
     if os.getppid() != parent_pid:
         os._exit(1)
+
+
+HEARTBEAT_SECONDS = 0.5  # how often a worker says it is alive
+
+
+class Heartbeat:
+    """Shared memory in which each worker of one pool writes, every HEARTBEAT_SECONDS, that it
+    is alive, from a thread of its own: a worker that is stopped (SIGSTOP) or otherwise
+    frozen falls silent, which the pool sees, even while idle. Made by the pool, handed to
+    its workers as they start."""
+
+    def __init__(self, workers: int, context: BaseContext) -> None:
+        self._pids = context.Array("i", workers)  # slot -> the pid of the worker writing there
+        self._beats = context.Array("d", workers)  # slot -> its last beat, time.monotonic()
+        self._taken = context.Value("i", 0)
+
+    def start(self) -> None:
+        """In a worker: take a slot and beat until the process ends."""
+        with self._taken.get_lock():
+            slot = self._taken.value
+            self._taken.value += 1
+        self._pids[slot] = os.getpid()
+        self._beats[slot] = time.monotonic()
+        threading.Thread(target=self._beat, args=(slot,), name="heartbeat", daemon=True).start()
+
+    def _beat(self, slot: int) -> None:
+        while True:
+            time.sleep(HEARTBEAT_SECONDS)
+            self._beats[slot] = time.monotonic()  # CLOCK_MONOTONIC: the same clock in every process
+
+    def silent(self, longer_than: float) -> list[int]:
+        """In the pool: pids of workers that have not beaten for `longer_than` seconds."""
+        now = time.monotonic()
+        taken = min(self._taken.value, len(self._pids))
+        return [self._pids[slot] for slot in range(taken) if now - self._beats[slot] > longer_than]

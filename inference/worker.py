@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from inference.lifetime import die_with_parent
+from inference.lifetime import Heartbeat, die_with_parent
 from inference.protocol import ModelLoadError, Outcome, WorkerConfig
 from inference.specs import ModelInfo, ModelSpec, local_info
 
@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 _engine: Engine | None = None
 
 
-def init_worker(config: WorkerConfig) -> None:
+def init_worker(config: WorkerConfig, heartbeat: Heartbeat | None = None) -> None:
     """Pool initializer. A default model that cannot load does not raise here (the pool
     would only say "broken"): `worker_info` reports the reason instead."""
     global _engine
@@ -31,6 +31,8 @@ def init_worker(config: WorkerConfig) -> None:
 
     if config.parent_pid:
         die_with_parent(config.parent_pid)
+    if heartbeat is not None:
+        heartbeat.start()
     if config.nice:
         os.nice(config.nice)
     _engine = Engine(config)

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 from pathlib import Path
+
+import psutil
 
 from service.api.keys import POOL, SETTINGS
 from tests.conftest import ImageServer, ServiceFactory, scrape, submit, wait_for_task
@@ -87,3 +90,26 @@ async def test_every_image_is_counted_once_whichever_way_it_ends(
     images = {labels: value for (name, labels), value in (await scrape(client)).items() if name == "ics_images_total"}
     assert sum(images.values()) == done["progress"]["total"] + cancelled["progress"]["total"] == 6
     assert images[(("code", ""), ("outcome", "cancelled"))] == cancelled["progress"]["cancelled"] >= 4
+
+
+async def test_a_frozen_worker_fails_readiness_and_is_replaced(
+    make_service: ServiceFactory, image_server: ImageServer
+) -> None:
+    """A worker stopped with SIGSTOP used to keep /readyz at 200 for good."""
+    client = await make_service()
+    (frozen,) = client.server.app[POOL].worker_pids()
+    os.kill(frozen, signal.SIGSTOP)
+    try:
+        async with asyncio.timeout(15):  # silent for 5 s, noticed within 1 s more
+            while (await client.get("/readyz")).status == 200:
+                await asyncio.sleep(0.1)
+        async with asyncio.timeout(120):
+            while (await client.get("/readyz")).status != 200:
+                await asyncio.sleep(0.1)
+        assert frozen not in client.server.app[POOL].worker_pids()
+        assert not psutil.pid_exists(frozen) or psutil.Process(frozen).status() == psutil.STATUS_ZOMBIE
+        task = await wait_for_task(client, (await submit(client, [image_server.url("/photos/coffee")]))["task_id"])
+        assert task["items"][0]["labels"][0]["label"] == "espresso"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(frozen, signal.SIGKILL)

@@ -20,6 +20,7 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
 from inference import worker
+from inference.lifetime import Heartbeat
 from inference.protocol import Outcome, WorkerConfig
 from inference.specs import ModelInfo, ModelSpec
 from service.pool import DefaultModelError, InferenceTimeout, WorkerCrashed
@@ -27,6 +28,7 @@ from service.pool import DefaultModelError, InferenceTimeout, WorkerCrashed
 log = logging.getLogger(__name__)
 
 START_TIMEOUT = 180.0  # seconds for every worker to load the default model
+SILENT_SECONDS = 5.0  # a worker without a heartbeat this long is frozen: the workers are replaced
 
 
 async def describe_models(specs: list[ModelSpec]) -> list[ModelInfo]:
@@ -45,11 +47,13 @@ class _Workers:
 
     def __init__(self, count: int, config: WorkerConfig) -> None:
         self.count = count
+        context = multiprocessing.get_context("spawn")
+        self.heartbeat = Heartbeat(count, context)
         self.executor = ProcessPoolExecutor(
             max_workers=count,
-            mp_context=multiprocessing.get_context("spawn"),
+            mp_context=context,
             initializer=worker.init_worker,
-            initargs=(config,),
+            initargs=(config, self.heartbeat),
         )
         self.exited: dict[int, asyncio.Future[None]] = {}  # pid -> done when that process has ended
         self._pidfds: dict[int, int] = {}  # pid -> pidfd, while the process lives
@@ -64,7 +68,11 @@ class _Workers:
         ready = self.ready
         if not ready.done() or ready.cancelled() or ready.exception() is not None:
             return False
-        return not any(exited.done() for exited in self.exited.values())
+        return not any(exited.done() for exited in self.exited.values()) and not self.silent()
+
+    def silent(self) -> list[int]:
+        """Workers that stopped beating (stopped with SIGSTOP, say): a batch would wait forever."""
+        return [pid for pid in self.heartbeat.silent(SILENT_SECONDS) if pid in self.exited]
 
     async def _probe(self) -> None:
         # Probes go out until each worker process has answered one (a fast worker may take
@@ -125,6 +133,7 @@ class ProcessInferencePool:
         self._config = config
         self._batch_timeout = batch_timeout
         self._closing = False
+        self._watch: asyncio.Task[None] | None = None
         self._current = self._start_workers()
 
     @property
@@ -147,8 +156,20 @@ class ProcessInferencePool:
 
     async def start(self) -> None:
         """Start every worker and wait until each has loaded the default model; raises
-        DefaultModelError if it cannot load."""
+        DefaultModelError if it cannot load. From then on, frozen workers are replaced."""
         await asyncio.shield(self._current.ready)
+        self._watch = asyncio.ensure_future(self._watch_heartbeats())
+
+    async def _watch_heartbeats(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            workers = self._current
+            if workers.ready.done() and (silent := workers.silent()):
+                self._replace(
+                    workers,
+                    reason=f"inference workers {silent} are frozen (no heartbeat for {SILENT_SECONDS:g}s)",
+                    kill=True,
+                )
 
     def check_ready(self) -> bool:
         return self._current.healthy()
@@ -185,4 +206,6 @@ class ProcessInferencePool:
         """Drop queued batches, give workers `timeout` to exit, then kill what is left; never
         leaves a worker process behind."""
         self._closing = True
+        if self._watch is not None:
+            self._watch.cancel()
         await self._current.close(timeout)
