@@ -211,3 +211,52 @@ async def test_any_file_name_leaves_a_task_that_can_be_read_watched_and_deleted(
     assert events.status == 200 and "event: end" in await events.text()
     assert (await client.get("/tasks")).status == 200
     assert (await client.delete(f"/tasks/{task['task_id']}")).status == 200
+
+
+def raw_form(parts: list[tuple[str, str | None, bytes]]) -> bytes:
+    """A multipart body of (field name, file name or None, bytes) parts."""
+    body = bytearray()
+    for name, filename, data in parts:
+        disposition = f'form-data; name="{name}"' + (f'; filename="{filename}"' if filename is not None else "")
+        body += f"--{BOUNDARY}\r\nContent-Disposition: {disposition}\r\n\r\n".encode() + data + b"\r\n"
+    return bytes(body + f"--{BOUNDARY}--\r\n".encode())
+
+
+@pytest.mark.parametrize(
+    ("parts", "status", "code"),
+    [
+        # Empty file inputs counted against nothing: 300,000 of them blocked the loop for 26 s.
+        ([("files", "", b"")] * 50_000 + [("urls", None, b"http://example.com/a.jpg")], 400, "too_many_parts"),
+        # Text parts of 60 KiB each, 1.2 MB together: each under its own limit, not all of them.
+        ([("urls", None, b"http://example.com/" + b"a" * 60_000)] * 20, 413, "request_too_large"),
+    ],
+    ids=["empty-file-parts", "text-parts"],
+)
+async def test_every_part_and_byte_of_a_form_counts(
+    make_service: ServiceFactory, parts: list[tuple[str, str | None, bytes]], status: int, code: str
+) -> None:
+    client = await make_service()
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    probes: list[float] = []
+
+    async def probe_health() -> None:  # the event loop stays responsive meanwhile
+        while True:
+            begun = loop.time()
+            await client.get("/healthz")
+            probes.append(loop.time() - begun)
+            await asyncio.sleep(0.01)
+
+    prober = asyncio.ensure_future(probe_health())
+    try:
+        response = await client.post(
+            "/submit", data=raw_form(parts), headers={"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"}
+        )
+        assert response.status == status
+        assert (await response.json())["error"]["code"] == code
+    finally:
+        prober.cancel()
+    assert loop.time() - started < 5
+    assert max(probes, default=0) < 0.5
+    assert await metric(client, "ics_upload_bytes") == 0
+    assert (await (await client.get("/tasks")).json())["tasks"] == []

@@ -3,11 +3,14 @@
 An upload gets the limits a download gets (`--max-image-bytes` per image, `--max-urls-per-task`
 items per task), and its bytes are reserved in the service-wide upload budget
 (`service.tasks.uploads`) as they arrive. Parts are streamed a chunk at a time, so an
-oversized file is refused without being buffered whole.
+oversized file is refused without being buffered whole. Everything else counts too, while it
+streams: the parts (the items, the text fields and a few empty file inputs at most) and the
+text bytes (at most `--max-request-bytes`, what a JSON body may hold).
 """
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Any
@@ -21,6 +24,7 @@ from service.tasks.uploads import Upload, UploadBudget
 CHUNK_BYTES = 64 * 1024
 MAX_TEXT_BYTES = 64 * 1024  # one text part: a URL, top_k or model
 MAX_FILENAME_CHARS = 255
+SPARE_PARTS = 16  # parts beyond the items: the text fields and empty file inputs
 FILES = "files"
 TEXT_FIELDS = ("urls", "top_k", "model")
 
@@ -32,6 +36,8 @@ class UploadForm:
     sources: list[str | Upload] = field(default_factory=list)
     fields: dict[str, str] = field(default_factory=dict)
     size: int = 0  # bytes reserved from the budget for this form
+    parts: int = 0
+    text_bytes: int = 0
 
     def values(self) -> dict[str, Any]:
         """The form as `SubmitForm` validates it."""
@@ -49,9 +55,11 @@ class UploadForm:
         return {index: source.data for index, source in enumerate(self.sources) if isinstance(source, Upload)}
 
 
-async def read_form(request: web.Request, max_items: int, max_image_bytes: int, budget: UploadBudget) -> UploadForm:
+async def read_form(
+    request: web.Request, max_items: int, max_image_bytes: int, max_text_bytes: int, budget: UploadBudget
+) -> UploadForm:
     """The form, with its files' bytes reserved in `budget`; or ApiError, with nothing reserved."""
-    if request.content_length is not None and request.content_length > budget.limit:
+    if request.content_length is not None and request.content_length > budget.limit + max_text_bytes:
         raise _too_large(budget)
     form = UploadForm()
     try:
@@ -59,7 +67,11 @@ async def read_form(request: web.Request, max_items: int, max_image_bytes: int, 
         while (part := await reader.next()) is not None:
             if not isinstance(part, BodyPartReader):
                 raise ApiError(400, "invalid_multipart", "nested multipart bodies are not supported")
-            await _read_part(part, form, max_items, max_image_bytes, budget)
+            form.parts += 1
+            if form.parts > max_items + SPARE_PARTS:
+                raise ApiError(400, "too_many_parts", f"a form holds at most {max_items + SPARE_PARTS} parts")
+            await _read_part(part, form, max_items, max_image_bytes, max_text_bytes, budget)
+            await asyncio.sleep(0)  # parts already buffered would otherwise be read without a pause
     except (ValueError, LookupError, BadHttpMessage) as exc:  # what aiohttp raises on a malformed body
         budget.release(form.size)
         raise ApiError(400, "invalid_multipart", f"the multipart body is malformed: {exc}") from None
@@ -70,7 +82,12 @@ async def read_form(request: web.Request, max_items: int, max_image_bytes: int, 
 
 
 async def _read_part(
-    part: BodyPartReader, form: UploadForm, max_items: int, max_image_bytes: int, budget: UploadBudget
+    part: BodyPartReader,
+    form: UploadForm,
+    max_items: int,
+    max_image_bytes: int,
+    max_text_bytes: int,
+    budget: UploadBudget,
 ) -> None:
     name = part.name or ""
     if name == FILES:
@@ -83,11 +100,11 @@ async def _read_part(
             return  # what a browser sends for a file input left empty
         form.sources.append(Upload(_clean_filename(part.filename), data))
     elif name == "urls":
-        form.sources.append(await _read_text(part))
+        form.sources.append(await _read_text(part, form, max_text_bytes))
     elif name in TEXT_FIELDS:
         if name in form.fields:
             raise ApiError(400, "invalid_field", f"{name}: given more than once", details=[{"field": name}])
-        form.fields[name] = await _read_text(part)
+        form.fields[name] = await _read_text(part, form, max_text_bytes)
     else:
         raise ApiError(
             400,
@@ -118,12 +135,15 @@ async def _read_file(part: BodyPartReader, form: UploadForm, max_image_bytes: in
     return bytes(data)
 
 
-async def _read_text(part: BodyPartReader) -> str:
+async def _read_text(part: BodyPartReader, form: UploadForm, max_text_bytes: int) -> str:
     raw = bytearray()
     while chunk := await part.read_chunk(CHUNK_BYTES):
         raw += chunk
+        form.text_bytes += len(chunk)
         if len(raw) > MAX_TEXT_BYTES:
             raise ApiError(400, "field_too_large", f"{part.name}: longer than {MAX_TEXT_BYTES} bytes")
+        if form.text_bytes > max_text_bytes:
+            raise ApiError(413, "request_too_large", f"the form's text parts exceed {max_text_bytes} bytes in all")
     try:
         return raw.decode()
     except UnicodeDecodeError:

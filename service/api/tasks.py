@@ -42,7 +42,8 @@ def json_response(model: BaseModel, status: int = 200, headers: dict[str, str] |
     replies={202: Reply("Accepted", SubmitResponse, headers={"Location": "the task's URL"})},
     errors={
         400: "invalid_json, invalid_body, invalid_multipart, missing_field, unknown_field, invalid_type, "
-        "invalid_field, field_too_large, empty_urls, too_many_urls, no_images, too_many_images, invalid_url, "
+        "invalid_field, field_too_large, too_many_parts, empty_urls, too_many_urls, no_images, too_many_images, "
+        "invalid_url, "
         "top_k_out_of_range, unknown_model, model_unavailable",
         413: "request_too_large, upload_too_large",
         415: "unsupported_media_type",
@@ -62,7 +63,9 @@ async def _submit_form(request: web.Request) -> web.Response:
     app = request.app
     settings, budget = app[SETTINGS], app[UPLOAD_BUDGET]
     await _check_capacity(request, 1)  # before reading what may be megabytes of files
-    form = await read_form(request, settings.max_urls_per_task, settings.max_image_bytes, budget)
+    form = await read_form(
+        request, settings.max_urls_per_task, settings.max_image_bytes, settings.max_request_bytes, budget
+    )
     try:
         submission = validate(app[SUBMIT_FORM], form.values(), submit_error_code)
         if not form.sources:
