@@ -40,7 +40,7 @@ from aiohttp import web
 from bench.images import make_images
 from bench.reference import reference_images_per_second
 from inference import onnx_cache
-from inference.specs import EMBEDDED, local_info
+from inference.specs import EMBEDDED, cpu_flags, local_info
 from service.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -425,7 +425,7 @@ def cpu_model() -> str:
     """The CPU's model name and whether it has AVX-512 BF16 / AMX (figures depend on them)."""
     text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     model = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), "?")
-    flags = sorted({flag for flag in text.split() if flag == "avx512_bf16" or flag.startswith("amx")})
+    flags = sorted(flag for flag in cpu_flags() if flag == "avx512_bf16" or flag.startswith("amx"))
     return f"{model} ({', '.join(flags) or 'no avx512_bf16/amx'})"
 
 

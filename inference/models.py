@@ -24,10 +24,6 @@ class LoadedModel:
     categories: tuple[str, ...]
     precision: RunPrecision  # what it really runs at
 
-    @property
-    def name(self) -> str:
-        return self.info.name
-
 
 def load_model(info: ModelInfo, runtime: Runtime, threads: int, cache_dir: Path, warm_batch: int = 1) -> LoadedModel:
     """Raises ModelLoadError, with the reason, for anything that keeps the model from running.

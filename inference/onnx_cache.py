@@ -31,9 +31,14 @@ EXPORT_VERSION = 1  # bump when inference.export changes what it writes
 EXPORT_TIMEOUT = 600.0  # seconds; a large torchvision model exports in well under a minute
 
 
+def cache_home() -> Path:
+    """`$XDG_CACHE_HOME`, or `~/.cache` (the XDG base directory rule; torch's hub follows it too)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+
+
 def default_cache_dir() -> Path:
-    """`$XDG_CACHE_HOME/ics/models`, or `~/.cache/ics/models`: shared by every data dir."""
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ics" / "models"
+    """`<cache home>/ics/models`: shared by every data dir."""
+    return cache_home() / "ics" / "models"
 
 
 @dataclass(frozen=True)

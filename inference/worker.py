@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from inference.lifetime import Heartbeat, die_with_parent
+from inference.onnx_cache import cache_home
 from inference.protocol import ModelLoadError, Outcome, WorkerConfig
 from inference.specs import ModelInfo, ModelSpec, local_info
 
@@ -69,8 +70,7 @@ def model_infos(declared: list[ModelSpec]) -> list[ModelInfo]:
 def _hub_checkpoints() -> bool:
     """Whether torch's hub cache holds any weights file (`$TORCH_HOME/hub/checkpoints`, as
     torch.hub documents it), found out without importing torch."""
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    hub = Path(os.environ.get("TORCH_HOME") or cache / "torch") / "hub" / "checkpoints"
+    hub = Path(os.environ.get("TORCH_HOME") or cache_home() / "torch") / "hub" / "checkpoints"
     return hub.is_dir() and any(hub.iterdir())
 
 

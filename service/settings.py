@@ -168,7 +168,8 @@ class Settings(BaseSettings):
 
     def resolve_precision(self, spec: ModelSpec) -> ModelSpec:
         """`spec` with the precision it runs at (see inference.specs.resolve_precision)."""
-        return resolve_precision(spec, self.resolved_runtime(), self.precision, cpu_flags())
+        flags = cpu_flags()
+        return resolve_precision(spec, resolve_runtime(self.runtime, flags), self.precision, flags)
 
     def resolved_runtime(self) -> Runtime:
         return resolve_runtime(self.runtime, cpu_flags())

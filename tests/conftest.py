@@ -10,14 +10,16 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+import requests
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client.parser import text_string_to_metric_families
@@ -217,6 +219,30 @@ async def running_service(*flags: str) -> AsyncIterator[tuple[subprocess.Popen[b
         with contextlib.suppress(ProcessLookupError):  # the web process may be gone, its group not
             os.killpg(process.pid, signal.SIGKILL)
         process.wait()
+
+
+@contextmanager
+def started_service(*flags: str) -> Iterator[str]:
+    """`run_service.py` as a user starts it (see `service_command`), for synchronous tests
+    (requests, schemathesis): its base URL once `/readyz` answers 200; stopped at the end."""
+    port = free_port()
+    process = subprocess.Popen(service_command(port, *flags), cwd=ROOT, stdout=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert process.poll() is None, "the service exited during start-up"
+            assert time.monotonic() < deadline, "the service did not start"
+            try:
+                if requests.get(f"{base}/readyz", timeout=2).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            time.sleep(0.2)
+        yield base
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
 
 
 ImageServerFactory = Callable[[str], Awaitable[ImageServer]]

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -30,7 +28,7 @@ from service.api.keys import OPENAPI
 from service.api.openapi import build_openapi
 from service.app import create_app
 from service.settings import load_settings
-from tests.conftest import ROOT, ServiceFactory, free_port, service_command
+from tests.conftest import ServiceFactory, started_service
 
 EXAMPLES_PER_OPERATION = 60
 # Every response check, and "a request the document forbids is refused". Not
@@ -67,24 +65,8 @@ DOCUMENT = json.loads(create_app(load_settings(FLAGS))[OPENAPI])
 
 @pytest.fixture(scope="module")
 def service_url() -> Iterator[str]:
-    port = free_port()
-    process = subprocess.Popen(service_command(port, *FLAGS), cwd=ROOT, stdout=subprocess.DEVNULL)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert process.poll() is None, "the service exited during start-up"
-            assert time.monotonic() < deadline, "the service did not start"
-            try:
-                if requests.get(f"{base}/readyz", timeout=2).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            time.sleep(0.2)
+    with started_service(*FLAGS) as base:
         yield base
-    finally:
-        process.terminate()
-        process.wait(timeout=60)
 
 
 schema = schemathesis.openapi.from_dict(DOCUMENT)

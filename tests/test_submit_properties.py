@@ -5,8 +5,6 @@ cancelled and deleted (a file name or URL that broke its task for good once got 
 from __future__ import annotations
 
 import json
-import subprocess
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -15,7 +13,7 @@ import requests
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import ROOT, free_port, service_command
+from tests.conftest import started_service
 
 BOUNDARY = "property-boundary-9f8e7d"
 
@@ -51,24 +49,9 @@ JSON_BODIES = st.one_of(
 
 @pytest.fixture(scope="module")
 def base() -> Iterator[str]:
-    port = free_port()
     # Private networks stay blocked: URLs fail fast at the address policy, tasks end quickly.
-    process = subprocess.Popen(service_command(port, "--max-urls-per-task", "8"), cwd=ROOT, stdout=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert process.poll() is None and time.monotonic() < deadline, "the service did not start"
-            try:
-                if requests.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            time.sleep(0.2)
+    with started_service("--max-urls-per-task", "8") as url:
         yield url
-    finally:
-        process.terminate()
-        process.wait(timeout=60)
 
 
 def multipart(parts: list[tuple[str, bytes | None, bytes]]) -> bytes:

@@ -5,8 +5,6 @@ is noticed at the next ping and costs nothing after that."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
-from typing import Any, TypeVar
 
 from aiohttp import web
 from aiohttp_sse import EventSourceResponse
@@ -14,12 +12,11 @@ from aiohttp_sse import EventSourceResponse
 from service.api.auth import request_owner
 from service.api.keys import CLOSING, METRICS, REGISTRY
 from service.api.openapi import Reply, documented
-from service.api.tasks import TASK_NOT_FOUND, task_id_of, task_not_found, until_closing
+from service.api.tasks import TASK_NOT_FOUND, task_id_of, task_not_found, unless
 
 routes = web.RouteTableDef()
 
 EVENT_PING_SECONDS = 5.0  # a comment line on idle event streams; a failed one notices a gone watcher
-T = TypeVar("T")
 
 
 @routes.get("/tasks/{task_id}/events")
@@ -48,6 +45,7 @@ async def task_events(request: web.Request) -> web.StreamResponse:
         await stream.prepare(request)
         async with stream:
             gone = asyncio.ensure_future(stream.wait())  # ends when a ping fails: the watcher left
+            shutdown = asyncio.ensure_future(closing.wait())
             try:
                 await stream.send(update.summary.progress.model_dump_json(), event="progress")
                 seen = 0
@@ -63,25 +61,14 @@ async def task_events(request: web.Request) -> web.StreamResponse:
                     if closing.is_set():  # the task goes on after a restart: reconnect then
                         await stream.send(update.summary.model_dump_json(), event="shutdown")
                         break
-                    news = until_closing(request, registry.follow(task_id, seen=seen, owner=owner))
-                    update = await _unless_gone(news, gone)
+                    update = await unless(registry.follow(task_id, seen=seen, owner=owner), gone, shutdown)
                     if update is None and closing.is_set():  # what arrived meanwhile, then `shutdown`
                         update = await registry.follow(task_id, seen=seen, owner=owner, wait=False)
             finally:
                 gone.cancel()
+                shutdown.cancel()
     except ConnectionResetError:
         pass  # the watcher left while we were writing
     finally:
         gauge.dec()
     return stream
-
-
-async def _unless_gone(news: Awaitable[T], gone: asyncio.Future[None]) -> T | None:
-    """`news`, or None (and `news` cancelled) if `gone` completes first."""
-    waiting = asyncio.ensure_future(news)
-    either: set[asyncio.Future[Any]] = {waiting, gone}
-    await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
-    if not waiting.done():
-        waiting.cancel()
-        return None
-    return waiting.result()

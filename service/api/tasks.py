@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from aiohttp import web
 from pydantic import BaseModel
@@ -140,25 +140,26 @@ async def get_task(request: web.Request) -> web.Response:
     query = validate(TaskQuery, request.query, query_error_code)
     registry, owner, task_id = request.app[REGISTRY], request_owner(request), task_id_of(request)
     if query.wait:
+        closing = asyncio.ensure_future(request.app[CLOSING].wait())  # shutdown answers at once
         try:
             async with asyncio.timeout(query.wait):
-                await until_closing(request, registry.follow(task_id, seen=query.done, owner=owner))
+                await unless(registry.follow(task_id, seen=query.done, owner=owner), closing)
         except TimeoutError:
             pass  # no change in time: answer with the task as it is
+        finally:
+            closing.cancel()
     body = await registry.get_json(task_id, owner)
     if body is None:
         raise task_not_found(request)
     return web.Response(body=body, content_type="application/json")
 
 
-async def until_closing(request: web.Request, news: Awaitable[T]) -> T | None:
-    """`news`, or None (and `news` cancelled) once the service begins to shut down."""
+async def unless(news: Awaitable[T], *stops: asyncio.Future[Any]) -> T | None:
+    """`news`, or None (and `news` cancelled) if one of `stops` completes first."""
     waiting = asyncio.ensure_future(news)
-    closing = asyncio.ensure_future(request.app[CLOSING].wait())
     try:
-        await asyncio.wait({waiting, closing}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({waiting, *stops}, return_when=asyncio.FIRST_COMPLETED)
     finally:
-        closing.cancel()
         if not waiting.done():
             waiting.cancel()
     return waiting.result() if waiting.done() and not waiting.cancelled() else None
