@@ -20,11 +20,13 @@ from aiohttp.typedefs import Middleware
 from inference.protocol import WorkerConfig
 from service.api import events, operations, tasks
 from service.api.auth import auth_middleware
+from service.api.connections import ConnectionLimits, Connections
 from service.api.docs import add_docs
 from service.api.errors import error_middleware
 from service.api.keys import (
     CATALOG,
     CLOSING,
+    CONNECTIONS,
     METRICS,
     POOL,
     REGISTRY,
@@ -151,12 +153,16 @@ async def drain_tasks(app: web.Application) -> None:
 
 
 def create_app(settings: Settings) -> web.Application:
-    middlewares: list[Middleware] = [error_middleware]  # outermost: it renders every error below it as JSON
+    metrics = Metrics()
+    connections = Connections(ConnectionLimits.from_settings(settings), metrics)
+    # Outermost, the connection's deadlines; then the one that renders every error below it as JSON.
+    middlewares: list[Middleware] = [connections.middleware, error_middleware]
     if settings.api_key_list():
         middlewares.append(auth_middleware(settings.api_key_list()))
     app = web.Application(middlewares=middlewares, client_max_size=settings.max_request_bytes)
     app[SETTINGS] = settings
-    app[METRICS] = Metrics()
+    app[METRICS] = metrics
+    app[CONNECTIONS] = connections
     app[SUBMIT_REQUEST] = SubmitRequest.limited(
         max_urls=settings.max_urls_per_task, max_url_length=settings.max_url_length, max_top_k=settings.max_top_k
     )

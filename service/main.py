@@ -16,6 +16,8 @@ import uvloop
 from aiohttp import web
 
 from inference.specs import CatalogError
+from service.api.connections import raise_descriptor_limit
+from service.api.keys import CONNECTIONS
 from service.app import create_app
 from service.logs import configure_logging
 from service.pool import DefaultModelError
@@ -30,15 +32,33 @@ async def serve(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
-    runner = web.AppRunner(create_app(settings), shutdown_timeout=settings.shutdown_timeout)
+    descriptors = raise_descriptor_limit()
+    app = create_app(settings)
+    # aiohttp's own idle timer also runs while a request's headers arrive: a backstop that must
+    # fire after the deadlines that the Connection around it keeps.
+    keepalive = settings.keepalive_timeout + settings.header_timeout_max
+    runner = web.AppRunner(app, shutdown_timeout=settings.shutdown_timeout, keepalive_timeout=keepalive)
     await runner.setup()
+    listener: asyncio.Server | None = None
     try:
-        await web.TCPSite(runner, settings.host, settings.port).start()
-        log.info("serving on http://%s:%d", settings.host, settings.port)
+        assert runner.server is not None
+        # What `web.TCPSite` does, with every connection served through `Connections`.
+        factory = app[CONNECTIONS].protocol(runner.server)
+        listener = await loop.create_server(factory, settings.host, settings.port, backlog=128)
+        log.info(
+            "serving on http://%s:%d (at most %d connections; open-file limit %d)",
+            settings.host,
+            settings.port,
+            app[CONNECTIONS].limits.max_connections,
+            descriptors,
+        )
         await stop.wait()
         log.info("shutting down")
     finally:
+        if listener is not None:
+            listener.close()
         await runner.cleanup()
+        app[CONNECTIONS].close()
 
 
 def main() -> None:

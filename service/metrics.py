@@ -54,6 +54,14 @@ class Metrics:
         )
         self.store_bytes = Gauge("ics_store_bytes", "Size of the task store on disk", registry=self.registry)
 
+        self.connections_open = Gauge("ics_connections_open", "Open client connections", registry=self.registry)
+        self.connections_closed = Counter(
+            "ics_connections_closed",
+            "Client connections the service closed itself: refused (too many open) or timed out (by phase)",
+            ["reason"],
+            registry=self.registry,
+        )
+
     def image_final(self, outcome: str, code: str) -> None:
         """One image reached a final state (succeeded, failed with `code`, or cancelled)."""
         self.images.labels(outcome=outcome, code=code).inc()

@@ -38,6 +38,7 @@ ENV_PREFIX = "ICS_"
 Count = Annotated[int, Field(ge=1)]
 NonNegative = Annotated[int, Field(ge=0)]
 Seconds = Annotated[float, Field(ge=0)]
+PositiveSeconds = Annotated[float, Field(gt=0)]
 
 
 def available_cores() -> int:
@@ -115,6 +116,29 @@ class Settings(BaseSettings):
     batch_wait_ms: Seconds = Field(10.0, description="how long a partial batch waits for more images")
     max_queued_images: Count = Field(256, description="downloaded images waiting for the model (bounds memory)")
     log_format: Literal["text", "json"] = Field("text", description="log lines as text or json")
+    max_connections: NonNegative = Field(
+        0,
+        description="client connections open at once (beyond it a new one gets 503 and is closed); 0 = as many as "
+        "the descriptor limit allows, keeping descriptors for downloads, the store and the workers, at most 10000",
+    )
+    header_timeout: PositiveSeconds = Field(
+        20.0, description="seconds a client has to send a request's headers, extended while they arrive at --min-rate"
+    )
+    header_timeout_max: PositiveSeconds = Field(
+        40.0, description="seconds a request's headers may take however steadily they arrive"
+    )
+    body_timeout: PositiveSeconds = Field(
+        20.0, description="seconds a client has to send a request's body, extended while it arrives at --min-rate"
+    )
+    min_rate: Count = Field(
+        500, description="bytes per second that earn a slow client one more second (headers and body)"
+    )
+    keepalive_timeout: PositiveSeconds = Field(
+        15.0, description="seconds an idle connection stays open between requests"
+    )
+    send_timeout: PositiveSeconds = Field(
+        30.0, description="seconds a client may leave its response unread (an event stream too) before it is dropped"
+    )
     shutdown_timeout: Seconds = Field(10.0, description="seconds to finish open requests on shutdown")
     shutdown_grace: Seconds = Field(
         30.0, description="seconds active tasks may keep running after SIGTERM before they are cancelled"
@@ -150,6 +174,8 @@ class Settings(BaseSettings):
             AddressPolicy.from_strings(self.allow_private_networks, self.allowed_network_list())
         except ValueError as exc:
             raise ValueError(f"--allowed-networks: {exc}") from None
+        if self.header_timeout_max < self.header_timeout:
+            raise ValueError("--header-timeout-max must not be below --header-timeout")
         if self.default_top_k > self.max_top_k:
             raise ValueError("--default-top-k must not exceed --max-top-k")
         try:

@@ -74,6 +74,10 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             "the task store cannot write right now; retry later",
             headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
         )
+    except ConnectionResetError:
+        # The client left, or was closed for sending its body too slowly: no one to answer.
+        log.info("%s %s: the client's connection closed before the request was read", request.method, request.path)
+        return error_response(400, "connection_lost", "the connection closed before the request was read")
     except web.HTTPException as exc:
         if exc.status < 400:
             raise

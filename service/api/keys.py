@@ -6,6 +6,7 @@ import asyncio
 
 from aiohttp import web
 
+from service.api.connections import Connections
 from service.api.schemas import SubmitForm, SubmitRequest
 from service.metrics import Metrics
 from service.pool import InferencePool
@@ -26,3 +27,4 @@ SUBMIT_FORM: web.AppKey[type[SubmitForm]] = web.AppKey("submit_form")  # the sam
 UPLOAD_BUDGET = web.AppKey("upload_budget", UploadBudget)
 OPENAPI = web.AppKey("openapi", bytes)
 CLOSING = web.AppKey("closing", asyncio.Event)  # set when shutdown begins: watchers answer at once
+CONNECTIONS = web.AppKey("connections", Connections)  # the client connections' bound and deadlines
