@@ -3,11 +3,13 @@ transitions, sticky final states, listing and pagination, expiry."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic_core import PydanticSerializationError
 
 from service.metrics import Metrics
 from service.tasks.memory import InMemoryRegistry
@@ -106,6 +108,28 @@ async def test_fail_closes_unfinished_items_with_the_task_error(make_registry: M
     assert failed.items[0].status is ItemStatus.SUCCEEDED
     assert not await registry.fail(task.task_id, error)
     assert (await registry.cancel(task.task_id)).status is TaskStatus.FAILED
+
+
+async def test_text_json_cannot_carry_is_replaced_and_a_change_that_cannot_be_read_is_refused(
+    make_registry: MakeRegistry,
+) -> None:
+    """Issue 14, item 3: a file name that was not UTF-8 (a lone surrogate once decoded) made a
+    task that answered 500 for good. Records replace such text; a change that still cannot
+    be serialised raises and changes nothing, so every task stays readable."""
+    registry = await make_registry()
+    task = await registry.create(["upload:\udcff\udcfe.jpg", "u1", "u2"], "m", 1)
+    assert task.items[0].url == "upload:\ufffd\ufffd.jpg"
+    bad_label = [Label(label="caf\udce9", class_index=1, score=0.5)]  # not a Record: unchecked
+    with pytest.raises(PydanticSerializationError):
+        await registry.update_item(task.task_id, 1, ItemStatus.SUCCEEDED, labels=bad_label)
+    detail = json.loads(await registry.get_json(task.task_id) or b"")
+    assert detail["items"][1]["status"] == "pending" and detail["progress"]["done"] == 0
+    error = ErrorInfo(code="download_failed", message="no such host: \udcff")
+    assert error.message == "no such host: \ufffd"
+    assert await registry.update_item(task.task_id, 1, ItemStatus.FAILED, error=error)
+    assert await registry.fail(task.task_id, ErrorInfo(code="model_unavailable", message="\ud800"))
+    detail = json.loads(await registry.get_json(task.task_id) or b"")
+    assert detail["status"] == "failed" and detail["error"]["message"] == "\ufffd"
 
 
 async def test_remove_cancels_and_forgets(make_registry: MakeRegistry) -> None:

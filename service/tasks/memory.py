@@ -82,13 +82,15 @@ class InMemoryRegistry:
             owner=owner,
             total=len(urls),
         )
+        snapshot = record.detail()  # what cannot be read is refused (raises) before it is kept
+        record.detail_json()
         self._next_seq += 1
         self._tasks[record.task_id] = record
         self._ids[record.seq] = record.task_id
         self._unfinished += len(urls)
         self._journal.created(record)
         log.info("task %s created: %d images, model %s", record.task_id, len(urls), model, extra=_ids(record))
-        return record.detail()
+        return snapshot
 
     async def get(self, task_id: str, owner: str | None = None) -> TaskDetail | None:
         self._expire()

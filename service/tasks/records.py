@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from datetime import datetime
 from enum import StrEnum
+from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import AfterValidator, BaseModel, ConfigDict
 
 from inference.protocol import Label
 from inference.specs import RunPrecision
@@ -53,6 +54,19 @@ class ItemStatus(StrEnum):
         return self in (ItemStatus.SUCCEEDED, ItemStatus.FAILED, ItemStatus.CANCELLED)
 
 
+def encodable(text: str) -> str:
+    """`text` with what UTF-8 cannot encode (lone surrogates, as from a file name that was not
+    UTF-8) replaced by U+FFFD: a record that holds text JSON cannot carry could never be read."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    return text
+
+
+Text = Annotated[str, AfterValidator(encodable)]
+
+
 class Record(BaseModel):
     """Immutable: a snapshot handed out stays as it was when taken."""
 
@@ -61,13 +75,13 @@ class Record(BaseModel):
 
 class ErrorInfo(Record):
     code: str
-    message: str
+    message: Text
     http_status: int | None = None
 
 
 class Item(Record):
     index: int
-    url: str  # the image URL, or `upload:<file name>` for an uploaded file
+    url: Text  # the image URL, or `upload:<file name>` for an uploaded file
     status: ItemStatus = ItemStatus.PENDING
     labels: list[Label] | None = None
     error: ErrorInfo | None = None

@@ -45,8 +45,16 @@ class TaskState:
     item_json: dict[int, bytes] = field(default_factory=dict)  # items serialised since they last changed
 
     def set_item(self, item: Item) -> None:
-        self.items[item.index] = item
-        self.item_json.pop(item.index, None)
+        """A final item (with its labels or error) is serialised first: one that cannot be
+        changes nothing and raises, so no change leaves the task unreadable. The steps on
+        the way change only the status and are serialised when read."""
+        if item.status.is_final:
+            piece = item.model_dump_json().encode()
+            self.items[item.index] = item
+            self.item_json[item.index] = piece
+        else:
+            self.items[item.index] = item
+            self.item_json.pop(item.index, None)
 
     def notify(self) -> None:
         self.changed.set()
