@@ -13,7 +13,7 @@ import pytest
 
 from inference import onnx_cache
 from inference.engine import softmax
-from inference.models import load_model
+from inference.models import batch_sizes, load_model, padded
 from inference.preprocess import preprocess
 from inference.protocol import ModelLoadError
 from inference.specs import BF16_CPU_FLAGS, EMBEDDED, RUNTIMES, ModelInfo, ModelSpec, cpu_flags, local_info
@@ -45,6 +45,32 @@ def test_runtime_agrees_with_eager(
     # A batch size the runtime has not seen yet (the ONNX graph has a dynamic batch axis).
     single = softmax(model.run(batch[:1]))
     assert np.abs(single - eager_probabilities[:1]).max() < 1e-3
+
+
+def test_partial_batches_run_padded_to_a_warmed_size_and_give_their_own_rows() -> None:
+    seen: list[int] = []
+
+    def run(batch: np.ndarray) -> np.ndarray:
+        seen.append(len(batch))
+        return batch.reshape(len(batch), -1)[:, :4] * 2
+
+    assert batch_sizes(16) == (1, 2, 4, 8, 16) and batch_sizes(12) == (1, 2, 4, 8, 12) and batch_sizes(1) == (1,)
+    run_padded = padded(run, batch_sizes(16))
+    batch = np.random.default_rng(0).random((5, 3, 2, 2), dtype=np.float32)
+    assert np.array_equal(run_padded(batch), run(batch))
+    assert np.array_equal(run_padded(batch[:4]), run(batch[:4]))
+    assert seen == [8, 5, 4, 4]  # 5 images ran as 8; 4 as they are
+
+
+def test_a_model_loaded_for_batches_of_16_gives_the_same_for_any_batch(
+    batch: np.ndarray, eager_probabilities: np.ndarray, model_cache: Path
+) -> None:
+    model = load_model(INFO, "onnx", 1, model_cache, warm_batch=16)
+    for rows in (batch[:1], batch[:3], np.concatenate([batch] * 6)):  # 1, 3 (as 4) and 18 images
+        probabilities = softmax(model.run(rows))
+        assert probabilities.shape == (len(rows), 1000)
+        expected = np.concatenate([eager_probabilities] * 6)[: len(rows)]
+        assert np.abs(probabilities - expected).max() < 1e-3
 
 
 @pytest.mark.skipif(not cpu_flags() & set(BF16_CPU_FLAGS), reason=f"this CPU has none of {', '.join(BF16_CPU_FLAGS)}")
