@@ -3,7 +3,9 @@ script); `--help` lists the settings.
 
 The app runs under `uvloop.run`. `web.run_app` would close the loop it is handed, so the
 same steps are spelled out with `AppRunner` (which carries the shutdown timeout): start,
-serve until SIGINT or SIGTERM, then clean up every resource the app holds.
+serve until SIGINT or SIGTERM, then clean up every resource the app holds. The listening
+socket is opened here rather than by `web.TCPSite`, so that every connection is served
+through `service.api.connections` (the bound on connections, the slow-client deadlines).
 """
 
 from __future__ import annotations
