@@ -30,8 +30,7 @@ from typing import cast
 
 from aiohttp import web
 
-from service.api.errors import Handler
-from service.api.schemas import ErrorBody, ErrorDetail
+from service.api.errors import Handler, error_json
 from service.metrics import Metrics
 from service.settings import Settings
 
@@ -105,7 +104,7 @@ class Phase(enum.Enum):
 def _canned(status: int, reason: str, code: str, message: str) -> bytes:
     """A whole HTTP response in the service's JSON error shape, for a connection that no
     handler serves; the connection closes after it."""
-    body = ErrorBody(error=ErrorDetail(code=code, message=message)).model_dump_json().encode()
+    body = error_json(code, message).encode()
     head = (
         f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json; charset=utf-8\r\n"
         f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"

@@ -53,11 +53,15 @@ def too_busy(message: str) -> ApiError:
     return ApiError(429, "too_busy", message, headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
 
 
+def error_json(code: str, message: str, details: object | None = None) -> str:
+    """The body of every error answer: `{"error": {"code", "message", "details"}}`."""
+    return ErrorBody(error=ErrorDetail(code=code, message=message, details=details)).model_dump_json()
+
+
 def error_response(
     status: int, code: str, message: str, details: object | None = None, headers: dict[str, str] | None = None
 ) -> web.Response:
-    body = ErrorBody(error=ErrorDetail(code=code, message=message, details=details))
-    return web.json_response(text=body.model_dump_json(), status=status, headers=headers)
+    return web.json_response(text=error_json(code, message, details), status=status, headers=headers)
 
 
 @web.middleware
