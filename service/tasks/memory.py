@@ -83,7 +83,6 @@ class InMemoryRegistry:
             total=len(urls),
         )
         snapshot = record.detail()  # what cannot be read is refused (raises) before it is kept
-        record.detail_json()
         self._next_seq += 1
         self._tasks[record.task_id] = record
         self._ids[record.seq] = record.task_id
