@@ -5,7 +5,8 @@ journal queues them on the event loop and writes them in batches, one transactio
 every `FLUSH_SECONDS`, so the hot path never waits for a commit; `flush()` is for what a
 client must not be told before it is on disk. At start-up it checks the data dir (one
 instance at a time, integrity, schema version), deletes what expired meanwhile and loads
-the rest. Freed pages go back to the file system (incremental vacuum).
+the rest (rows back into tasks: `service.tasks.rows`). Freed pages go back to the file system
+(incremental vacuum).
 """
 
 from __future__ import annotations
@@ -19,18 +20,15 @@ import logging
 import os
 import sqlite3
 import time
-from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime
 from pathlib import Path
 from typing import Any, TextIO, TypeVar
 
-from pydantic import TypeAdapter
-
 from service.metrics import Metrics
-from service.tasks.records import ErrorInfo, Item, ItemStatus, Label, TaskDetail, TaskStatus
+from service.tasks.records import ItemStatus, TaskDetail, TaskStatus
 from service.tasks.registry import StoreUnavailable
+from service.tasks.rows import LABELS, VACUUM_PAGES, load_tasks, page_seqs
 from service.tasks.state import TaskState
 
 log = logging.getLogger(__name__)
@@ -41,10 +39,8 @@ LOCK = "lock"
 FLUSH_SECONDS = 0.02  # results reach the database within this (plus the write itself)
 RETRY_SECONDS = 1.0  # after a failed write, the next try
 BUSY_SECONDS = 1.0  # how long a write waits for a lock held by another process before it fails
-VACUUM_PAGES = 512  # freed pages returned to the file system per batch that deleted tasks
 
 T = TypeVar("T")
-_LABELS = TypeAdapter(list[Label])
 
 SCHEMA = """
 CREATE TABLE tasks (
@@ -192,7 +188,7 @@ class SqliteJournal:
 
     def item_final(self, task: TaskState, index: int) -> None:
         item = task.items[index]
-        labels = _LABELS.dump_json(item.labels).decode() if item.labels is not None else None
+        labels = LABELS.dump_json(item.labels).decode() if item.labels is not None else None
         error = item.error.model_dump_json() if item.error is not None else None
         self._queue(
             task.seq,
@@ -293,11 +289,11 @@ class SqliteJournal:
         """Sequence numbers of one page of tasks, newest first (by the owner/status indexes)."""
         with contextlib.suppress(StoreUnavailable):  # reads go on while writes fail (statuses may lag)
             await self.flush()
-        return await self._call(_page_seqs, self._db(), owner, status, before, limit)
+        return await self._call(page_seqs, self._db(), owner, status, before, limit)
 
     async def load(self, finished_ttl: float, max_finished: int, now: float) -> list[TaskState]:
         """Delete what expired while the service was down; every other task, oldest first."""
-        return await self._call(_load, self._db(), finished_ttl, max_finished, now)
+        return await self._call(load_tasks, self._db(), finished_ttl, max_finished, now)
 
     async def close(self) -> None:
         if self._timer is not None:
@@ -345,109 +341,3 @@ def _open_lock(data_dir: Path) -> TextIO:
         return (data_dir / LOCK).open("a+")
     except OSError as exc:
         raise StoreError(f"data dir {data_dir} is not usable: {exc.strerror or exc}") from None
-
-
-def _page_seqs(
-    connection: sqlite3.Connection, owner: str | None, status: TaskStatus | None, before: int | None, limit: int
-) -> list[int]:
-    sql, args = page_query(owner, status, before, limit)
-    return [row[0] for row in connection.execute(sql, args)]
-
-
-def page_query(
-    owner: str | None, status: TaskStatus | None, before: int | None, limit: int
-) -> tuple[str, tuple[Any, ...]]:
-    """The SQL for one page: an index range scan on (owner, [status,] seq), newest first."""
-    conditions: list[str] = ["owner IS ?"]
-    args: list[object] = [owner]
-    if status is not None:
-        conditions.append("status = ?")
-        args.append(status.value)
-    if before is not None:
-        conditions.append("seq < ?")
-        args.append(before)
-    where = " AND ".join(conditions)
-    return f"SELECT seq FROM tasks WHERE {where} ORDER BY seq DESC LIMIT ?", (*args, limit)
-
-
-def _load(connection: sqlite3.Connection, finished_ttl: float, max_finished: int, now: float) -> list[TaskState]:
-    with connection:
-        connection.execute("DELETE FROM tasks WHERE finished_epoch <= ?", (now - finished_ttl,))
-        connection.execute(
-            "DELETE FROM tasks WHERE seq IN (SELECT seq FROM tasks WHERE finished_epoch IS NOT NULL "
-            "ORDER BY finished_epoch DESC LIMIT -1 OFFSET ?)",
-            (max_finished,),
-        )
-        connection.execute("DELETE FROM items WHERE task_seq NOT IN (SELECT seq FROM tasks)")
-    connection.execute(f"PRAGMA incremental_vacuum({VACUUM_PAGES * 8})").fetchall()
-    items: dict[int, list[Item]] = {}
-    orders: dict[int, list[tuple[int, int]]] = {}
-    for seq, index, url, status, labels, error, done_order in connection.execute(
-        "SELECT task_seq, idx, url, status, labels, error, done_order FROM items ORDER BY task_seq, idx"
-    ):
-        items.setdefault(seq, []).append(
-            Item(
-                index=index,
-                url=url,
-                status=ItemStatus(status),
-                labels=_LABELS.validate_json(labels) if labels else None,
-                error=ErrorInfo.model_validate_json(error) if error else None,
-            )
-        )
-        if done_order is not None:
-            orders.setdefault(seq, []).append((done_order, index))
-    tasks = []
-    for row in connection.execute(
-        "SELECT seq, task_id, owner, model, precision, top_k, status, created_at, started_at, finished_at, error, "
-        "total, succeeded, failed, cancelled, completed, snapshot FROM tasks ORDER BY seq"
-    ):
-        tasks.append(_task_state(row, items.get(row[0], []), [index for _, index in sorted(orders.get(row[0], []))]))
-    return tasks
-
-
-def _task_state(row: Sequence[Any], items: list[Item], completed: list[int]) -> TaskState:
-    (
-        seq,
-        task_id,
-        owner,
-        model,
-        precision,
-        top_k,
-        status,
-        created_at,
-        started_at,
-        finished_at,
-        error,
-        total,
-        succeeded,
-        failed,
-        cancelled,
-        completed_json,
-        snapshot,
-    ) = row
-    state = TaskState(
-        seq=seq,
-        task_id=task_id,
-        model=model,
-        precision=precision,
-        top_k=top_k,
-        items=items,
-        owner=owner,
-        created_at=datetime.fromisoformat(created_at),
-        started_at=datetime.fromisoformat(started_at) if started_at else None,
-        finished_at=datetime.fromisoformat(finished_at) if finished_at else None,
-        status=TaskStatus(status),
-        error=ErrorInfo.model_validate_json(error) if error else None,
-        total=total,
-    )
-    if state.status.is_final:
-        state.items = []
-        state.frozen = bytes(snapshot)
-        state.completed = json.loads(completed_json)
-        state.finals = Counter(
-            {ItemStatus.SUCCEEDED: succeeded, ItemStatus.FAILED: failed, ItemStatus.CANCELLED: cancelled}
-        )
-    else:
-        state.completed = completed
-        state.finals = Counter(item.status for item in items if item.status.is_final)
-    return state

@@ -1,0 +1,128 @@
+"""Reading the task database back: one page of a listing, and every task at start-up.
+
+Both run on the journal's database thread (`service.tasks.journal.SqliteJournal`), which
+also writes; these functions only turn rows into what the registry holds.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections import Counter
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from pydantic import TypeAdapter
+
+from service.tasks.records import ErrorInfo, Item, ItemStatus, Label, TaskStatus
+from service.tasks.state import TaskState
+
+VACUUM_PAGES = 512  # freed pages returned to the file system per batch that deleted tasks
+LABELS = TypeAdapter(list[Label])  # how an item's labels are stored (JSON)
+
+
+def page_seqs(
+    connection: sqlite3.Connection, owner: str | None, status: TaskStatus | None, before: int | None, limit: int
+) -> list[int]:
+    sql, args = page_query(owner, status, before, limit)
+    return [row[0] for row in connection.execute(sql, args)]
+
+
+def page_query(
+    owner: str | None, status: TaskStatus | None, before: int | None, limit: int
+) -> tuple[str, tuple[Any, ...]]:
+    """The SQL for one page: an index range scan on (owner, [status,] seq), newest first."""
+    conditions: list[str] = ["owner IS ?"]
+    args: list[object] = [owner]
+    if status is not None:
+        conditions.append("status = ?")
+        args.append(status.value)
+    if before is not None:
+        conditions.append("seq < ?")
+        args.append(before)
+    where = " AND ".join(conditions)
+    return f"SELECT seq FROM tasks WHERE {where} ORDER BY seq DESC LIMIT ?", (*args, limit)
+
+
+def load_tasks(connection: sqlite3.Connection, finished_ttl: float, max_finished: int, now: float) -> list[TaskState]:
+    with connection:
+        connection.execute("DELETE FROM tasks WHERE finished_epoch <= ?", (now - finished_ttl,))
+        connection.execute(
+            "DELETE FROM tasks WHERE seq IN (SELECT seq FROM tasks WHERE finished_epoch IS NOT NULL "
+            "ORDER BY finished_epoch DESC LIMIT -1 OFFSET ?)",
+            (max_finished,),
+        )
+        connection.execute("DELETE FROM items WHERE task_seq NOT IN (SELECT seq FROM tasks)")
+    connection.execute(f"PRAGMA incremental_vacuum({VACUUM_PAGES * 8})").fetchall()
+    items: dict[int, list[Item]] = {}
+    orders: dict[int, list[tuple[int, int]]] = {}
+    for seq, index, url, status, labels, error, done_order in connection.execute(
+        "SELECT task_seq, idx, url, status, labels, error, done_order FROM items ORDER BY task_seq, idx"
+    ):
+        items.setdefault(seq, []).append(
+            Item(
+                index=index,
+                url=url,
+                status=ItemStatus(status),
+                labels=LABELS.validate_json(labels) if labels else None,
+                error=ErrorInfo.model_validate_json(error) if error else None,
+            )
+        )
+        if done_order is not None:
+            orders.setdefault(seq, []).append((done_order, index))
+    tasks = []
+    for row in connection.execute(
+        "SELECT seq, task_id, owner, model, precision, top_k, status, created_at, started_at, finished_at, error, "
+        "total, succeeded, failed, cancelled, completed, snapshot FROM tasks ORDER BY seq"
+    ):
+        tasks.append(_task_state(row, items.get(row[0], []), [index for _, index in sorted(orders.get(row[0], []))]))
+    return tasks
+
+
+def _task_state(row: Sequence[Any], items: list[Item], completed: list[int]) -> TaskState:
+    (
+        seq,
+        task_id,
+        owner,
+        model,
+        precision,
+        top_k,
+        status,
+        created_at,
+        started_at,
+        finished_at,
+        error,
+        total,
+        succeeded,
+        failed,
+        cancelled,
+        completed_json,
+        snapshot,
+    ) = row
+    state = TaskState(
+        seq=seq,
+        task_id=task_id,
+        model=model,
+        precision=precision,
+        top_k=top_k,
+        items=items,
+        owner=owner,
+        created_at=datetime.fromisoformat(created_at),
+        started_at=datetime.fromisoformat(started_at) if started_at else None,
+        finished_at=datetime.fromisoformat(finished_at) if finished_at else None,
+        status=TaskStatus(status),
+        error=ErrorInfo.model_validate_json(error) if error else None,
+        total=total,
+    )
+    if state.status.is_final:
+        state.items = []
+        state.frozen = bytes(snapshot)
+        state.completed = json.loads(completed_json)
+        state.finals = Counter(
+            {ItemStatus.SUCCEEDED: succeeded, ItemStatus.FAILED: failed, ItemStatus.CANCELLED: cancelled}
+        )
+    else:
+        state.completed = completed
+        state.finals = Counter(item.status for item in items if item.status.is_final)
+    return state
