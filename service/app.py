@@ -1,8 +1,9 @@
 """The application factory and the lifetimes of its resources.
 
-Started in order and closed in reverse (`cleanup_ctx`): the model catalog and the
-inference pool, the download session, then the task service that uses both. On
-shutdown, running tasks get `--shutdown-grace` seconds before what is left is cancelled.
+Started in order and closed in reverse (`cleanup_ctx`): the task registry, the webhook
+sender, the model catalog and the inference pool, the download session, then the task
+service that uses them. On shutdown, running tasks get `--shutdown-grace` seconds before
+what is left is cancelled.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from service.api.auth import auth_middleware
 from service.api.connections import ConnectionLimits, Connections
 from service.api.docs import add_docs
 from service.api.errors import error_middleware
+from service.api.idempotency import KeyLocks
 from service.api.keys import (
     CATALOG,
     CLOSING,
@@ -32,9 +34,11 @@ from service.api.keys import (
     REGISTRY,
     SETTINGS,
     SUBMIT_FORM,
+    SUBMIT_KEYS,
     SUBMIT_REQUEST,
     TASKS,
     UPLOAD_BUDGET,
+    WEBHOOKS,
 )
 from service.api.page import add_page
 from service.api.schemas import SubmitForm, SubmitRequest
@@ -47,6 +51,7 @@ from service.tasks.memory import InMemoryRegistry
 from service.tasks.service import TaskService
 from service.tasks.sqlite import SqliteRegistry
 from service.tasks.uploads import UploadBudget, UploadSpool
+from service.webhooks.sender import WebhookSender
 
 log = logging.getLogger(__name__)
 
@@ -56,11 +61,20 @@ async def registry_ctx(app: web.Application) -> AsyncIterator[None]:
     any worker starts), or memory."""
     settings = app[SETTINGS]
     if settings.store == "memory":
-        app[REGISTRY] = InMemoryRegistry(settings.finished_task_ttl, settings.max_finished_tasks, metrics=app[METRICS])
+        app[REGISTRY] = InMemoryRegistry(
+            settings.finished_task_ttl,
+            settings.max_finished_tasks,
+            metrics=app[METRICS],
+            idempotency_ttl=settings.idempotency_ttl,
+        )
         yield
         return
     registry = await SqliteRegistry.open(
-        settings.data_dir, settings.finished_task_ttl, settings.max_finished_tasks, app[METRICS]
+        settings.data_dir,
+        settings.finished_task_ttl,
+        settings.max_finished_tasks,
+        app[METRICS],
+        idempotency_ttl=settings.idempotency_ttl,
     )
     app[REGISTRY] = registry
     try:
@@ -133,6 +147,31 @@ async def tasks_ctx(app: web.Application) -> AsyncIterator[None]:
         yield
 
 
+async def webhooks_ctx(app: web.Application) -> AsyncIterator[None]:
+    """With a webhook secret: deliver the completion webhooks, those kept from before a
+    restart included, until shutdown (a durable store keeps what is still pending)."""
+    settings = app[SETTINGS]
+    if not settings.webhook_secret:
+        yield
+        return
+    sender = WebhookSender(
+        app[REGISTRY],
+        settings.address_policy(),
+        settings.webhook_secret,
+        settings.webhook_timeout,
+        settings.webhook_retry_for,
+        app[METRICS],
+    )
+    app[WEBHOOKS] = sender
+    running = asyncio.create_task(sender.run())
+    try:
+        yield
+    finally:
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
+        await sender.close()
+
+
 async def freeze_start_up_objects(app: web.Application) -> None:
     """What start-up made (modules, schemas, restored tasks) lives as long as the process: once
     frozen, the collector's full passes no longer walk it. Under load such a pass took 25-50 ms
@@ -170,7 +209,8 @@ def create_app(settings: Settings) -> web.Application:
         max_items=settings.max_urls_per_task, max_url_length=settings.max_url_length, max_top_k=settings.max_top_k
     )
     app[UPLOAD_BUDGET] = UploadBudget(settings.max_upload_bytes)
-    app.cleanup_ctx.extend([registry_ctx, pool_ctx, tasks_ctx])
+    app[SUBMIT_KEYS] = KeyLocks()
+    app.cleanup_ctx.extend([registry_ctx, webhooks_ctx, pool_ctx, tasks_ctx])
     app.on_startup.append(freeze_start_up_objects)  # runs after the contexts above have started
     app[CLOSING] = asyncio.Event()
     app.on_shutdown.extend([release_watchers, drain_tasks])

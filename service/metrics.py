@@ -62,6 +62,22 @@ class Metrics:
             registry=self.registry,
         )
 
+        self.webhook_deliveries = Counter(
+            "ics_webhook_deliveries",
+            "Completion webhook attempts, by outcome: delivered, retry (failed, tried again later), failed (given up)",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.webhook_latency = Histogram(
+            "ics_webhook_latency_seconds",
+            "Seconds from a task's end to its webhook delivered (retries included)",
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 3600),
+            registry=self.registry,
+        )
+        self.webhooks_pending = Gauge(
+            "ics_webhooks_pending", "Completion webhooks not yet delivered or given up", registry=self.registry
+        )
+
     def image_final(self, outcome: str, code: str) -> None:
         """One image reached a final state (succeeded, failed with `code`, or cancelled)."""
         self.images.labels(outcome=outcome, code=code).inc()

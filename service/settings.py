@@ -165,13 +165,27 @@ class Settings(BaseSettings):
         "(prefer the variable: flags show in ps)",
     )
 
+    webhook_secret: str = Field(
+        "",
+        repr=False,
+        description="key of the HMAC-SHA256 signature on completion webhooks; without it, a submit with a "
+        "callback_url is refused (prefer the variable: flags show in ps)",
+    )
+    webhook_timeout: PositiveSeconds = Field(10.0, description="seconds one webhook delivery attempt may take")
+    webhook_retry_for: Seconds = Field(
+        3600.0, description="seconds after a task ends that its webhook is retried (backoff 1 s doubling to 5 min)"
+    )
+    idempotency_ttl: PositiveSeconds = Field(
+        86_400.0, description="seconds an Idempotency-Key of POST /submit stands for the task it created"
+    )
+
     _model_specs: list[ModelSpec] = PrivateAttr(default_factory=list)
 
     @model_validator(mode="after")
     def _check_together(self) -> Settings:
         """What no single field can check: the declared models, the network list, top_k."""
         try:
-            AddressPolicy.from_strings(self.allow_private_networks, self.allowed_network_list())
+            self.address_policy()
         except ValueError as exc:
             raise ValueError(f"--allowed-networks: {exc}") from None
         if self.header_timeout_max < self.header_timeout:
@@ -199,6 +213,10 @@ class Settings(BaseSettings):
 
     def resolved_runtime(self) -> Runtime:
         return resolve_runtime(self.runtime, cpu_flags())
+
+    def address_policy(self) -> AddressPolicy:
+        """Where downloads and webhooks may connect."""
+        return AddressPolicy.from_strings(self.allow_private_networks, self.allowed_network_list())
 
     def allowed_network_list(self) -> list[str]:
         return _split(self.allowed_networks)

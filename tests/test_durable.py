@@ -269,7 +269,7 @@ async def test_a_reopened_store_has_every_task_as_it_was(tmp_path: Path) -> None
 
 
 # The tables as the first durable version (schema 1) wrote them: no tasks.precision.
-SCHEMA_V1 = SCHEMA.replace("    precision TEXT NOT NULL DEFAULT 'fp32',\n", "")
+SCHEMA_V1 = SCHEMA.replace("    precision TEXT NOT NULL DEFAULT 'fp32',\n", "").replace(",\n    webhook TEXT\n", "\n")
 
 
 async def test_a_data_dir_of_the_previous_version_is_upgraded_in_place(tmp_path: Path) -> None:
@@ -285,9 +285,13 @@ async def test_a_data_dir_of_the_previous_version_is_upgraded_in_place(tmp_path:
         rows = connection.execute("SELECT * FROM tasks").fetchall()
         columns = [column[1] for column in connection.execute("PRAGMA table_info(tasks)")]
         items = connection.execute("SELECT * FROM items").fetchall()
-        connection.executescript("DROP TABLE tasks; DROP TABLE items;" + SCHEMA_V1)
+        connection.executescript(
+            "DROP TABLE tasks; DROP TABLE items; DROP TABLE submissions; DROP TABLE deliveries;" + SCHEMA_V1
+        )
         for row in rows:
-            values = {name: value for name, value in zip(columns, row, strict=True) if name != "precision"}
+            values = {
+                name: value for name, value in zip(columns, row, strict=True) if name not in ("precision", "webhook")
+            }
             if values["task_id"] == done:
                 values["snapshot"] = json.dumps(old).encode()
             marks = ", ".join("?" * len(values))
@@ -308,7 +312,9 @@ async def test_a_data_dir_of_the_previous_version_is_upgraded_in_place(tmp_path:
     finally:
         await upgraded.close()
     with sqlite3.connect(tmp_path / DATABASE) as connection:
-        assert connection.execute("PRAGMA user_version").fetchone()[0] == 2
+        assert connection.execute("PRAGMA user_version").fetchone()[0] == 3
+        tables = {row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        assert {"submissions", "deliveries"} <= tables
 
 
 @pytest.mark.parametrize("status", [None, TaskStatus.RUNNING])

@@ -12,6 +12,7 @@ from aiohttp_sse import EventSourceResponse
 from service.api.auth import request_owner
 from service.api.keys import CLOSING, METRICS, REGISTRY
 from service.api.openapi import Reply, documented
+from service.api.schemas import ProgressEvent
 from service.api.tasks import TASK_NOT_FOUND, task_id_of, task_not_found, unless
 
 routes = web.RouteTableDef()
@@ -24,7 +25,9 @@ EVENT_PING_SECONDS = 5.0  # a comment line on idle event streams; a failed one n
     summary="Live progress as Server-Sent Events: `progress`, one `item` per result, then `end` (or `shutdown`)",
     replies={
         200: Reply(
-            "An event stream. `progress` carries the task's progress counts; `item` one item that reached a "
+            "An event stream. `progress` carries the task's status (`queued` or `running`) and progress counts "
+            "(shape: ProgressEvent), first on connecting, then after each batch of results and when the task starts "
+            "running; `item` one item that reached a "
             "final state (in the order they did, each once); `end` the task summary at its final state, after "
             "which the server closes the stream; `shutdown` the task summary when the service shuts down first "
             "(the task resumes after a restart: reconnect). A watcher joining late first gets every result so far.",
@@ -47,21 +50,23 @@ async def task_events(request: web.Request) -> web.StreamResponse:
             gone = asyncio.ensure_future(stream.wait())  # ends when a ping fails: the watcher left
             shutdown = asyncio.ensure_future(closing.wait())
             try:
-                await stream.send(update.summary.progress.model_dump_json(), event="progress")
-                seen = 0
+                await stream.send(ProgressEvent.of(update.summary).model_dump_json(), event="progress")
+                seen, status = 0, update.summary.status
                 while update is not None:
                     for item in update.items:
                         await stream.send(item.model_dump_json(), event="item", id=str(seen))
                         seen += 1
-                    if update.items:
-                        await stream.send(update.summary.progress.model_dump_json(), event="progress")
-                    if update.summary.status.is_final:
+                    if update.items or update.summary.status != status:  # results, or the task started
+                        await stream.send(ProgressEvent.of(update.summary).model_dump_json(), event="progress")
+                    status = update.summary.status
+                    if status.is_final:
                         await stream.send(update.summary.model_dump_json(), event="end")
                         break
                     if closing.is_set():  # the task goes on after a restart: reconnect then
                         await stream.send(update.summary.model_dump_json(), event="shutdown")
                         break
-                    update = await unless(registry.follow(task_id, seen=seen, owner=owner), gone, shutdown)
+                    news = registry.follow(task_id, seen=seen, owner=owner, status=status)
+                    update = await unless(news, gone, shutdown)
                     if update is None and closing.is_set():  # what arrived meanwhile, then `shutdown`
                         update = await registry.follow(task_id, seen=seen, owner=owner, wait=False)
             finally:

@@ -7,6 +7,7 @@ import asyncio
 from aiohttp import web
 
 from service.api.connections import Connections
+from service.api.idempotency import KeyLocks
 from service.api.schemas import SubmitForm, SubmitRequest
 from service.metrics import Metrics
 from service.pool import InferencePool
@@ -15,6 +16,7 @@ from service.settings import Settings
 from service.tasks.registry import TaskRegistry
 from service.tasks.service import TaskService
 from service.tasks.uploads import UploadBudget
+from service.webhooks.sender import WebhookSender
 
 SETTINGS = web.AppKey("settings", Settings)
 REGISTRY = web.AppKey("registry", TaskRegistry)
@@ -28,3 +30,5 @@ UPLOAD_BUDGET = web.AppKey("upload_budget", UploadBudget)
 OPENAPI = web.AppKey("openapi", bytes)
 CLOSING = web.AppKey("closing", asyncio.Event)  # set when shutdown begins: watchers answer at once
 CONNECTIONS = web.AppKey("connections", Connections)  # the client connections' bound and deadlines
+WEBHOOKS = web.AppKey("webhooks", WebhookSender)  # only with --webhook-secret
+SUBMIT_KEYS = web.AppKey("submit_keys", KeyLocks)  # one submit at a time per idempotency key

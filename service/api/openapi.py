@@ -3,6 +3,7 @@
 Each handler carries its description (`@documented(...)`): the models that validate its body
 and query and the models its answers are made from. `build_openapi` walks the app's router,
 so a route without a description is an error at start-up, not a silent gap in the contract.
+An operation's id is its handler's name; links name the operations an answer leads to.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from openapi_pydantic.v3.v3_1 import (
     DataType,
     Header,
     Info,
+    Link,
     MediaType,
     OpenAPI,
     Operation,
@@ -52,6 +54,17 @@ class Reply:
     model: type[BaseModel] | None = None
     media_type: str = JSON
     headers: Mapping[str, str] = field(default_factory=dict)  # name -> description
+    # link name -> id of an operation taking the `task_id` of this answer's body
+    links: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RequestHeader:
+    """An optional request header, with the constraints the handler enforces."""
+
+    description: str
+    pattern: str | None = None
+    max_length: int | None = None
 
 
 @dataclass(frozen=True)
@@ -62,6 +75,7 @@ class Description:
     body: BodyModel | None = None  # a JSON body
     form: BodyModel | None = None  # the same operation also takes multipart/form-data shaped by this
     query: type[BaseModel] | None = None
+    headers: Mapping[str, RequestHeader] = field(default_factory=dict)  # request headers, by name
     public: bool = False  # open even when API keys are configured
     tag: str = "tasks"
 
@@ -87,6 +101,7 @@ def build_openapi(app: web.Application, title: str, version: str, auth: bool) ->
     """The document as JSON bytes; `auth` adds the bearer scheme and 401 answers."""
     models: set[type[BaseModel]] = {ErrorBody}
     paths: dict[str, dict[str, Operation]] = {}
+    operation_ids: set[str | None] = set()
     for route in app.router.routes():
         if route.method == "HEAD" or isinstance(route.resource, web.StaticResource):
             continue
@@ -95,7 +110,12 @@ def build_openapi(app: web.Application, title: str, version: str, auth: bool) ->
         description = description_of(route.handler)
         if description is None:
             raise RuntimeError(f"{route.method} {path} has no OpenAPI description (service.api.openapi.documented)")
-        paths.setdefault(path, {})[route.method.lower()] = _operation(app, path, description, auth, models)
+        operation = _operation(app, path, description, auth, models)
+        operation.operationId = getattr(route.handler, "__name__", None)
+        if operation.operationId in operation_ids:
+            raise RuntimeError(f"{route.method} {path}: operation id {operation.operationId!r} is taken")
+        operation_ids.add(operation.operationId)
+        paths.setdefault(path, {})[route.method.lower()] = operation
 
     _, definitions = models_json_schema(
         [(model, "validation") for model in sorted(models, key=lambda m: m.__name__)], ref_template=REF_TEMPLATE
@@ -129,6 +149,13 @@ def _operation(
         Parameter.model_validate({"name": name, "in": "path", "required": True, "schema": Schema(type=DataType.STRING)})
         for name in _path_parameters(path)
     ]
+    for name, header in description.headers.items():
+        schema = Schema(type=DataType.STRING, pattern=header.pattern, maxLength=header.max_length)
+        parameters.append(
+            Parameter.model_validate(
+                {"name": name, "in": "header", "required": False, "description": header.description, "schema": schema}
+            )
+        )
     if description.query is not None:
         parameters += _query_parameters(description.query)
         models.add(description.query)  # brings the enums its fields refer to into the components
@@ -160,10 +187,15 @@ def _response(reply: Reply, models: set[type[BaseModel]]) -> Response:
         name: Header.model_validate({"description": text, "schema": Schema(type=DataType.STRING)})
         for name, text in reply.headers.items()
     }
+    links: dict[str, Link | Reference] = {
+        name: Link(operationId=operation, parameters={"task_id": "$response.body#/task_id"})
+        for name, operation in reply.links.items()
+    }
     return Response(
         description=reply.description,
         content={reply.media_type: MediaType.model_validate({"schema": schema})},
         headers=headers or None,
+        links=links or None,
     )
 
 

@@ -11,7 +11,7 @@ from pydantic_core import PydanticCustomError
 
 from inference.specs import RunPrecision
 from service.fetch.policy import url_problem
-from service.tasks.records import Record, TaskStatus
+from service.tasks.records import Progress, Record, TaskStatus, TaskSummary
 
 
 class ModelEntry(Record):
@@ -38,6 +38,17 @@ class SubmitResponse(Record):
     task_id: str
     status: TaskStatus
     total: int
+
+
+class ProgressEvent(Progress):
+    """The data of a `progress` event: the counts, and the task's status (queued or running;
+    a final one comes with `end`)."""
+
+    status: TaskStatus
+
+    @classmethod
+    def of(cls, summary: TaskSummary) -> ProgressEvent:
+        return cls(**dict(summary.progress), status=summary.status)
 
 
 class ErrorDetail(Record):
@@ -67,6 +78,15 @@ def _url_type(max_length: int | None = None) -> Any:
 
 _URLS_DOC = "absolute http(s) URLs of the images, without user credentials; duplicates are kept"
 _TOP_K_DOC = "labels per image; default: the service's default"
+_CALLBACK_DOC = (
+    "an http(s) URL that gets the task's summary, signed, when the task ends (a completion webhook); needs the "
+    "service's --webhook-secret, and a host the address policy allows"
+)
+
+
+def _callback_type(max_length: int | None = None) -> Any:
+    url = Annotated[StrictStr, Field(pattern=URL_PATTERN, max_length=max_length), AfterValidator(_check_url)]
+    return Annotated[url | None, Field(description=_CALLBACK_DOC)]
 
 
 class SubmitRequest(BaseModel):
@@ -82,6 +102,7 @@ class SubmitRequest(BaseModel):
     urls: Annotated[list[_url_type()], Field(min_length=1, description=_URLS_DOC)]  # type: ignore[valid-type]
     top_k: Annotated[StrictInt | None, Field(ge=1, description=_TOP_K_DOC)] = None
     model: Annotated[StrictStr | None, Field(description="a model name; default: the service's default model")] = None
+    callback_url: _callback_type() = None  # type: ignore[valid-type]
 
     @classmethod
     def limited(cls, max_urls: int, max_url_length: int, max_top_k: int) -> type[SubmitRequest]:
@@ -94,6 +115,7 @@ class SubmitRequest(BaseModel):
                 ...,
             ),
             "top_k": (Annotated[StrictInt | None, Field(ge=1, le=max_top_k, description=_TOP_K_DOC)], None),
+            "callback_url": (_callback_type(max_url_length), None),
         }
         return create_model("SubmitRequest", __base__=cls, **fields)
 
@@ -112,6 +134,7 @@ class SubmitForm(BaseModel):
     urls: Annotated[list[_url_type()], Field(description=_URLS_DOC)] = []  # type: ignore[valid-type]
     top_k: Annotated[int | None, Field(ge=1, description=_TOP_K_DOC)] = None
     model: Annotated[str | None, Field(description="a model name; default: the service's default model")] = None
+    callback_url: _callback_type() = None  # type: ignore[valid-type]
 
     @classmethod
     def limited(cls, max_items: int, max_url_length: int, max_top_k: int) -> type[SubmitForm]:
@@ -125,6 +148,7 @@ class SubmitForm(BaseModel):
                 [],
             ),
             "top_k": (Annotated[int | None, Field(ge=1, le=max_top_k, description=_TOP_K_DOC)], None),
+            "callback_url": (_callback_type(max_url_length), None),
         }
         return create_model("SubmitForm", __base__=cls, **fields)
 

@@ -10,22 +10,49 @@ from typing import Any, TypeVar
 from aiohttp import web
 from pydantic import BaseModel
 
+from service.api import idempotency
 from service.api.auth import request_owner
 from service.api.errors import ApiError, too_busy
 from service.api.forms import read_form
-from service.api.keys import CATALOG, CLOSING, REGISTRY, SETTINGS, SUBMIT_FORM, SUBMIT_REQUEST, TASKS, UPLOAD_BUDGET
-from service.api.openapi import Reply, documented
-from service.api.schemas import SubmitResponse, TaskListQuery, TaskQuery
+from service.api.keys import (
+    CATALOG,
+    CLOSING,
+    REGISTRY,
+    SETTINGS,
+    SUBMIT_FORM,
+    SUBMIT_KEYS,
+    SUBMIT_REQUEST,
+    TASKS,
+    UPLOAD_BUDGET,
+    WEBHOOKS,
+)
+from service.api.openapi import Reply, RequestHeader, documented
+from service.api.schemas import SubmitForm, SubmitRequest, SubmitResponse, TaskListQuery, TaskQuery
 from service.api.validation import MULTIPART, query_error_code, read_json_object, submit_error_code, validate
 from service.pool.catalog import ModelCatalog
+from service.tasks.idempotency import IdempotencyKey, Submission
 from service.tasks.records import TaskDetail, TaskPage
 from service.tasks.registry import InvalidCursor
+from service.webhooks.sender import CallbackRefused
 
 routes = web.RouteTableDef()
 T = TypeVar("T")
 
 TASK_NOT_FOUND = {404: "task_not_found"}
 STORE_UNAVAILABLE = {503: "store_unavailable (see the Retry-After header)"}
+IDEMPOTENCY_HEADER = RequestHeader(
+    "a key of yours for this submit (a UUID): retried with the same key and request within --idempotency-ttl "
+    "(24 h), the submit answers with the original task instead of making a second one",
+    pattern=idempotency.KEY_PATTERN,
+    max_length=idempotency.MAX_KEY_CHARS,
+)
+# From a created task to what can be done with it (for clients and stateful contract tests).
+TASK_LINKS = {
+    "GetTask": "get_task",
+    "CancelTask": "cancel_task",
+    "DeleteTask": "delete_task",
+    "TaskEvents": "task_events",
+}
 
 
 def json_response(model: BaseModel, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
@@ -39,30 +66,56 @@ def json_response(model: BaseModel, status: int = 200, headers: dict[str, str] |
     "new task's id",
     body=SUBMIT_REQUEST,
     form=SUBMIT_FORM,
-    replies={202: Reply("Accepted", SubmitResponse, headers={"Location": "the task's URL"})},
+    headers={idempotency.HEADER: IDEMPOTENCY_HEADER},
+    replies={
+        202: Reply(
+            "Accepted (or, for an Idempotency-Key seen before with the same request, the original answer)",
+            SubmitResponse,
+            headers={
+                "Location": "the task's URL",
+                idempotency.REPLAYED: "`true` when this is the original answer to an earlier submit",
+            },
+            links=TASK_LINKS,
+        )
+    },
     errors={
         400: "invalid_json, invalid_body, invalid_multipart, missing_field, unknown_field, invalid_type, "
         "invalid_field, field_too_large, too_many_parts, empty_urls, too_many_urls, no_images, too_many_images, "
-        "invalid_url, "
-        "top_k_out_of_range, unknown_model, model_unavailable",
+        "invalid_url, top_k_out_of_range, unknown_model, model_unavailable, invalid_callback_url, "
+        "callback_url_refused, webhooks_disabled, invalid_idempotency_key",
         413: "request_too_large, upload_too_large",
         415: "unsupported_media_type",
+        422: "idempotency_key_reused",
         429: "too_busy (see the Retry-After header)",
         **STORE_UNAVAILABLE,
     },
 )
 async def submit(request: web.Request) -> web.Response:
+    key = idempotency.key_of(request)
+    if key is None:
+        return await _submit(request, None)
+    async with request.app[SUBMIT_KEYS].hold(request_owner(request), key):  # a concurrent duplicate waits here
+        return await _submit(request, key)
+
+
+async def _submit(request: web.Request, key: str | None) -> web.Response:
     if request.content_type == MULTIPART:
-        return await _submit_form(request)
+        return await _submit_form(request, key)
     submission = validate(request.app[SUBMIT_REQUEST], await read_json_object(request), submit_error_code)
+    request_key = _request_key(key, submission.urls, {}, submission)
+    if request_key is not None and (stored := await _stored(request, key)) is not None:
+        return idempotency.replay(stored, request_key)
+    callback_url = await _check_callback(request, submission.callback_url)
     model = await _admit(request, submission.model, len(submission.urls))
-    return await _start_task(request, submission.urls, submission.top_k, model)
+    return await _start_task(request, submission.urls, submission.top_k, model, None, callback_url, request_key)
 
 
-async def _submit_form(request: web.Request) -> web.Response:
+async def _submit_form(request: web.Request, key: str | None) -> web.Response:
     app = request.app
     settings, budget = app[SETTINGS], app[UPLOAD_BUDGET]
-    await _check_capacity(request, 1)  # before reading what may be megabytes of files
+    stored = await _stored(request, key) if key is not None else None
+    if stored is None:
+        await _check_capacity(request, 1)  # before reading what may be megabytes of files
     form = await read_form(
         request, settings.max_urls_per_task, settings.max_image_bytes, settings.max_request_bytes, budget
     )
@@ -70,11 +123,54 @@ async def _submit_form(request: web.Request) -> web.Response:
         submission = validate(app[SUBMIT_FORM], form.values(), submit_error_code)
         if not form.sources:
             raise ApiError(400, "no_images", "the form holds no files and no urls")
+        request_key = _request_key(key, form.item_urls(), form.files(), submission)
+        if request_key is not None and stored is not None:
+            response = idempotency.replay(stored, request_key)
+            budget.release(form.size)  # no new task: nothing holds the files
+            return response
+        callback_url = await _check_callback(request, submission.callback_url)
         model = await _admit(request, submission.model, len(form.sources))
     except BaseException:
         budget.release(form.size)
         raise
-    return await _start_task(request, form.item_urls(), submission.top_k, model, form.files())
+    return await _start_task(
+        request, form.item_urls(), submission.top_k, model, form.files(), callback_url, request_key
+    )
+
+
+def _request_key(
+    key: str | None, urls: list[str], files: dict[int, bytes], submission: SubmitRequest | SubmitForm
+) -> IdempotencyKey | None:
+    if key is None:
+        return None
+    digest = idempotency.fingerprint(urls, files, submission.model, submission.top_k, submission.callback_url)
+    return IdempotencyKey(key, digest)
+
+
+async def _stored(request: web.Request, key: str | None) -> Submission | None:
+    """What the request's idempotency key already stands for, if anything."""
+    if key is None:
+        return None
+    return await request.app[REGISTRY].find_submission(request_owner(request), key)
+
+
+async def _check_callback(request: web.Request, url: str | None) -> str | None:
+    """`url`, if the service will call it back."""
+    if url is None:
+        return None
+    sender = request.app.get(WEBHOOKS)
+    if sender is None:
+        raise ApiError(
+            400,
+            "webhooks_disabled",
+            "callback_url needs the service to be started with a webhook secret (--webhook-secret or "
+            "ICS_WEBHOOK_SECRET) to sign its webhooks",
+        )
+    try:
+        await sender.check_url(url, request.app[SETTINGS].max_url_length)
+    except CallbackRefused as exc:
+        raise ApiError(400, "callback_url_refused", f"callback_url: {exc}") from None
+    return url
 
 
 async def _admit(request: web.Request, model: str | None, images: int) -> str:
@@ -86,11 +182,19 @@ async def _admit(request: web.Request, model: str | None, images: int) -> str:
 
 
 async def _start_task(
-    request: web.Request, urls: list[str], top_k: int | None, model: str, files: dict[int, bytes] | None = None
+    request: web.Request,
+    urls: list[str],
+    top_k: int | None,
+    model: str,
+    files: dict[int, bytes] | None,
+    callback_url: str | None,
+    key: IdempotencyKey | None,
 ) -> web.Response:
     """Create the task (which then owns the reserved bytes of `files`) and answer 202."""
     top_k = top_k or request.app[SETTINGS].default_top_k
-    task = await request.app[TASKS].create(urls, model, top_k, request_owner(request), files)
+    task = await request.app[TASKS].create(
+        urls, model, top_k, request_owner(request), files, callback_url=callback_url, idempotency=key
+    )
     response = SubmitResponse(task_id=task.task_id, status=task.status, total=len(task.items))
     return json_response(response, status=202, headers={"Location": f"/tasks/{task.task_id}"})
 

@@ -27,6 +27,9 @@ _FIELD_CODES = {
     ("urls", "string_pattern_mismatch"): "invalid_url",
     ("urls", "string_too_long"): "invalid_url",
     ("urls", "invalid_url"): "invalid_url",
+    ("callback_url", "string_pattern_mismatch"): "invalid_callback_url",
+    ("callback_url", "string_too_long"): "invalid_callback_url",
+    ("callback_url", "invalid_url"): "invalid_callback_url",
     ("top_k", "greater_than_equal"): "top_k_out_of_range",
     ("top_k", "less_than_equal"): "top_k_out_of_range",
 }

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import aiohttp
 from yarl import URL
 
-from service.fetch.policy import AddressPolicy, BlockedAddressError, PolicyResolver, url_problem
+from service.fetch.policy import BlockedAddressError, PolicyResolver, policy_connector, url_problem
 from service.settings import Settings
 
 CHUNK_BYTES = 64 * 1024
@@ -42,13 +42,8 @@ class FetchLimits:
 def make_session(settings: Settings) -> aiohttp.ClientSession:
     """The one shared client: aiodns resolution behind the address policy, bounded
     connections, every timeout set, no proxies or credentials from the environment."""
-    policy = AddressPolicy.from_strings(settings.allow_private_networks, settings.allowed_network_list())
-    connector = aiohttp.TCPConnector(
-        resolver=PolicyResolver(aiohttp.AsyncResolver(), policy),
-        socket_factory=policy.socket_factory,
-        limit=settings.download_concurrency,
-        ttl_dns_cache=60,
-    )
+    policy = settings.address_policy()
+    connector = policy_connector(policy, PolicyResolver(aiohttp.AsyncResolver(), policy), settings.download_concurrency)
     timeout = aiohttp.ClientTimeout(
         total=settings.download_timeout,  # also ends a server that drips a byte at a time
         connect=settings.connect_timeout,

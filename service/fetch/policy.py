@@ -16,6 +16,7 @@ import socket
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.connector import AddrInfoType
 from yarl import URL
@@ -109,6 +110,12 @@ class PolicyResolver(AbstractResolver):
 
     async def close(self) -> None:
         await self._inner.close()
+
+
+def policy_connector(policy: AddressPolicy, resolver: PolicyResolver, limit: int) -> aiohttp.TCPConnector:
+    """Connections only where `policy` allows (image downloads and webhooks alike), names
+    resolved by `resolver` (which the caller closes: the connector does not own it)."""
+    return aiohttp.TCPConnector(resolver=resolver, socket_factory=policy.socket_factory, limit=limit, ttl_dns_cache=60)
 
 
 # Control characters are never part of a URL; lone surrogates (what a JSON \udcff escape

@@ -26,14 +26,16 @@ from pathlib import Path
 from typing import Any, TextIO, TypeVar
 
 from service.metrics import Metrics
+from service.tasks.deliveries import Delivery
+from service.tasks.idempotency import Submission
 from service.tasks.records import ItemStatus, TaskDetail, TaskStatus
 from service.tasks.registry import StoreUnavailable
-from service.tasks.rows import LABELS, VACUUM_PAGES, load_tasks, page_seqs
+from service.tasks.rows import LABELS, VACUUM_PAGES, Stored, load_stored, page_seqs
 from service.tasks.state import TaskState
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2  # 2: tasks.precision
+SCHEMA_VERSION = 3  # 2: tasks.precision; 3: tasks.webhook, submissions, deliveries
 DATABASE = "tasks.db"
 LOCK = "lock"
 FLUSH_SECONDS = 0.02  # results reach the database within this (plus the write itself)
@@ -61,7 +63,8 @@ CREATE TABLE tasks (
     failed INTEGER NOT NULL DEFAULT 0,
     cancelled INTEGER NOT NULL DEFAULT 0,
     completed TEXT,
-    snapshot BLOB
+    snapshot BLOB,
+    webhook TEXT
 );
 CREATE INDEX tasks_by_owner ON tasks (owner, seq);
 CREATE INDEX tasks_by_owner_status ON tasks (owner, status, seq);
@@ -77,6 +80,32 @@ CREATE TABLE items (
     PRIMARY KEY (task_seq, idx)
 ) WITHOUT ROWID;
 """
+# Added by schema 3: idempotency keys (`service.tasks.idempotency`) and pending webhook deliveries.
+SCHEMA_3_TABLES = (
+    """
+CREATE TABLE submissions (
+    owner TEXT NOT NULL,  -- '' without API keys
+    key TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,
+    task_id TEXT NOT NULL,
+    total INTEGER NOT NULL,
+    created_epoch REAL NOT NULL,
+    PRIMARY KEY (owner, key)
+) WITHOUT ROWID;
+""",
+    "CREATE INDEX submissions_by_age ON submissions (created_epoch)",
+    """
+CREATE TABLE deliveries (
+    delivery_id TEXT PRIMARY KEY,
+    task_id TEXT NOT NULL,
+    url TEXT NOT NULL,
+    body BLOB NOT NULL,
+    finished_epoch REAL NOT NULL,
+    attempts INTEGER NOT NULL,
+    next_epoch REAL NOT NULL
+) WITHOUT ROWID
+""",
+)
 
 
 class StoreError(Exception):
@@ -141,6 +170,8 @@ class SqliteJournal:
             if version == 0:
                 connection.execute("PRAGMA auto_vacuum = INCREMENTAL")  # before the first table exists
                 connection.executescript(SCHEMA)
+                for statement in SCHEMA_3_TABLES:
+                    connection.execute(statement)
                 connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             elif version < SCHEMA_VERSION:
                 _upgrade(connection, version)
@@ -156,8 +187,8 @@ class SqliteJournal:
     def created(self, task: TaskState) -> None:
         self._queue(
             task.seq,
-            "INSERT INTO tasks (seq, task_id, owner, model, precision, top_k, status, created_at, total) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO tasks (seq, task_id, owner, model, precision, top_k, status, created_at, total, webhook) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             [
                 (
                     task.seq,
@@ -169,6 +200,7 @@ class SqliteJournal:
                     task.status.value,
                     task.created_at.isoformat(),
                     task.total,
+                    task.webhook.model_dump_json() if task.webhook else None,
                 )
             ],
         )
@@ -223,6 +255,59 @@ class SqliteJournal:
     def forgotten(self, task: TaskState) -> None:
         # Only final tasks are forgotten, and `finished` already deleted their item rows.
         self._queue(task.seq, "DELETE FROM tasks WHERE seq = ?", [(task.seq,)])
+
+    def webhook_changed(self, task: TaskState) -> None:
+        assert task.webhook is not None
+        self._queue(
+            task.seq,
+            "UPDATE tasks SET webhook = ?, snapshot = ? WHERE seq = ?",
+            [(task.webhook.model_dump_json(), task.frozen, task.seq)],
+        )
+
+    def delivery_saved(self, task: TaskState | None, delivery: Delivery) -> None:
+        self._queue(
+            task.seq if task else 0,
+            "INSERT OR REPLACE INTO deliveries (delivery_id, task_id, url, body, finished_epoch, attempts, next_epoch) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            [
+                (
+                    delivery.delivery_id,
+                    delivery.task_id,
+                    delivery.url,
+                    delivery.body,
+                    delivery.finished,
+                    delivery.attempts,
+                    delivery.next_attempt,
+                )
+            ],
+        )
+
+    def delivery_done(self, delivery: Delivery) -> None:
+        self._queue(0, "DELETE FROM deliveries WHERE delivery_id = ?", [(delivery.delivery_id,)])
+
+    def key_saved(self, task: TaskState, submission: Submission) -> None:
+        self._queue(
+            task.seq,
+            "INSERT OR REPLACE INTO submissions (owner, key, fingerprint, task_id, total, created_epoch) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            [
+                (
+                    submission.owner or "",
+                    submission.key,
+                    submission.fingerprint,
+                    submission.task_id,
+                    submission.total,
+                    submission.created,
+                )
+            ],
+        )
+
+    def keys_forgotten(self, submissions: list[Submission]) -> None:
+        self._queue(
+            0,
+            "DELETE FROM submissions WHERE owner = ? AND key = ? AND created_epoch = ?",
+            [(submission.owner or "", submission.key, submission.created) for submission in submissions],
+        )
 
     def discard(self, seq: int) -> None:
         """Drop the changes of a task not yet written (its creation could not be committed)."""
@@ -291,9 +376,10 @@ class SqliteJournal:
             await self.flush()
         return await self._call(page_seqs, self._db(), owner, status, before, limit)
 
-    async def load(self, finished_ttl: float, max_finished: int, now: float) -> list[TaskState]:
-        """Delete what expired while the service was down; every other task, oldest first."""
-        return await self._call(load_tasks, self._db(), finished_ttl, max_finished, now)
+    async def load(self, finished_ttl: float, max_finished: int, idempotency_ttl: float, now: float) -> Stored:
+        """Delete what expired while the service was down; every other task (oldest first),
+        idempotency key and webhook delivery."""
+        return await self._call(load_stored, self._db(), finished_ttl, max_finished, idempotency_ttl, now)
 
     async def close(self) -> None:
         if self._timer is not None:
@@ -332,6 +418,10 @@ def _upgrade(connection: sqlite3.Connection, version: int) -> None:
                 connection.execute(
                     "UPDATE tasks SET snapshot = ? WHERE seq = ?", (detail.model_dump_json().encode(), seq)
                 )
+        if version < 3:  # no task had a webhook or an idempotency key
+            connection.execute("ALTER TABLE tasks ADD COLUMN webhook TEXT")
+            for statement in SCHEMA_3_TABLES:
+                connection.execute(statement)
         connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
 

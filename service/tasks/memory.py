@@ -8,6 +8,7 @@ told to a `Journal`, in the order it happens: the durable registry
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
@@ -16,6 +17,8 @@ from collections.abc import Callable, Iterable
 
 from inference.specs import RunPrecision
 from service.metrics import Metrics
+from service.tasks.deliveries import Delivery, payload
+from service.tasks.idempotency import IdempotencyKey, Submission, SubmissionKeys
 from service.tasks.records import (
     ErrorInfo,
     Item,
@@ -24,6 +27,7 @@ from service.tasks.records import (
     TaskDetail,
     TaskPage,
     TaskStatus,
+    Webhook,
 )
 from service.tasks.registry import TaskUpdate, decode_cursor, encode_cursor
 from service.tasks.state import Journal, NoJournal, TaskState, utcnow
@@ -37,7 +41,8 @@ class InMemoryRegistry:
     Memory stays bounded: a finished task is forgotten `finished_ttl` seconds after it
     finished, and at most `max_finished` finished tasks are kept (oldest finished go
     first). Expiry is checked on every call, so no background task is needed. `clock` is
-    wall-clock seconds (finish times outlive the process in a durable registry).
+    wall-clock seconds (finish times outlive the process in a durable registry). Idempotency
+    keys live `idempotency_ttl` seconds, at most `max_keys` of them.
     """
 
     def __init__(
@@ -47,6 +52,8 @@ class InMemoryRegistry:
         clock: Callable[[], float] = time.time,
         journal: Journal | None = None,
         metrics: Metrics | None = None,
+        idempotency_ttl: float = 86_400.0,
+        max_keys: int = 100_000,
     ) -> None:
         self._tasks: dict[str, TaskState] = {}
         self._ids: dict[int, str] = {}  # seq -> task id
@@ -58,6 +65,8 @@ class InMemoryRegistry:
         self._metrics = metrics
         self._next_seq = 1
         self._unfinished = 0
+        self._keys = SubmissionKeys(idempotency_ttl, max_keys, clock)
+        self._outbox: asyncio.Queue[Delivery] = asyncio.Queue()  # webhooks to deliver, as tasks end
 
     def healthy(self) -> bool:
         return True
@@ -70,6 +79,9 @@ class InMemoryRegistry:
         owner: str | None = None,
         task_id: str | None = None,
         precision: RunPrecision = "fp32",
+        *,
+        callback_url: str | None = None,
+        idempotency: IdempotencyKey | None = None,
     ) -> TaskDetail:
         self._expire()
         record = TaskState(
@@ -81,6 +93,7 @@ class InMemoryRegistry:
             items=[Item(index=index, url=url) for index, url in enumerate(urls)],
             owner=owner,
             total=len(urls),
+            webhook=Webhook(url=callback_url) if callback_url else None,
         )
         snapshot = record.detail()  # what cannot be read is refused (raises) before it is kept
         self._next_seq += 1
@@ -88,8 +101,18 @@ class InMemoryRegistry:
         self._ids[record.seq] = record.task_id
         self._unfinished += len(urls)
         self._journal.created(record)
+        if idempotency is not None:
+            submission, forgotten = self._keys.add(owner, idempotency, record.task_id, record.total)
+            self._journal.key_saved(record, submission)
+            if forgotten:
+                log.warning("%d idempotency keys forgotten before their time: more than the maximum", len(forgotten))
+                self._journal.keys_forgotten(forgotten)
         log.info("task %s created: %d images, model %s", record.task_id, len(urls), model, extra=_ids(record))
         return snapshot
+
+    async def find_submission(self, owner: str | None, key: str) -> Submission | None:
+        self._expire()
+        return self._keys.get(owner, key)
 
     async def get(self, task_id: str, owner: str | None = None) -> TaskDetail | None:
         self._expire()
@@ -138,6 +161,7 @@ class InMemoryRegistry:
             record.status = TaskStatus.RUNNING
             record.started_at = utcnow()
             self._journal.started(record)
+            record.notify()  # watchers are told it runs
             log.info("task %s running", task_id, extra=_ids(record))
         if status.is_final:
             self._count_final(record, index, status)
@@ -169,19 +193,26 @@ class InMemoryRegistry:
         return record.detail()
 
     async def follow(
-        self, task_id: str, seen: int | None, owner: str | None = None, wait: bool = True
+        self,
+        task_id: str,
+        seen: int | None,
+        owner: str | None = None,
+        wait: bool = True,
+        status: TaskStatus | None = None,
     ) -> TaskUpdate | None:
         """The items that reached a final state after the first `seen` ones (in completion
         order; None: as many as have now), with the task's summary; with `wait`, waits until
-        there is one or the task is final. None if the task is unknown or was forgotten meanwhile."""
+        there is one, or the task's status is no longer `status` (None: the status it has now).
+        None if the task is unknown or was forgotten meanwhile."""
         record = self._owned(task_id, owner)
-        if seen is None:
-            seen = len(record.completed) if record is not None else 0
-        while wait and record is not None and len(record.completed) <= seen and not record.status.is_final:
-            await record.changed.wait()
-            record = self._owned(task_id, owner)
         if record is None:
             return None
+        seen = len(record.completed) if seen is None else seen
+        status = record.status if status is None else status
+        while wait and len(record.completed) <= seen and record.status == status and not record.status.is_final:
+            await record.changed.wait()
+            if (record := self._owned(task_id, owner)) is None:
+                return None
         items = record.detail().items if record.frozen is not None else record.items
         return TaskUpdate(items=[items[index] for index in record.completed[seen:]], summary=record.summary())
 
@@ -203,9 +234,28 @@ class InMemoryRegistry:
         if active:
             log.info("cancelled %d active tasks at shutdown", len(active))
 
-    def restore(self, tasks: Iterable[TaskState]) -> None:
-        """Take back tasks kept elsewhere (in creation order), as they were; items of an
-        active task that had not reached a final state start again from pending."""
+    async def next_delivery(self) -> Delivery:
+        return await self._outbox.get()
+
+    async def record_delivery(self, delivery: Delivery, webhook: Webhook, retry: Delivery | None) -> None:
+        record = self._tasks.get(delivery.task_id)
+        if record is not None:
+            record.set_webhook(webhook)
+            self._journal.webhook_changed(record)
+        if retry is not None:
+            self._journal.delivery_saved(record, retry)
+        else:
+            self._journal.delivery_done(delivery)
+
+    def restore(
+        self, tasks: Iterable[TaskState], submissions: Iterable[Submission] = (), deliveries: Iterable[Delivery] = ()
+    ) -> None:
+        """Take back tasks, idempotency keys and webhook deliveries kept elsewhere (tasks in
+        creation order), as they were; items of an active task that had not reached a final
+        state start again from pending."""
+        self._keys.restore(list(submissions))
+        for delivery in deliveries:
+            self._outbox.put_nowait(delivery)
         finished: list[TaskState] = []
         for record in tasks:
             for item in list(record.items):
@@ -269,6 +319,12 @@ class InMemoryRegistry:
         )
         record.freeze()
         self._journal.finished(record)
+        if record.webhook is not None:  # the delivery is kept with the final state, in the same step
+            delivery = Delivery(
+                uuid.uuid4().hex, record.task_id, record.webhook.url, payload(record.summary()), self._clock()
+            )
+            self._journal.delivery_saved(record, delivery)
+            self._outbox.put_nowait(delivery)
         record.notify()
         self._finished[record.task_id] = self._clock()
         while len(self._finished) > self._max_finished:
@@ -281,6 +337,8 @@ class InMemoryRegistry:
             if finished > deadline:
                 break
             self._forget(task_id)
+        if forgotten := self._keys.expire():
+            self._journal.keys_forgotten(forgotten)
 
     def _forget(self, task_id: str) -> None:
         record = self._tasks.pop(task_id, None)
@@ -294,6 +352,7 @@ class InMemoryRegistry:
         """Undo the creation of a task nobody was told about; its sequence number."""
         record = self._tasks.pop(task_id)
         del self._ids[record.seq]
+        self._keys.drop_task(task_id)
         self._unfinished -= record.total - record.done
         return record.seq
 

@@ -26,6 +26,8 @@ __all__ = [
     "TaskPage",
     "TaskStatus",
     "TaskSummary",
+    "Webhook",
+    "WebhookStatus",
 ]
 
 
@@ -87,6 +89,22 @@ class Item(Record):
     error: ErrorInfo | None = None
 
 
+class WebhookStatus(StrEnum):
+    PENDING = "pending"  # the task is not final yet, or a delivery is being tried
+    DELIVERED = "delivered"
+    FAILED = "failed"  # given up: see `last_error`
+
+
+class Webhook(Record):
+    """The completion callback of a task (`callback_url` at submit) and how its delivery went."""
+
+    url: Text
+    status: WebhookStatus = WebhookStatus.PENDING
+    attempts: int = 0
+    last_error: Text | None = None  # why the last attempt failed
+    delivered_at: datetime | None = None
+
+
 class Progress(Record):
     total: int
     done: int
@@ -106,6 +124,7 @@ class TaskSummary(Record):
     finished_at: datetime | None
     progress: Progress
     error: ErrorInfo | None = None
+    webhook: Webhook | None = None  # only for tasks submitted with a `callback_url`
 
 
 class TaskDetail(TaskSummary):

@@ -13,7 +13,19 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from inference.specs import RunPrecision
-from service.tasks.records import ErrorInfo, Item, ItemStatus, Label, TaskDetail, TaskPage, TaskStatus, TaskSummary
+from service.tasks.deliveries import Delivery
+from service.tasks.idempotency import IdempotencyKey, Submission
+from service.tasks.records import (
+    ErrorInfo,
+    Item,
+    ItemStatus,
+    Label,
+    TaskDetail,
+    TaskPage,
+    TaskStatus,
+    TaskSummary,
+    Webhook,
+)
 
 
 class InvalidCursor(ValueError):
@@ -47,10 +59,18 @@ class TaskRegistry(Protocol):
         owner: str | None = None,
         task_id: str | None = None,
         precision: RunPrecision = "fp32",
+        *,
+        callback_url: str | None = None,
+        idempotency: IdempotencyKey | None = None,
     ) -> TaskDetail:
         """A new queued task (`task_id`: an id made for it beforehand, else a new one;
-        `precision`: what its model runs at). A durable registry has it on disk when this
-        returns."""
+        `precision`: what its model runs at; `callback_url`: where its completion webhook
+        goes; `idempotency`: the key that will stand for it). A durable registry has it on
+        disk when this returns."""
+        ...
+
+    async def find_submission(self, owner: str | None, key: str) -> Submission | None:
+        """What the idempotency key `key` of `owner` stands for, unless it expired."""
         ...
 
     async def get(self, task_id: str, owner: str | None = None) -> TaskDetail | None: ...
@@ -99,15 +119,33 @@ class TaskRegistry(Protocol):
         ...
 
     async def follow(
-        self, task_id: str, seen: int | None, owner: str | None = None, wait: bool = True
+        self,
+        task_id: str,
+        seen: int | None,
+        owner: str | None = None,
+        wait: bool = True,
+        status: TaskStatus | None = None,
     ) -> TaskUpdate | None:
         """The items that reached a final state after the first `seen` ones (in completion
         order; None: as many as have now), with the task's summary; with `wait`, waits until
-        there is one or the task is final. None if the task is unknown or was forgotten."""
+        there is one, or the task's status is no longer `status` (None: the status it has
+        when called: it starts running, or reaches a final state). None if the task is
+        unknown or was forgotten."""
         ...
 
     async def wait_final(self, task_id: str) -> None:
         """Return once the task is in a final state, or gone (whoever owns it)."""
+        ...
+
+    async def next_delivery(self) -> Delivery:
+        """Wait for the next webhook delivery to try: made when a task with a callback
+        reaches a final state (a durable registry also hands back, after a restart, those
+        not yet delivered or given up)."""
+        ...
+
+    async def record_delivery(self, delivery: Delivery, webhook: Webhook, retry: Delivery | None) -> None:
+        """A delivery attempt's outcome: the task's webhook is now `webhook`; `retry` is
+        the delivery to try again later, or None when it is delivered or given up."""
         ...
 
     async def status_counts(self) -> dict[TaskStatus, int]:

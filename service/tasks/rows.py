@@ -1,4 +1,5 @@
-"""Reading the task database back: one page of a listing, and every task at start-up.
+"""Reading the task database back: one page of a listing, and at start-up every task,
+idempotency key and webhook delivery.
 
 Both run on the journal's database thread (`service.tasks.journal.SqliteJournal`), which
 also writes; these functions only turn rows into what the registry holds.
@@ -10,12 +11,15 @@ import json
 import sqlite3
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from pydantic import TypeAdapter
 
-from service.tasks.records import ErrorInfo, Item, ItemStatus, Label, TaskStatus
+from service.tasks.deliveries import Delivery
+from service.tasks.idempotency import Submission
+from service.tasks.records import ErrorInfo, Item, ItemStatus, Label, TaskStatus, Webhook
 from service.tasks.state import TaskState
 
 VACUUM_PAGES = 512  # freed pages returned to the file system per batch that deleted tasks
@@ -43,6 +47,35 @@ def page_query(
         args.append(before)
     where = " AND ".join(conditions)
     return f"SELECT seq FROM tasks WHERE {where} ORDER BY seq DESC LIMIT ?", (*args, limit)
+
+
+@dataclass(frozen=True)
+class Stored:
+    tasks: list[TaskState]  # oldest first
+    submissions: list[Submission]
+    deliveries: list[Delivery]
+
+
+def load_stored(
+    connection: sqlite3.Connection, finished_ttl: float, max_finished: int, idempotency_ttl: float, now: float
+) -> Stored:
+    tasks = load_tasks(connection, finished_ttl, max_finished, now)
+    with connection:
+        connection.execute("DELETE FROM submissions WHERE created_epoch <= ?", (now - idempotency_ttl,))
+    submissions = [
+        Submission(owner or None, key, fingerprint, task_id, total, created)
+        for owner, key, fingerprint, task_id, total, created in connection.execute(
+            "SELECT owner, key, fingerprint, task_id, total, created_epoch FROM submissions ORDER BY created_epoch"
+        )
+    ]
+    deliveries = [
+        Delivery(delivery_id, task_id, url, bytes(body), finished, attempts, next_attempt)
+        for delivery_id, task_id, url, body, finished, attempts, next_attempt in connection.execute(
+            "SELECT delivery_id, task_id, url, body, finished_epoch, attempts, next_epoch FROM deliveries "
+            "ORDER BY next_epoch"
+        )
+    ]
+    return Stored(tasks, submissions, deliveries)
 
 
 def load_tasks(connection: sqlite3.Connection, finished_ttl: float, max_finished: int, now: float) -> list[TaskState]:
@@ -74,7 +107,7 @@ def load_tasks(connection: sqlite3.Connection, finished_ttl: float, max_finished
     tasks = []
     for row in connection.execute(
         "SELECT seq, task_id, owner, model, precision, top_k, status, created_at, started_at, finished_at, error, "
-        "total, succeeded, failed, cancelled, completed, snapshot FROM tasks ORDER BY seq"
+        "total, succeeded, failed, cancelled, completed, snapshot, webhook FROM tasks ORDER BY seq"
     ):
         tasks.append(_task_state(row, items.get(row[0], []), [index for _, index in sorted(orders.get(row[0], []))]))
     return tasks
@@ -99,6 +132,7 @@ def _task_state(row: Sequence[Any], items: list[Item], completed: list[int]) -> 
         cancelled,
         completed_json,
         snapshot,
+        webhook,
     ) = row
     state = TaskState(
         seq=seq,
@@ -113,6 +147,7 @@ def _task_state(row: Sequence[Any], items: list[Item], completed: list[int]) -> 
         finished_at=datetime.fromisoformat(finished_at) if finished_at else None,
         status=TaskStatus(status),
         error=ErrorInfo.model_validate_json(error) if error else None,
+        webhook=Webhook.model_validate_json(webhook) if webhook else None,
         total=total,
     )
     if state.status.is_final:

@@ -26,6 +26,7 @@ from service.pool import InferencePool
 from service.pool.catalog import ModelCatalog
 from service.tasks.batching import BatchQueue
 from service.tasks.classifier import INTERNAL_ERROR, Classifier
+from service.tasks.idempotency import IdempotencyKey
 from service.tasks.pipeline import Pipeline
 from service.tasks.records import TaskDetail
 from service.tasks.registry import TaskRegistry
@@ -79,18 +80,29 @@ class TaskService:
         return len(self._queue)
 
     async def create(
-        self, urls: list[str], model: str, top_k: int, owner: str | None, files: dict[int, bytes] | None = None
+        self,
+        urls: list[str],
+        model: str,
+        top_k: int,
+        owner: str | None,
+        files: dict[int, bytes] | None = None,
+        *,
+        callback_url: str | None = None,
+        idempotency: IdempotencyKey | None = None,
     ) -> TaskDetail:
         """Store a new task and start working on it. `files` are the bytes of the items that
         were uploaded rather than given as URLs, by item index; their bytes are reserved in
-        the upload budget, and the task owns that reservation from now on, whatever happens."""
+        the upload budget, and the task owns that reservation from now on, whatever happens.
+        `callback_url` gets the completion webhook; `idempotency` will stand for the task."""
         task_id = uuid.uuid4().hex
         uploads: TaskUploads | None = None
         if files:
             uploads = HeldUploads(files, self._budget) if self._spool is None else await self._save(task_id, files)
         try:
             precision = self._catalog.info(model).precision
-            task = await self._registry.create(urls, model, top_k, owner, task_id, precision)
+            task = await self._registry.create(
+                urls, model, top_k, owner, task_id, precision, callback_url=callback_url, idempotency=idempotency
+            )
         except BaseException:
             if uploads is not None:
                 uploads.release()

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from inference.specs import RunPrecision
 from service.metrics import Metrics
+from service.tasks.idempotency import IdempotencyKey
 from service.tasks.journal import SqliteJournal, StoreError
 from service.tasks.memory import InMemoryRegistry
 from service.tasks.records import TaskDetail, TaskPage, TaskStatus
@@ -35,8 +36,9 @@ class SqliteRegistry(InMemoryRegistry):
         max_finished: int,
         clock: Callable[[], float] = time.time,
         metrics: Metrics | None = None,
+        idempotency_ttl: float = 86_400.0,
     ) -> None:
-        super().__init__(finished_ttl, max_finished, clock, journal, metrics)
+        super().__init__(finished_ttl, max_finished, clock, journal, metrics, idempotency_ttl)
         self._store = journal
 
     @classmethod
@@ -47,18 +49,25 @@ class SqliteRegistry(InMemoryRegistry):
         max_finished: int,
         metrics: Metrics,
         clock: Callable[[], float] = time.time,
+        idempotency_ttl: float = 86_400.0,
     ) -> SqliteRegistry:
-        """The registry of `data_dir`, with every task it kept; raises StoreError."""
+        """The registry of `data_dir`, with everything it kept; raises StoreError."""
         journal = await SqliteJournal.open(data_dir, metrics)
         try:
-            tasks = await journal.load(finished_ttl, max_finished, clock())
+            stored = await journal.load(finished_ttl, max_finished, idempotency_ttl, clock())
         except (sqlite3.Error, ValueError) as exc:
             await journal.close()
             raise StoreError(f"database {journal.path} cannot be read: {exc}") from None
-        registry = cls(journal, finished_ttl, max_finished, clock, metrics)
-        registry.restore(tasks)
-        active = sum(1 for task in tasks if not task.status.is_final)
-        log.info("task store %s: %d tasks, %d to resume", journal.path, len(tasks), active)
+        registry = cls(journal, finished_ttl, max_finished, clock, metrics, idempotency_ttl)
+        registry.restore(stored.tasks, stored.submissions, stored.deliveries)
+        active = sum(1 for task in stored.tasks if not task.status.is_final)
+        log.info(
+            "task store %s: %d tasks, %d to resume, %d webhooks to deliver",
+            journal.path,
+            len(stored.tasks),
+            active,
+            len(stored.deliveries),
+        )
         return registry
 
     @property
@@ -76,8 +85,13 @@ class SqliteRegistry(InMemoryRegistry):
         owner: str | None = None,
         task_id: str | None = None,
         precision: RunPrecision = "fp32",
+        *,
+        callback_url: str | None = None,
+        idempotency: IdempotencyKey | None = None,
     ) -> TaskDetail:
-        task = await super().create(urls, model, top_k, owner, task_id, precision)
+        task = await super().create(
+            urls, model, top_k, owner, task_id, precision, callback_url=callback_url, idempotency=idempotency
+        )
         try:
             await self._store.flush()
         except StoreUnavailable:

@@ -14,7 +14,18 @@ from datetime import UTC, datetime
 from typing import Protocol
 
 from inference.specs import RunPrecision
-from service.tasks.records import ErrorInfo, Item, ItemStatus, Progress, TaskDetail, TaskStatus, TaskSummary
+from service.tasks.deliveries import Delivery
+from service.tasks.idempotency import Submission
+from service.tasks.records import (
+    ErrorInfo,
+    Item,
+    ItemStatus,
+    Progress,
+    TaskDetail,
+    TaskStatus,
+    TaskSummary,
+    Webhook,
+)
 
 
 def utcnow() -> datetime:
@@ -37,6 +48,7 @@ class TaskState:
     finished_at: datetime | None = None
     status: TaskStatus = TaskStatus.QUEUED
     error: ErrorInfo | None = None
+    webhook: Webhook | None = None
     finals: Counter[ItemStatus] = field(default_factory=Counter)
     total: int = 0
     frozen: bytes | None = None  # the final snapshot as JSON
@@ -55,6 +67,14 @@ class TaskState:
         else:
             self.items[item.index] = item
             self.item_json.pop(item.index, None)
+
+    def set_webhook(self, webhook: Webhook) -> None:
+        """A final task's snapshot is made again: it carries the webhook's state (this
+        happens a few times per task at most: once per delivery attempt)."""
+        self.webhook = webhook
+        if self.frozen is not None:
+            detail = TaskDetail.model_validate_json(self.frozen).model_copy(update={"webhook": webhook})
+            self.frozen = detail.model_dump_json().encode()
 
     def notify(self) -> None:
         self.changed.set()
@@ -104,6 +124,7 @@ class TaskState:
             started_at=self.started_at,
             finished_at=self.finished_at,
             error=self.error,
+            webhook=self.webhook,
             progress=Progress(
                 total=self.total,
                 done=self.done,
@@ -131,6 +152,24 @@ class Journal(Protocol):
 
     def forgotten(self, task: TaskState) -> None: ...
 
+    def webhook_changed(self, task: TaskState) -> None:
+        """A final task's webhook moved on (`task.frozen` has it too)."""
+        ...
+
+    def delivery_saved(self, task: TaskState | None, delivery: Delivery) -> None:
+        """A webhook delivery is new, or was tried and will be tried again."""
+        ...
+
+    def delivery_done(self, delivery: Delivery) -> None:
+        """A webhook was delivered or given up: nothing more to try."""
+        ...
+
+    def key_saved(self, task: TaskState, submission: Submission) -> None:
+        """An idempotency key now stands for `task` (written with the task's creation)."""
+        ...
+
+    def keys_forgotten(self, submissions: list[Submission]) -> None: ...
+
 
 class NoJournal:
     """Keep nothing: tasks live as long as the process."""
@@ -148,4 +187,19 @@ class NoJournal:
         pass
 
     def forgotten(self, task: TaskState) -> None:
+        pass
+
+    def webhook_changed(self, task: TaskState) -> None:
+        pass
+
+    def delivery_saved(self, task: TaskState | None, delivery: Delivery) -> None:
+        pass
+
+    def delivery_done(self, delivery: Delivery) -> None:
+        pass
+
+    def key_saved(self, task: TaskState, submission: Submission) -> None:
+        pass
+
+    def keys_forgotten(self, submissions: list[Submission]) -> None:
         pass

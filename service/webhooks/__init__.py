@@ -1,0 +1,1 @@
+"""Completion webhooks: signing (`signing`) and delivery with retries (`sender`)."""

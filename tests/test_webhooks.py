@@ -1,0 +1,229 @@
+"""Completion webhooks against a real receiver on loopback (allowed through
+`--allowed-networks`): signed deliveries, retries with backoff, giving up after the bound, the
+address policy at submit, and a pending delivery that survives a kill -9."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+
+from service.webhooks import signing
+from service.webhooks.sender import backoff
+from tests.conftest import ImageServer, ServiceFactory, running_service, scrape, submit, wait_for_task
+
+SECRET = "test-secret"
+# The receiver is on loopback: allowed for it alone, as a user would allow an internal receiver.
+WEBHOOK_SETTINGS: dict[str, Any] = {
+    "webhook_secret": SECRET,
+    "allow_private_networks": False,
+    "allowed_networks": "127.0.0.1/32",
+}
+
+
+@dataclass
+class Call:
+    headers: dict[str, str]
+    body: bytes
+    answer: int | str
+
+
+@dataclass
+class Receiver:
+    """Records every POST; answers each with the next of `answers` (an HTTP status, or "hang"),
+    then 200."""
+
+    answers: list[int | str] = field(default_factory=list)
+    calls: list[Call] = field(default_factory=list)
+    server: TestServer | None = None
+
+    async def handle(self, request: web.Request) -> web.Response:
+        answer = self.answers.pop(0) if self.answers else 200
+        self.calls.append(Call(dict(request.headers), await request.read(), answer))
+        if answer == "hang":
+            await asyncio.sleep(60)
+        return web.Response(status=int(answer) if answer != "hang" else 200)
+
+    @property
+    def url(self) -> str:
+        assert self.server is not None
+        return str(self.server.make_url("/hook?token=abc"))
+
+    async def wait_calls(self, count: int, timeout: float = 20) -> list[Call]:
+        async with asyncio.timeout(timeout):
+            while len(self.calls) < count:
+                await asyncio.sleep(0.02)
+        return self.calls
+
+
+@pytest.fixture
+async def receiver(aiohttp_server: Callable[..., Awaitable[TestServer]]) -> Receiver:
+    receiver = Receiver()
+    app = web.Application()
+    app.router.add_post("/hook", receiver.handle)
+    receiver.server = await aiohttp_server(app, host="127.0.0.1")
+    return receiver
+
+
+async def webhook_of(client: TestClient, task_id: str, status: str, timeout: float = 20) -> dict[str, Any]:
+    """The task's `webhook` once it has `status`."""
+    async with asyncio.timeout(timeout):
+        while True:
+            task = await (await client.get(f"/tasks/{task_id}")).json()
+            if task["webhook"]["status"] == status:
+                return dict(task["webhook"])
+            await asyncio.sleep(0.05)
+
+
+async def test_a_finished_task_is_posted_once_signed_with_the_secret(
+    make_service: ServiceFactory, image_server: ImageServer, receiver: Receiver
+) -> None:
+    client = await make_service(**WEBHOOK_SETTINGS)
+    urls = [image_server.url("/photos/coffee"), image_server.url("/status/404")]  # an image host on loopback
+    created = await submit(client, urls, callback_url=receiver.url)
+    task = await wait_for_task(client, created["task_id"])
+    assert task["webhook"]["url"] == receiver.url
+    (call,) = await receiver.wait_calls(1)
+
+    assert signing.verify(call.body, SECRET, call.headers[signing.SIGNATURE])
+    assert not signing.verify(call.body, "another secret", call.headers[signing.SIGNATURE])
+    assert call.headers["Content-Type"] == "application/json"
+    assert abs(int(call.headers[signing.TIMESTAMP]) - time.time()) < 60
+    assert len(call.headers[signing.DELIVERY]) == 32 and call.headers[signing.ATTEMPT] == "1"
+    payload = json.loads(call.body)
+    summary = {key: value for key, value in task.items() if key not in ("items", "webhook")}
+    assert payload == summary  # the summary as GET /tasks lists it, without the webhook's own state
+    assert payload["status"] == "completed" and payload["progress"]["failed"] == 1
+
+    webhook = await webhook_of(client, created["task_id"], "delivered")
+    assert webhook["attempts"] == 1 and webhook["last_error"] is None and webhook["delivered_at"]
+    listed = (await (await client.get("/tasks")).json())["tasks"][0]
+    assert listed["webhook"]["status"] == "delivered"
+    samples = await scrape(client)
+    assert samples[("ics_webhook_deliveries_total", (("outcome", "delivered"),))] == 1
+    assert samples[("ics_webhook_latency_seconds_count", ())] == 1
+    assert samples[("ics_webhooks_pending", ())] == 0
+    await asyncio.sleep(1.5)
+    assert len(receiver.calls) == 1
+
+
+async def test_a_receiver_that_fails_first_gets_exactly_two_attempts(
+    make_service: ServiceFactory, image_server: ImageServer, receiver: Receiver
+) -> None:
+    receiver.answers = [500]
+    client = await make_service(**WEBHOOK_SETTINGS)
+    created = await submit(client, [image_server.url("/photos/coffee")], callback_url=receiver.url)
+    first, second = await receiver.wait_calls(2)
+    assert first.body == second.body  # the same bytes, so the same signature, on every attempt
+    assert first.headers[signing.DELIVERY] == second.headers[signing.DELIVERY]
+    assert [first.headers[signing.ATTEMPT], second.headers[signing.ATTEMPT]] == ["1", "2"]
+    webhook = await webhook_of(client, created["task_id"], "delivered")
+    assert webhook["attempts"] == 2 and webhook["last_error"] is None
+    await asyncio.sleep(2)
+    assert len(receiver.calls) == 2
+    samples = await scrape(client)
+    assert samples[("ics_webhook_deliveries_total", (("outcome", "retry"),))] == 1
+
+
+async def test_a_receiver_that_never_answers_is_given_up_after_the_bound(
+    make_service: ServiceFactory, image_server: ImageServer, receiver: Receiver
+) -> None:
+    receiver.answers = ["hang"] * 100
+    client = await make_service(**WEBHOOK_SETTINGS, webhook_timeout=0.5, webhook_retry_for=2.0)
+    created = await submit(client, [image_server.url("/photos/coffee")], callback_url=receiver.url)
+    task = await wait_for_task(client, created["task_id"])
+    assert task["webhook"]["status"] == "pending"
+    started = time.monotonic()
+    webhook = await webhook_of(client, created["task_id"], "failed")
+    assert time.monotonic() - started < 5  # the 2 s bound, plus one attempt's timeout
+    assert webhook["attempts"] >= 2 and "no answer within 0.5 s" in webhook["last_error"]
+    attempts = len(receiver.calls)
+    assert attempts == webhook["attempts"]
+    await asyncio.sleep(1.5)
+    assert len(receiver.calls) == attempts  # given up: no more attempts
+    samples = await scrape(client)
+    assert samples[("ics_webhook_deliveries_total", (("outcome", "failed"),))] == 1
+
+
+def test_backoff_doubles_with_jitter_up_to_five_minutes() -> None:
+    for attempts, ceiling in [(1, 1.0), (2, 2.0), (5, 16.0), (20, 300.0)]:
+        delays = [backoff(attempts) for _ in range(200)]
+        assert all(ceiling / 2 <= delay <= ceiling for delay in delays)
+        assert len(set(delays)) > 100  # jittered
+
+
+async def test_callbacks_are_refused_unless_signed_public_or_allowed(
+    make_service: ServiceFactory, receiver: Receiver
+) -> None:
+    url = ["http://203.0.113.9/cat.jpg"]  # never fetched: every request here is refused
+    unsigned = await make_service()
+    response = await unsigned.post("/submit", json={"urls": url, "callback_url": receiver.url})
+    assert response.status == 400 and (await response.json())["error"]["code"] == "webhooks_disabled"
+
+    client = await make_service(webhook_secret=SECRET, allow_private_networks=False)
+    port = receiver.url.split(":")[2].split("/")[0]
+    for callback in (
+        receiver.url,
+        f"http://localhost:{port}/hook",
+        "http://[::ffff:127.0.0.1]/hook",
+        "http://10.1.2.3/",
+    ):
+        response = await client.post("/submit", json={"urls": url, "callback_url": callback})
+        body = await response.json()
+        assert response.status == 400 and body["error"]["code"] == "callback_url_refused", (callback, body)
+        assert "not allowed" in body["error"]["message"]
+    for callback in ("ftp://example.com/hook", "http://user:pw@example.com/", "http://", 7):
+        response = await client.post("/submit", json={"urls": url, "callback_url": callback})
+        code = (await response.json())["error"]["code"]
+        assert response.status == 400 and code in ("invalid_callback_url", "invalid_type"), (callback, code)
+    form = aiohttp.FormData({"urls": url[0], "callback_url": receiver.url}, default_to_multipart=True)
+    response = await client.post("/submit", data=form)
+    assert response.status == 400 and (await response.json())["error"]["code"] == "callback_url_refused"
+    assert (await (await client.get("/tasks")).json())["tasks"] == []
+
+
+async def test_a_pending_delivery_survives_a_kill_9_and_is_delivered_once_after(
+    image_server: ImageServer, receiver: Receiver, tmp_path: Path
+) -> None:
+    receiver.answers = [503] * 3  # down while the service dies
+    flags = ["--data-dir", str(tmp_path), "--webhook-secret", SECRET]
+    async with aiohttp.ClientSession() as http:
+        async with running_service(*flags) as (process, base):
+            async with http.post(
+                f"{base}/submit", json={"urls": [image_server.url("/photos/coffee")], "callback_url": receiver.url}
+            ) as response:
+                task_id = (await response.json())["task_id"]
+            await receiver.wait_calls(1)
+            await asyncio.sleep(0.2)  # the attempt's outcome is on disk (written within 20 ms)
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        failed_attempts = len(receiver.calls)
+        assert 1 <= failed_attempts <= 3
+        receiver.answers = []  # up again
+
+        async with running_service(*flags) as (process, base):
+            calls = await receiver.wait_calls(failed_attempts + 1)
+            async with asyncio.timeout(20):
+                while True:
+                    async with http.get(f"{base}/tasks/{task_id}") as response:
+                        task = await response.json()
+                    if task["webhook"]["status"] == "delivered":
+                        break
+                    await asyncio.sleep(0.05)
+            await asyncio.sleep(1)
+    delivered = [call for call in receiver.calls if call.answer == 200]
+    assert len(delivered) == 1  # once, after the restart
+    assert {call.headers[signing.DELIVERY] for call in calls} == {delivered[0].headers[signing.DELIVERY]}
+    assert task["webhook"]["attempts"] == len(receiver.calls)
+    assert json.loads(delivered[0].body)["task_id"] == task_id
