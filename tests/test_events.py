@@ -50,6 +50,33 @@ async def test_two_watchers_see_every_result_once_in_completion_order(
     assert [data for name, data in first if name == "item"] == [data for name, data in second if name == "item"]
 
 
+async def test_progress_events_carry_the_status_and_tell_when_the_task_starts(
+    make_service: ServiceFactory, image_server: ImageServer
+) -> None:
+    client = await make_service(download_concurrency=1)
+    # The one download slot is held by another task's image host that never answers in time,
+    # so the watched task waits, queued, until that download times out.
+    await submit(client, [image_server.url("/hang")])
+    task_id = (await submit(client, [image_server.url("/photos/coffee")]))["task_id"]
+    events = await read_events(client, task_id)
+    assert [name for name, _ in events] == ["progress", "progress", "item", "progress", "end"], events
+    statuses = [(data["status"], data["done"]) for name, data in events if name == "progress"]
+    assert statuses == [("queued", 0), ("running", 0), ("completed", 1)]
+    assert events[0][1] == {"total": 1, "done": 0, "succeeded": 0, "failed": 0, "cancelled": 0, "status": "queued"}
+    assert events[-1][1]["status"] == "completed"
+
+
+async def test_a_long_poll_answers_when_the_task_starts(
+    make_service: ServiceFactory, image_server: ImageServer
+) -> None:
+    client = await make_service(download_concurrency=1)
+    await submit(client, [image_server.url("/hang")])
+    task_id = (await submit(client, [image_server.url("/slow/coffee?delay=5")]))["task_id"]
+    assert (await (await client.get(f"/tasks/{task_id}")).json())["status"] == "queued"
+    started = await (await client.get(f"/tasks/{task_id}?wait=20")).json()
+    assert started["status"] == "running" and started["progress"]["done"] == 0
+
+
 async def test_a_late_watcher_gets_the_history_and_unknown_tasks_are_404(
     make_service: ServiceFactory, image_server: ImageServer
 ) -> None:

@@ -13,8 +13,9 @@ from typing import Any
 import pytest
 import requests
 import schemathesis
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, Phase, settings
 from openapi_spec_validator import validate
+from schemathesis import GenerationMode
 from schemathesis.checks import (
     content_type_conformance,
     negative_data_rejection,
@@ -79,6 +80,66 @@ CALLS: dict[str, int] = {}
 def test_every_operation_honours_the_document(case: Any, service_url: str) -> None:
     case.call_and_validate(base_url=service_url, checks=CHECKS, timeout=30)
     CALLS[case.operation.label] = CALLS.get(case.operation.label, 0) + 1
+
+
+STATEFUL: list[tuple[str, int]] = []
+
+
+def test_a_stateful_walk_from_created_tasks_along_the_links_finds_no_error(service_url: str) -> None:
+    """From `POST /submit` along its links (get, cancel, delete, events of the task it made)."""
+
+    # The document's own links only, and requests it allows: a walk replays steps against a
+    # service whose tasks changed meanwhile, and what it draws must not depend on that.
+    walk = schemathesis.openapi.from_dict(DOCUMENT)
+    walk.config.phases.stateful.inference.algorithms = []
+    walk.config.generation.update(modes=[GenerationMode.POSITIVE])
+    walk.config.phases.stateful.generation.update(modes=[GenerationMode.POSITIVE])
+
+    class Walk(walk.as_state_machine()):  # type: ignore[misc]
+        def get_call_kwargs(self, case: Any) -> dict[str, Any]:
+            return {"base_url": service_url, "timeout": 30}
+
+        def after_call(self, response: Any, case: Any) -> None:
+            STATEFUL.append((case.operation.label, response.status_code))
+
+        def validate_response(self, response: Any, case: Any, additional_checks: Any = None, **kwargs: Any) -> None:
+            checks = [check for check in CHECKS if check is not negative_data_rejection]
+            case.validate_response(response, checks=checks, transport_kwargs=kwargs)
+
+    # No shrinking: a replay meets a service whose tasks changed meanwhile, so it would not
+    # replay; a failure is reported as first found.
+    Walk.run(
+        settings=settings(
+            max_examples=60,
+            stateful_step_count=6,
+            deadline=None,
+            suppress_health_check=list(HealthCheck),
+            phases=[Phase.generate],
+        )
+    )
+    linked = {label for label, status in STATEFUL if status == 200}
+    assert {"GET /tasks/{task_id}", "POST /tasks/{task_id}/cancel", "DELETE /tasks/{task_id}"} <= linked, STATEFUL
+    assert "GET /tasks/{task_id}/events" in linked, STATEFUL
+
+
+def test_submit_links_to_the_task_operations() -> None:
+    links = DOCUMENT["paths"]["/submit"]["post"]["responses"]["202"]["links"]
+    operations = {
+        item[method]["operationId"]: f"{method.upper()} {path}"
+        for path, item in DOCUMENT["paths"].items()
+        for method in item
+    }
+    assert {name: operations[link["operationId"]] for name, link in links.items()} == {
+        "GetTask": "GET /tasks/{task_id}",
+        "CancelTask": "POST /tasks/{task_id}/cancel",
+        "DeleteTask": "DELETE /tasks/{task_id}",
+        "TaskEvents": "GET /tasks/{task_id}/events",
+    }
+    assert all(link["parameters"] == {"task_id": "$response.body#/task_id"} for link in links.values())
+    (header,) = [p for p in DOCUMENT["paths"]["/submit"]["post"]["parameters"] if p["in"] == "header"]
+    assert header["name"] == "Idempotency-Key" and header["schema"]["maxLength"] == 255
+    submit = DOCUMENT["components"]["schemas"]["SubmitRequest"]["properties"]
+    assert submit["callback_url"]["anyOf"][0]["maxLength"] == 2048
 
 
 def test_the_property_run_covered_every_operation() -> None:

@@ -12,7 +12,7 @@ from aiohttp_sse import EventSourceResponse
 from service.api.auth import request_owner
 from service.api.keys import CLOSING, METRICS, REGISTRY
 from service.api.openapi import Reply, documented
-from service.api.schemas import ProgressEvent
+from service.api.schemas import ProgressEvent, ServerEvent
 from service.api.tasks import TASK_NOT_FOUND, task_id_of, task_not_found, unless
 
 routes = web.RouteTableDef()
@@ -25,12 +25,13 @@ EVENT_PING_SECONDS = 5.0  # a comment line on idle event streams; a failed one n
     summary="Live progress as Server-Sent Events: `progress`, one `item` per result, then `end` (or `shutdown`)",
     replies={
         200: Reply(
-            "An event stream. `progress` carries the task's status (`queued` or `running`) and progress counts "
-            "(shape: ProgressEvent), first on connecting, then after each batch of results and when the task starts "
-            "running; `item` one item that reached a "
+            "An event stream. `progress` carries the task's `status` and its progress counts (`total`, `done`, "
+            "`succeeded`, `failed`, `cancelled`), first on connecting, then after each batch of results and when "
+            "the task starts running; `item` one item that reached a "
             "final state (in the order they did, each once); `end` the task summary at its final state, after "
             "which the server closes the stream; `shutdown` the task summary when the service shuts down first "
             "(the task resumes after a restart: reconnect). A watcher joining late first gets every result so far.",
+            ServerEvent,
             media_type="text/event-stream",
         )
     },

@@ -4,7 +4,7 @@ that are not task records (those are `service.tasks.records`, served as they are
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, StrictStr, create_model
 from pydantic_core import PydanticCustomError
@@ -41,14 +41,28 @@ class SubmitResponse(Record):
 
 
 class ProgressEvent(Progress):
-    """The data of a `progress` event: the counts, and the task's status (queued or running;
-    a final one comes with `end`)."""
+    """The data of a `progress` event: the counts, and the task's status as it is then."""
 
     status: TaskStatus
 
     @classmethod
     def of(cls, summary: TaskSummary) -> ProgressEvent:
         return cls(**dict(summary.progress), status=summary.status)
+
+
+class ServerEvent(Record):
+    """One Server-Sent Event of `GET /tasks/<id>/events`; the stream is a sequence of them."""
+
+    event: Literal["progress", "item", "end", "shutdown"]
+    data: Annotated[
+        str,
+        Field(
+            description="JSON: a ProgressEvent for `progress`, an Item for `item`, a TaskSummary for `end` and "
+            "`shutdown`",
+            json_schema_extra={"contentMediaType": "application/json"},
+        ),
+    ]
+    id: Annotated[str | None, Field(description="`item` events: the result's place in completion order")] = None
 
 
 class ErrorDetail(Record):
@@ -61,7 +75,9 @@ class ErrorBody(Record):
     error: ErrorDetail
 
 
-URL_PATTERN = r"^[Hh][Tt][Tt][Pp][Ss]?://"
+# What the pattern can state of the refusals: an http(s) scheme, a non-empty host part without
+# credentials or spaces, no control characters anywhere (`url_problem` checks the rest).
+URL_PATTERN = r"^[Hh][Tt][Tt][Pp][Ss]?://[^\x00-\x20\x7f/?#@]+([/?#][^\x00-\x1f\x7f]*)?$"
 
 
 def _check_url(url: str) -> str:
