@@ -1,11 +1,13 @@
-"""The service's HTTP API as the command-line client uses it: submit, follow the event stream,
-read and cancel a task. Any refusal becomes a ClientError that carries the service's code."""
+"""The service's HTTP API as the command-line client uses it: submit (retried safely, under an
+idempotency key of its own), follow the event stream, read and cancel a task. Any refusal
+becomes a ClientError that carries the service's code."""
 
 from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+import uuid
+from collections.abc import AsyncIterator, Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +17,7 @@ import aiohttp
 from tqdm import tqdm
 
 STREAM_RETRIES = 5  # reconnections of the event stream before giving up
+IDEMPOTENCY_KEY = "Idempotency-Key"
 
 
 class ClientError(Exception):
@@ -43,27 +46,71 @@ async def read_events(response: aiohttp.ClientResponse) -> AsyncIterator[tuple[s
             data.append(line[5:].removeprefix(" "))
 
 
-async def submit(session: aiohttp.ClientSession, inputs: Inputs, model: str | None, top_k: int | None) -> str:
+@dataclass(frozen=True)
+class Retries:
+    """How a submit is retried: after a 429, as its Retry-After says (at most `max_wait`
+    seconds); after a lost connection, `backoff` seconds doubling. Always with the same
+    idempotency key, so a submit the service did get is not made twice."""
+
+    attempts: int = 6
+    max_wait: float = 60.0
+    backoff: float = 1.0
+
+
+async def submit(
+    session: aiohttp.ClientSession,
+    inputs: Inputs,
+    model: str | None,
+    top_k: int | None,
+    callback_url: str | None = None,
+    retries: Retries = Retries(),
+    tell: Callable[[str], None] = lambda message: None,
+) -> str:
     """The new task's id. URLs alone go as JSON; with files, everything goes as one form
-    (the files are streamed from disk, not read whole)."""
+    (the files are streamed from disk, not read whole). `tell` hears about each retry."""
+    headers = {IDEMPOTENCY_KEY: uuid.uuid4().hex}
+    fields = {"model": model, "top_k": top_k, "callback_url": callback_url}
+    attempt = 1
+    while True:
+        more = attempt < retries.attempts
+        try:
+            with ExitStack() as open_files:
+                body = _submit_body(inputs, fields, open_files)
+                async with session.post("submit", headers=headers, **body) as response:
+                    if response.status != 429 or not more:
+                        return str((await _checked(response))["task_id"])
+                    delay = min(_retry_after(response), retries.max_wait)
+                    tell(f"the service is busy (429); retrying in {delay:g} s (attempt {attempt + 1})")
+        except (aiohttp.ClientConnectionError, TimeoutError) as exc:
+            if not more:
+                raise
+            delay = retries.backoff * 2 ** (attempt - 1)
+            tell(f"the submit was interrupted ({exc!r}); retrying in {delay:g} s (attempt {attempt + 1})")
+        await asyncio.sleep(delay)
+        attempt += 1
+
+
+def _submit_body(inputs: Inputs, fields: dict[str, Any], open_files: ExitStack) -> dict[str, Any]:
+    """`json=` or `data=` for one attempt (a form streams its files, so each attempt needs its own)."""
+    given = {name: value for name, value in fields.items() if value is not None}
     if not inputs.files:
-        body: dict[str, Any] = {"urls": inputs.urls}
-        body.update({key: value for key, value in (("model", model), ("top_k", top_k)) if value is not None})
-        async with session.post("submit", json=body) as response:
-            return str((await _checked(response))["task_id"])
-    with ExitStack() as open_files:
-        form = aiohttp.FormData(default_to_multipart=True)
-        for path in inputs.files:
-            handle = open_files.enter_context(path.open("rb"))
-            form.add_field("files", handle, filename=path.name, content_type="application/octet-stream")
-        for url in inputs.urls:
-            form.add_field("urls", url)
-        if model is not None:
-            form.add_field("model", model)
-        if top_k is not None:
-            form.add_field("top_k", str(top_k))
-        async with session.post("submit", data=form) as response:
-            return str((await _checked(response))["task_id"])
+        return {"json": {"urls": inputs.urls, **given}}
+    form = aiohttp.FormData(default_to_multipart=True)
+    for path in inputs.files:
+        handle = open_files.enter_context(path.open("rb"))
+        form.add_field("files", handle, filename=path.name, content_type="application/octet-stream")
+    for url in inputs.urls:
+        form.add_field("urls", url)
+    for name, value in given.items():
+        form.add_field(name, str(value))
+    return {"data": form}
+
+
+def _retry_after(response: aiohttp.ClientResponse) -> float:
+    try:
+        return max(0.0, float(response.headers.get("Retry-After", "1")))
+    except ValueError:  # an HTTP date: not what this service sends
+        return 1.0
 
 
 async def watch(session: aiohttp.ClientSession, task_id: str, bar: tqdm[Any]) -> None:

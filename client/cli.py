@@ -2,7 +2,9 @@
 
 Submits image URLs and local files (a directory means the images in it), follows the task's
 event stream with a progress bar, then prints a results table, or the task as JSON with
-`--json`. Ctrl-C stops watching; with `--cancel` it also cancels the task.
+`--json`. Ctrl-C stops watching; with `--cancel` it also cancels the task. A busy service
+(429) is asked again after its Retry-After, a lost connection after a pause, both under one
+idempotency key, so a retried submit never makes a second task.
 
 Exit status: 0 every image was classified; 1 some image failed or was cancelled; 2 the
 service refused the request or could not be reached; 130 interrupted.
@@ -46,6 +48,9 @@ def parse_args(argv: Sequence[str] | None, env: dict[str, str]) -> argparse.Name
     )
     parser.add_argument("--model", help="model name (default: the service's default)")
     parser.add_argument("--top-k", type=int, help="labels per image (default: the service's default)")
+    parser.add_argument(
+        "--callback-url", help="have the service POST the task's summary to this URL when it ends (a webhook)"
+    )
     parser.add_argument("--json", action="store_true", help="print the finished task as JSON instead of a table")
     parser.add_argument("--cancel", action="store_true", help="on Ctrl-C, cancel the task (default: leave it running)")
     args = parser.parse_args(argv)
@@ -113,7 +118,7 @@ async def run(args: argparse.Namespace) -> int:
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=None)
     base = args.server.rstrip("/") + "/"
     async with aiohttp.ClientSession(base_url=base, headers=headers, timeout=timeout) as session:
-        task_id = await submit(session, inputs, args.model, args.top_k)
+        task_id = await submit(session, inputs, args.model, args.top_k, args.callback_url, tell=_tell)
         total = len(inputs.urls) + len(inputs.files)
         try:
             with tqdm(total=total, unit="img", desc=f"task {task_id[:8]}", file=sys.stderr) as bar:
@@ -131,6 +136,10 @@ async def run(args: argparse.Namespace) -> int:
         task = await get_task(session, task_id)
     print(json.dumps(task, indent=2) if args.json else results_table(task))
     return exit_status(task)
+
+
+def _tell(message: str) -> None:
+    print(message, file=sys.stderr)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from tests.conftest import PHOTOS_DIR, ROOT, ImageServer, ServiceFactory, metric
@@ -113,3 +114,69 @@ async def test_ctrl_c_cancels_the_task_with_cancel_and_leaves_it_running_without
         (task_id,) = set(re.findall(r"\b[0-9a-f]{32}\b", run.stderr))  # the client names the task it leaves
         task = await (await client.get(f"/tasks/{task_id}")).json()
         assert task["status"] == expected_status, args
+
+
+async def test_a_busy_service_is_asked_again_after_its_retry_after(
+    make_service: ServiceFactory, image_server: ImageServer
+) -> None:
+    client = await make_service(max_active_images=1)
+    blocking = await client.post("/submit", json={"urls": [image_server.url("/slow/chelsea?delay=1.5")]})
+    assert blocking.status == 202
+    run = await run_client(client, image_server.url("/photos/coffee"))
+    assert run.status == 0, run.stderr
+    assert "the service is busy (429); retrying in 5 s (attempt 2)" in run.stderr  # as its Retry-After said
+    assert "espresso" in run.stdout
+    assert len((await (await client.get("/tasks")).json())["tasks"]) == 2  # the blocking one, and one more
+
+
+async def test_a_submit_whose_answer_was_lost_is_retried_without_a_second_task(
+    make_service: ServiceFactory, image_server: ImageServer, aiohttp_server: Any
+) -> None:
+    """A proxy hands the first submit to the service, then drops the connection instead of
+    answering: the client asks again with the same idempotency key and gets the same task."""
+    client = await make_service(webhook_secret="s")
+    keys: list[str] = []
+
+    async def forward(request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        headers = {name: value for name, value in request.headers.items() if name.lower() not in ("host",)}
+        upstream = await client.session.request(
+            request.method, client.make_url(request.path_qs), data=body, headers=headers
+        )
+        if request.path == "/submit":
+            keys.append(request.headers["Idempotency-Key"])
+            if len(keys) == 1:
+                await upstream.read()
+                assert request.transport is not None
+                request.transport.close()  # the task exists; its answer is lost
+                raise web.HTTPInternalServerError()  # never sent: the connection is gone
+        response = web.StreamResponse(status=upstream.status, headers={"Content-Type": upstream.content_type})
+        await response.prepare(request)
+        async for chunk in upstream.content.iter_any():
+            await response.write(chunk)
+        await response.write_eof()
+        return response
+
+    proxy = web.Application()
+    proxy.router.add_route("*", "/{path:.*}", forward)
+    server = await aiohttp_server(proxy, host="127.0.0.1")
+    callback = image_server.url("/hook")
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "client",
+        "--server",
+        str(server.make_url("/")),
+        "--callback-url",
+        callback,
+        image_server.url("/photos/coffee"),
+        cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    run = await finish(process)
+    assert run.status == 0, run.stderr
+    assert "the submit was interrupted" in run.stderr and "retrying in 1 s (attempt 2)" in run.stderr
+    assert len(keys) == 2 and keys[0] == keys[1]  # one key for both attempts
+    task = await only_task(client)  # one task, not two
+    assert task["webhook"]["url"] == callback

@@ -106,7 +106,7 @@ async def test_the_page_cancels_a_running_task(
     await page.goto(str(client.make_url("/")))
     await page.fill("#urls", image_server.url("/slow/coffee?delay=30"))
     await page.click("#submit")
-    await expect(page.locator("#task-status")).to_have_text("in progress", timeout=WAIT_MS)
+    await expect(page.locator("#task-status")).to_have_text("running", timeout=WAIT_MS)
     task_id = await page.locator("#task-id").text_content()
     async with asyncio.timeout(WAIT_MS / 1000):  # the download has started: the task is running
         while (await (await client.get(f"/tasks/{task_id}")).json())["status"] != "running":
@@ -119,6 +119,44 @@ async def test_the_page_cancels_a_running_task(
     assert (await (await client.get(f"/tasks/{task_id}")).json())["status"] == "cancelled"
     ARTIFACTS.mkdir(exist_ok=True)
     await page.screenshot(path=ARTIFACTS / "web-page-cancelled.png", full_page=True)
+
+
+async def test_the_page_lists_recent_tasks_and_reopens_one(
+    make_service: ServiceFactory, image_server: ImageServer, page: Page
+) -> None:
+    client = await make_service(read_timeout=60.0, download_timeout=60.0)
+    done = await (await client.post("/submit", json={"urls": [image_server.url("/photos/chelsea")]})).json()
+    running = await (
+        await client.post(
+            "/submit", json={"urls": [image_server.url("/photos/coffee"), image_server.url("/slow/rocket?delay=4")]}
+        )
+    ).json()
+    async with asyncio.timeout(WAIT_MS / 1000):
+        while (await (await client.get(f"/tasks/{done['task_id']}")).json())["status"] != "completed":
+            await asyncio.sleep(0.1)
+
+    await page.goto(str(client.make_url("/")))
+    entries = page.locator("#recent-tasks li")
+    await expect(entries).to_have_count(2)
+    await expect(entries.nth(0)).to_contain_text(running["task_id"][:8])  # newest first
+    await expect(entries.nth(1).locator(".status")).to_have_text("completed")
+
+    await entries.nth(1).locator("button").click()  # a finished task: shown as it ended
+    await expect(page.locator("#task-id")).to_have_text(done["task_id"])
+    await expect(page.locator("#task-status")).to_have_text("completed")
+    await expect(page.locator("#items .label").first).to_have_text("Egyptian cat")
+    await expect(page.locator("#cancel")).to_be_disabled()
+
+    await entries.nth(0).locator("button").click()  # a running one: its results so far, then live
+    await expect(page.locator("#task-id")).to_have_text(running["task_id"])
+    await expect(page.locator("#task-status")).to_have_text("running")
+    await expect(page.locator("#items .item-status").nth(0)).to_have_text("succeeded", timeout=WAIT_MS)
+    await expect(page.locator("#task-status")).to_have_text("completed", timeout=WAIT_MS)
+    await expect(page.locator("#items .item-status")).to_have_text(["succeeded", "succeeded"])
+    await expect(page.locator("#progress-text")).to_contain_text("2 of 2 done (100%)")
+    await expect(entries.nth(0).locator(".status")).to_have_text("completed")  # the list follows
+    ARTIFACTS.mkdir(exist_ok=True)
+    await page.screenshot(path=ARTIFACTS / "web-page-recent.png", full_page=True)
 
 
 async def test_the_page_and_its_files_are_public_and_local(make_service: ServiceFactory) -> None:

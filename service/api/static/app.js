@@ -1,10 +1,14 @@
 // The page at /: sends URLs and chosen or dropped files to POST /submit as one form, follows
 // the task's event stream (GET /tasks/<id>/events) and shows each image's labels as they come.
 // The stream is read with fetch rather than EventSource so that an API key can go in a header.
+// Recent tasks (GET /tasks) are listed below; opening one shows it as it is and follows it on.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
 const STREAM_RETRIES = 5;
+const RECENT_TASKS = 20;
+const FINAL = new Set(["completed", "failed", "cancelled"]); // a task's final statuses
+const ITEM_FINAL = new Set(["succeeded", "failed", "cancelled"]);
 const page = { files: [], taskId: null };
 
 // --- talking to the service -------------------------------------------------------------
@@ -100,6 +104,7 @@ async function submit(event) {
     showChosenFiles();
     $("urls").value = "";
     showTask(accepted, sources);
+    loadRecent();
   } catch (error) {
     showError(error.message);
   } finally {
@@ -109,24 +114,24 @@ async function submit(event) {
 
 // --- the task ---------------------------------------------------------------------------
 
-function showTask(accepted, sources) {
+function showTask(accepted, sources, live = true) {
   page.taskId = accepted.task_id;
   $("task").hidden = false;
   $("task-id").textContent = accepted.task_id;
-  setStatus($("task-status"), "in progress"); // the event stream tells only the final status
+  setStatus($("task-status"), accepted.status); // then each progress event tells it
   $("items").replaceChildren(...sources.map((source, index) => {
     const card = $("item-template").content.firstElementChild.cloneNode(true);
     card.dataset.index = index;
     const thumb = card.querySelector(".thumb");
     thumb.addEventListener("error", () => thumb.removeAttribute("src"), { once: true }); // no broken-image icon
-    thumb.src = source.thumb;
+    if (source.thumb) thumb.src = source.thumb;
     card.querySelector(".source").textContent = source.name;
     card.querySelector(".source").title = source.name;
     return card;
   }));
   showProgress({ total: accepted.total, done: 0, succeeded: 0, failed: 0, cancelled: 0 });
-  $("cancel").disabled = false;
-  follow(accepted.task_id);
+  $("cancel").disabled = !live;
+  if (live) follow(accepted.task_id);
 }
 
 // Follow the event stream to the task's end; if it drops, reconnect (the service replays
@@ -150,6 +155,7 @@ async function follow(taskId) {
 }
 
 function showProgress(progress) {
+  if (progress.status) setStatus($("task-status"), progress.status);
   const percent = progress.total ? Math.floor((100 * progress.done) / progress.total) : 100;
   $("progress").max = progress.total;
   $("progress").value = progress.done;
@@ -174,6 +180,49 @@ function finish(task) {
   showProgress(task.progress);
   setStatus($("task-status"), task.status);
   $("cancel").disabled = true;
+  loadRecent();
+}
+
+// --- recent tasks -----------------------------------------------------------------------
+
+async function loadRecent() {
+  try {
+    const { tasks } = await (await api(`/tasks?limit=${RECENT_TASKS}`)).json();
+    $("recent-empty").hidden = tasks.length > 0;
+    $("recent-tasks").replaceChildren(...tasks.map((task) => {
+      const entry = element("li", "", "recent-task");
+      const open = element("button", task.task_id.slice(0, 8), "link");
+      open.type = "button";
+      open.title = `open task ${task.task_id}`;
+      open.addEventListener("click", () => openTask(task.task_id));
+      const status = element("span", "", "status");
+      setStatus(status, task.status);
+      const when = new Date(task.created_at).toLocaleString();
+      entry.append(open, " ", status, ` ${task.progress.done} of ${task.progress.total} done, ${when}`);
+      return entry;
+    }));
+  } catch (_) {
+    // With API keys on, this needs a key: listed once one is entered.
+  }
+}
+
+// Show a task as it is now (every result so far), then follow it if it is still going.
+async function openTask(taskId) {
+  showError("");
+  try {
+    const task = await (await api(`/tasks/${taskId}`)).json();
+    const sources = task.items.map((item) => ({
+      name: item.url,
+      thumb: item.url.startsWith("upload:") ? "" : item.url, // uploaded files stayed on the sender's disk
+    }));
+    const live = !FINAL.has(task.status);
+    showTask({ task_id: task.task_id, status: task.status, total: task.items.length }, sources, live);
+    task.items.filter((item) => ITEM_FINAL.has(item.status)).forEach(showItem);
+    if (live) showProgress({ ...task.progress, status: task.status });
+    else finish(task);
+  } catch (error) {
+    showError(error.message);
+  }
 }
 
 async function cancel() {
@@ -218,6 +267,8 @@ function wireDropZone(zone) {
 $("submit-form").addEventListener("submit", submit);
 $("files").addEventListener("change", (event) => { addFiles([...event.target.files]); event.target.value = ""; });
 $("cancel").addEventListener("click", cancel);
-$("api-key").addEventListener("change", loadModels);
+$("refresh").addEventListener("click", loadRecent);
+$("api-key").addEventListener("change", () => { loadModels(); loadRecent(); });
 wireDropZone($("drop-zone"));
 loadModels();
+loadRecent();
