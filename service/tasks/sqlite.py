@@ -2,13 +2,14 @@
 (`service.tasks.journal`) and restored from it at start-up.
 
 Reads are served from memory, where every change happens first. What a client was promised
-waits for its commit: a task is on disk before `POST /submit` answers 202, and a cancel or
-delete before it answers 200. Tasks that were queued or running when the service stopped are
-resumed by the task service.
+waits for its commit: a task is on disk before `POST /submit` answers 202, a cancel or delete
+before it answers 200, and a final state before its webhook is sent. Tasks that were queued
+or running when the service stopped are resumed by the task service.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sqlite3
 import time
@@ -17,8 +18,9 @@ from pathlib import Path
 
 from inference.specs import RunPrecision
 from service.metrics import Metrics
+from service.tasks.deliveries import Delivery
 from service.tasks.idempotency import IdempotencyKey
-from service.tasks.journal import SqliteJournal, StoreError
+from service.tasks.journal import RETRY_SECONDS, SqliteJournal, StoreError
 from service.tasks.memory import InMemoryRegistry
 from service.tasks.records import TaskDetail, TaskPage, TaskStatus
 from service.tasks.registry import StoreUnavailable, decode_cursor, encode_cursor
@@ -111,6 +113,17 @@ class SqliteRegistry(InMemoryRegistry):
         if task is not None:
             await self._store.flush()
         return task
+
+    async def next_delivery(self) -> Delivery:
+        """A webhook tells of a final state that is on disk: one told before a crash could
+        otherwise describe a task that resumes after it."""
+        delivery = await super().next_delivery()
+        while True:
+            try:
+                await self._store.flush()
+                return delivery
+            except StoreUnavailable:
+                await asyncio.sleep(RETRY_SECONDS)  # the journal logs it and keeps trying
 
     async def page(
         self, status: TaskStatus | None, limit: int, cursor: str | None, owner: str | None = None
