@@ -3,6 +3,8 @@ a bench that no longer runs would leave them unchecked). No timing is asserted h
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 from bench import reference
@@ -13,6 +15,7 @@ from inference.engine import Engine
 from inference.protocol import Prediction, WorkerConfig
 from inference.specs import EMBEDDED, local_info
 from service.settings import Settings
+from tests.conftest import ROOT
 
 
 def test_the_reference_pipeline_runs(model_cache: Path) -> None:
@@ -32,3 +35,10 @@ def test_the_reference_classifies_as_the_service_does(photos: dict[str, bytes], 
         if isinstance(outcome, Prediction)
     ]
     assert ours == reference._classify(images)
+
+
+def test_the_webhook_bench_runs() -> None:
+    command = [sys.executable, "-m", "bench.webhooks", "--tasks", "3", "--images", "2"]
+    run = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "3 webhooks, 3 tasks of 2 images submitted at once: latency after the task's end p50" in run.stdout
