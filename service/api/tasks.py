@@ -113,7 +113,7 @@ async def _submit(request: web.Request, key: str | None) -> web.Response:
 async def _submit_form(request: web.Request, key: str | None) -> web.Response:
     app = request.app
     settings, budget = app[SETTINGS], app[UPLOAD_BUDGET]
-    stored = await _stored(request, key) if key is not None else None
+    stored = await _stored(request, key)
     if stored is None:
         await _check_capacity(request, 1)  # before reading what may be megabytes of files
     form = await read_form(

@@ -37,6 +37,7 @@ class SubmissionKeys:
         self._ttl = ttl
         self._max_keys = max_keys
         self._clock = clock
+        self.evicted = 0  # keys forgotten before their TTL, to keep within `max_keys`
 
     def __len__(self) -> int:
         return len(self._keys)
@@ -57,6 +58,7 @@ class SubmissionKeys:
         forgotten = []
         while len(self._keys) > self._max_keys:
             forgotten.append(self._keys.pop(next(iter(self._keys))))
+            self.evicted += 1
         return submission, forgotten
 
     def expire(self) -> list[Submission]:

@@ -34,6 +34,8 @@ from service.tasks.state import Journal, NoJournal, TaskState, utcnow
 
 log = logging.getLogger(__name__)
 
+EVICTIONS_LOGGED = 10_000  # one warning line per this many idempotency keys forgotten early
+
 
 class InMemoryRegistry:
     """Keeps tasks in a dict, in creation order.
@@ -105,8 +107,13 @@ class InMemoryRegistry:
             submission, forgotten = self._keys.add(owner, idempotency, record.task_id, record.total)
             self._journal.key_saved(record, submission)
             if forgotten:
-                log.warning("%d idempotency keys forgotten before their time: more than the maximum", len(forgotten))
                 self._journal.keys_forgotten(forgotten)
+                if self._keys.evicted % EVICTIONS_LOGGED == 1:  # the first, then one line per so many
+                    log.warning(
+                        "%d idempotency keys forgotten before their TTL so far: more than %d in use",
+                        self._keys.evicted,
+                        len(self._keys),
+                    )
         log.info("task %s created: %d images, model %s", record.task_id, len(urls), model, extra=_ids(record))
         return snapshot
 
