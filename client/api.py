@@ -16,12 +16,18 @@ from typing import Any, cast
 import aiohttp
 from tqdm import tqdm
 
-STREAM_RETRIES = 5  # reconnections of the event stream before giving up
+STREAM_PATIENCE = 120.0  # seconds an event stream may stay lost (a restarting service) before giving up
 IDEMPOTENCY_KEY = "Idempotency-Key"
 
 
 class ClientError(Exception):
-    """The request could not be made or the service refused it."""
+    """The request could not be made or the service refused it (then with its error code
+    and details)."""
+
+    def __init__(self, message: str, code: str | None = None, details: Any = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.details = details
 
 
 @dataclass(frozen=True)
@@ -65,10 +71,12 @@ async def submit(
     callback_url: str | None = None,
     retries: Retries = Retries(),
     tell: Callable[[str], None] = lambda message: None,
+    key: str | None = None,
 ) -> str:
     """The new task's id. URLs alone go as JSON; with files, everything goes as one form
-    (the files are streamed from disk, not read whole). `tell` hears about each retry."""
-    headers = {IDEMPOTENCY_KEY: uuid.uuid4().hex}
+    (the files are streamed from disk, not read whole). `tell` hears about each retry;
+    `key` is the idempotency key (default: a new one)."""
+    headers = {IDEMPOTENCY_KEY: key or uuid.uuid4().hex}
     fields = {"model": model, "top_k": top_k, "callback_url": callback_url}
     attempt = 1
     while True:
@@ -113,32 +121,52 @@ def _retry_after(response: aiohttp.ClientResponse) -> float:
         return 1.0
 
 
-async def watch(session: aiohttp.ClientSession, task_id: str, bar: tqdm[Any]) -> None:
-    """Follow the event stream until the task's final event; reconnects if the stream drops
-    (the service replays every result so far, so each is counted once)."""
+async def follow(session: aiohttp.ClientSession, task_id: str, patience: float = STREAM_PATIENCE) -> AsyncIterator[Any]:
+    """Each item of the task as it reaches a final state (each once), then the task's final
+    summary (a dict with `task_id` and `progress`). A dropped stream is opened again (the
+    service replays every result so far) for up to `patience` seconds in a row, so a service
+    that restarts meanwhile is waited for."""
     seen: set[int] = set()
-    not_classified = 0
-    for _ in range(STREAM_RETRIES + 1):
+    deadline = asyncio.get_running_loop().time() + patience
+    pause = 0.5
+    while True:
         try:
             async with session.get(f"tasks/{task_id}/events") as response:
                 await _checked(response, expect_json=False)
                 async for event, data in read_events(response):
                     if event == "end":
+                        yield json.loads(data)
                         return
-                    if event != "item":
-                        continue
-                    item = json.loads(data)
-                    if item["index"] in seen:
-                        continue
-                    seen.add(item["index"])
-                    if item["status"] != "succeeded":
-                        not_classified += 1
-                        bar.set_postfix(not_classified=not_classified, refresh=False)
-                    bar.update(1)
-        except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError):
+                    if event == "item" and (item := json.loads(data))["index"] not in seen:
+                        seen.add(item["index"])
+                        deadline = asyncio.get_running_loop().time() + patience  # it is alive
+                        yield item
+        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError):
             pass
-        await asyncio.sleep(1)
-    raise ClientError(f"lost the event stream of task {task_id}")
+        if asyncio.get_running_loop().time() >= deadline:
+            raise ClientError(f"lost the event stream of task {task_id}")
+        await asyncio.sleep(pause)
+        pause = min(pause * 2, 5.0)
+
+
+async def watch(session: aiohttp.ClientSession, task_id: str, bar: tqdm[Any]) -> None:
+    """Follow the task to its end on a progress bar."""
+    not_classified = 0
+    async for item in follow(session, task_id):
+        if "task_id" in item:  # the final summary
+            return
+        if item["status"] != "succeeded":
+            not_classified += 1
+            bar.set_postfix(not_classified=not_classified, refresh=False)
+        bar.update(1)
+
+
+async def task_limit(session: aiohttp.ClientSession) -> int:
+    """How many images one task may hold on this service (its own `--max-urls-per-task`, as
+    its OpenAPI document publishes it)."""
+    async with session.get("openapi.json") as response:
+        document = await _checked(response)
+    return int(document["components"]["schemas"]["SubmitRequest"]["properties"]["urls"]["maxItems"])
 
 
 async def get_task(session: aiohttp.ClientSession, task_id: str) -> dict[str, Any]:
@@ -154,12 +182,14 @@ async def cancel_task(session: aiohttp.ClientSession, task_id: str) -> dict[str,
 async def _checked(response: aiohttp.ClientResponse, expect_json: bool = True) -> Any:
     """The JSON body of a successful answer; a refusal becomes ClientError with its code."""
     if response.status >= 400:
+        code, details = None, None
         try:
             error = (await response.json())["error"]
-            message = f"{error['code']}: {error['message']}"
+            code, details = str(error["code"]), error.get("details")
+            message = f"{code}: {error['message']}"
         except (aiohttp.ContentTypeError, ValueError, KeyError, TypeError):
             message = f"HTTP {response.status}"
         if "Retry-After" in response.headers:
             message += f" (retry after {response.headers['Retry-After']} s)"
-        raise ClientError(f"the service refused the request: {message}")
+        raise ClientError(f"the service refused the request: {message}", code, details)
     return await response.json() if expect_json else None

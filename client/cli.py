@@ -2,7 +2,9 @@
 
 Submits image URLs and local files (a directory means the images in it), follows the task's
 event stream with a progress bar, then prints a results table, or the task as JSON with
-`--json`. Ctrl-C stops watching; with `--cancel` it also cancels the task. A busy service
+`--json`. Ctrl-C stops watching; with `--cancel` it also cancels the task. A bulk job (a
+URLs file, `-r`, `--output`, or more images than one task holds) runs through
+`client.bulk` instead: many tasks, one row per input, resumable. A busy service
 (429) is asked again after its Retry-After, a lost connection after a pause, both under one
 idempotency key, so a retried submit never makes a second task.
 
@@ -17,17 +19,21 @@ import asyncio
 import json
 import os
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 from tqdm import tqdm
 
-from client.api import ClientError, Inputs, cancel_task, get_task, submit, watch
+from client.api import ClientError, Inputs, cancel_task, get_task, submit, task_limit, watch
+from client.bulk import BulkJob, Options
+from client.inputs import InputError, Source, sources
+from client.manifest import Manifest
+from client.results import ResultsFile
 
 DEFAULT_SERVER = "http://127.0.0.1:8080"
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 LABELS_SHOWN = 3
 
 OK, SOME_FAILED, REFUSED, INTERRUPTED = 0, 1, 2, 130
@@ -40,7 +46,7 @@ def parse_args(argv: Sequence[str] | None, env: dict[str, str]) -> argparse.Name
         epilog="Exit status: 0 all classified, 1 some image failed or was cancelled, 2 refused or unreachable, "
         "130 interrupted.",
     )
-    parser.add_argument("images", nargs="+", metavar="IMAGE", help="an http(s) URL, an image file, or a directory")
+    parser.add_argument("images", nargs="*", metavar="IMAGE", help="an http(s) URL, an image file, or a directory")
     parser.add_argument(
         "--server",
         default=env.get("ICS_SERVER", DEFAULT_SERVER),
@@ -53,7 +59,24 @@ def parse_args(argv: Sequence[str] | None, env: dict[str, str]) -> argparse.Name
     )
     parser.add_argument("--json", action="store_true", help="print the finished task as JSON instead of a table")
     parser.add_argument("--cancel", action="store_true", help="on Ctrl-C, cancel the task (default: leave it running)")
+    bulk = parser.add_argument_group("bulk jobs", "many tasks, one results row per input, resumable")
+    bulk.add_argument("--urls-file", metavar="FILE", help="image URLs, one per line, or a CSV column; - for stdin")
+    bulk.add_argument("--url-column", metavar="NAME", help="the URL column of a CSV --urls-file (default: url)")
+    bulk.add_argument("-r", "--recursive", action="store_true", help="walk directories to the bottom")
+    bulk.add_argument(
+        "--output", metavar="FILE", help="write one row per input as results arrive: .csv, or JSON Lines otherwise"
+    )
+    bulk.add_argument(
+        "--resume", action="store_true", help="finish the job of an earlier run that wrote --output (same inputs)"
+    )
+    bulk.add_argument("--concurrency", type=int, default=4, help="tasks in flight at once (default: %(default)s)")
     args = parser.parse_args(argv)
+    if not args.images and not args.urls_file:
+        parser.error("give at least one IMAGE or --urls-file")
+    if args.resume and not args.output:
+        parser.error("--resume needs --output, the results file of the job to finish")
+    if args.concurrency < 1:
+        parser.error("--concurrency must be at least 1")
     args.api_key = env.get("ICS_API_KEY", "")  # not a flag: flags show in `ps`
     return args
 
@@ -62,17 +85,14 @@ def split_inputs(images: Sequence[str]) -> Inputs:
     """URLs stay URLs; a directory stands for the image files directly inside it."""
     urls: list[str] = []
     files: list[Path] = []
-    for image in images:
-        if image.lower().startswith(("http://", "https://")):
-            urls.append(image)
-            continue
-        path = Path(image)
-        if path.is_dir():
-            files += sorted(child for child in path.iterdir() if child.suffix.lower() in IMAGE_SUFFIXES)
-        elif path.is_file():
-            files.append(path)
-        else:
-            raise ClientError(f"{image}: no such file, and not an http(s) URL")
+    try:
+        for source in sources(images, None, None, recursive=False):
+            if source.is_url:
+                urls.append(source.value)
+            else:
+                files.append(Path(source.value))
+    except InputError as exc:
+        raise ClientError(str(exc)) from None
     if not urls and not files:
         raise ClientError("no images to classify")
     return Inputs(urls, files)
@@ -113,13 +133,18 @@ def _shorten(text: str, width: int) -> str:
 
 
 async def run(args: argparse.Namespace) -> int:
-    inputs = split_inputs(args.images)
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=None)
     base = args.server.rstrip("/") + "/"
     async with aiohttp.ClientSession(base_url=base, headers=headers, timeout=timeout) as session:
-        task_id = await submit(session, inputs, args.model, args.top_k, args.callback_url, tell=_tell)
+        if args.urls_file or args.recursive or args.output:
+            return await run_bulk(args, session)
+        inputs = split_inputs(args.images)
         total = len(inputs.urls) + len(inputs.files)
+        if total > await task_limit(session):
+            print(f"{total} images: more than one task holds, so one row per image follows", file=sys.stderr)
+            return await run_bulk(args, session)
+        task_id = await submit(session, inputs, args.model, args.top_k, args.callback_url, tell=_tell)
         try:
             with tqdm(total=total, unit="img", desc=f"task {task_id[:8]}", file=sys.stderr) as bar:
                 await watch(session, task_id, bar)
@@ -136,6 +161,51 @@ async def run(args: argparse.Namespace) -> int:
         task = await get_task(session, task_id)
     print(json.dumps(task, indent=2) if args.json else results_table(task))
     return exit_status(task)
+
+
+async def run_bulk(args: argparse.Namespace, session: aiohttp.ClientSession) -> int:
+    """Every input through as many tasks as it takes, one row each (see `client.bulk`)."""
+    output = Path(args.output) if args.output and args.output != "-" else None
+    if output is not None and not args.resume and output.exists() and output.stat().st_size > 0:
+        raise ClientError(f"{output} exists: add --resume to finish its job, or remove it to start again")
+
+    def listed() -> Iterator[Source]:
+        return sources(args.images, args.urls_file, args.url_column, args.recursive)
+
+    try:
+        total = None if args.urls_file == "-" else sum(1 for _ in listed())  # standard input is read once
+    except InputError as exc:
+        raise ClientError(str(exc)) from None
+    limit = await task_limit(session)
+    results = ResultsFile(output, args.resume)
+    manifest = Manifest.open(output.with_name(output.name + ".manifest") if output else None, args.resume)
+    options = Options(args.model, args.top_k, args.callback_url, args.concurrency)
+    complete = False
+    with tqdm(total=total, unit="img", desc="job", file=sys.stderr, dynamic_ncols=True) as bar:
+        job = BulkJob(session, options, results, manifest, bar, _tell)
+        try:
+            counts = await job.run(listed(), limit)
+            complete = True
+        except asyncio.CancelledError:  # Ctrl-C
+            bar.close()
+            if args.cancel:
+                print(f"cancelled {await job.cancel_in_flight()} tasks in flight", file=sys.stderr)
+            where = "; run it again with --resume to finish" if output else ""
+            print(f"stopped after {job.counts.rows} rows{where}", file=sys.stderr)
+            return INTERRUPTED
+        finally:
+            results.close()
+            manifest.close(complete)
+    failed = results.failed_before + counts.failed
+    seconds = time.monotonic() - counts.started
+    rate = counts.rows / seconds if seconds > 0 else 0.0
+    print(
+        f"{results.written.count} rows{f' in {output}' if output else ''}: "
+        f"{results.written.count - failed} classified, {failed} failed or cancelled; "
+        f"this run {counts.rows} in {seconds:.1f} s ({rate:.1f} images/s)",
+        file=sys.stderr,
+    )
+    return OK if failed == 0 else SOME_FAILED
 
 
 def _tell(message: str) -> None:

@@ -185,8 +185,10 @@ class ImageServer:
         return response
 
     async def _file(self, request: web.Request) -> web.Response:
-        """Any bytes a test put in `files`, served as image/jpeg whatever they are."""
+        """Any bytes a test put in `files`, served as image/jpeg whatever they are (after
+        `delay` seconds, if the query gives one)."""
         self.hits[request.path] += 1
+        await asyncio.sleep(float(request.query.get("delay", "0")))
         name = request.match_info["name"]
         if name not in self.files:
             raise web.HTTPNotFound()
@@ -194,12 +196,14 @@ class ImageServer:
 
 
 @asynccontextmanager
-async def running_service(*flags: str) -> AsyncIterator[tuple[subprocess.Popen[bytes], str]]:
+async def running_service(*flags: str, log: Path | None = None) -> AsyncIterator[tuple[subprocess.Popen[bytes], str]]:
     """`run_service.py` as a user starts it (see `service_command`; private networks allowed),
     in a process group of its own, until `/readyz` answers 200; whatever is left of the group
-    (the web process and its workers) is killed at the end."""
+    (the web process and its workers) is killed at the end. Its output is a pipe to read when
+    it stops, or with `log` goes to that file (a busy service fills a pipe nobody reads)."""
     port = free_port()
-    output = {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT}
+    sink = subprocess.PIPE if log is None else log.open("ab")
+    output = {"stdout": sink, "stderr": subprocess.STDOUT}
     command = service_command(port, "--allow-private-networks", *flags)
     process = subprocess.Popen(command, cwd=ROOT, start_new_session=True, **output)  # type: ignore[call-overload]
     base = f"http://127.0.0.1:{port}"
@@ -212,13 +216,15 @@ async def running_service(*flags: str) -> AsyncIterator[tuple[subprocess.Popen[b
                             break
                 except aiohttp.ClientConnectionError:
                     pass
-                assert process.poll() is None, process.stdout.read().decode()  # type: ignore[union-attr]
+                assert process.poll() is None, process.stdout.read().decode() if process.stdout else log
                 await asyncio.sleep(0.2)
         yield process, base
     finally:
         with contextlib.suppress(ProcessLookupError):  # the web process may be gone, its group not
             os.killpg(process.pid, signal.SIGKILL)
         process.wait()
+        if log is not None:
+            sink.close()  # type: ignore[union-attr]
 
 
 @contextmanager

@@ -33,6 +33,11 @@ _FIELD_CODES = {
     ("top_k", "greater_than_equal"): "top_k_out_of_range",
     ("top_k", "less_than_equal"): "top_k_out_of_range",
 }
+# Messages for what pydantic would explain in its own terms (a URL field's regular expression).
+_MESSAGES = {
+    "string_pattern_mismatch": "not an absolute http(s) URL with a host (without credentials, spaces or control "
+    "characters)",
+}
 _TYPE_CODES = {"missing": "missing_field", "extra_forbidden": "unknown_field"}
 _QUERY_CODES = {
     "status": "invalid_status",
@@ -71,7 +76,7 @@ def validate(model: type[M], data: Mapping[str, Any], code_of: ErrorCodeOf) -> M
             {
                 "field": ".".join(str(part) for part in error["loc"]),
                 "code": code_of(error["loc"], error["type"]),
-                "message": error["msg"],
+                "message": _MESSAGES.get(error["type"], error["msg"]),
             }
             for error in exc.errors(include_url=False, include_input=False)
         ]
