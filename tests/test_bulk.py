@@ -248,3 +248,25 @@ async def test_more_images_than_a_task_holds_become_a_bulk_job_on_stdout(tmp_pat
         (2, "missile"),
     ]
     assert len({row["task_id"] for row in rows}) == 2
+
+
+async def test_ctrl_c_with_cancel_cancels_the_tasks_in_flight_and_resume_finishes(
+    service: str, image_server: ImageServer, tmp_path: Path
+) -> None:
+    urls, expected = url_list(image_server, 400, delay=0.05)
+    urls_file = tmp_path / "urls.txt"
+    urls_file.write_text("\n".join(urls) + "\n")
+    output = tmp_path / "results.jsonl"
+    args = ["--urls-file", str(urls_file), "--output", str(output), "--concurrency", "2"]
+    process = await start_client(service, *args, "--cancel")
+    async with asyncio.timeout(120):
+        while await rows_so_far(output) < 50:
+            await asyncio.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    status, stderr = await finish(process)
+    assert status == 130 and "cancelled 2 tasks in flight" in stderr, stderr
+    assert "run it again with --resume" in stderr
+    assert sum(task["status"] == "cancelled" for task in await tasks_of(service)) == 2
+    status, stderr = await finish(await start_client(service, *args, "--resume"))
+    assert status == 1, stderr
+    check_rows(read_rows(output), expected)  # cancelled inputs without a row were sent again
