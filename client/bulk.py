@@ -67,7 +67,17 @@ class BulkJob:
         self.counts = Counts()
 
     async def run(self, sources: Iterator[Source], limit: int) -> Counts:
-        """Every input gets its row (or the job fails: ClientError)."""
+        """Every input gets its row (or the job fails: ClientError, aiohttp.ClientError)."""
+        try:
+            await self._feed(sources, limit)
+        except ExceptionGroup as failures:  # the first failure says why the job stopped
+            raise failures.exceptions[0] from None
+        self._results.flush()
+        return self.counts
+
+    async def _feed(self, sources: Iterator[Source], limit: int) -> None:
+        """Read the inputs once: chunks of a resumed job start once all their inputs are
+        seen; the rest, without a row yet, go into new chunks of `limit`."""
         resumed = {chunk.number: chunk for chunk in self._manifest.pending.values()}
         waiting: dict[int, Chunk] = {}  # input index -> the resumed chunk that holds it
         for chunk in resumed.values():
@@ -99,8 +109,6 @@ class BulkJob:
                 self._manifest.dropped(resumed[number])
                 if chunk_sources:
                     await self._plan(tasks, list(chunk_sources.values()))
-        self._results.flush()
-        return self.counts
 
     async def _plan(self, tasks: asyncio.TaskGroup, sources: list[Source]) -> None:
         """A new chunk: files first, then URLs, the order the service numbers a form's items."""

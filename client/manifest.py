@@ -39,8 +39,8 @@ class Manifest:
         manifest = cls(path)
         if path is not None and resume and path.exists():
             manifest._read_back(path)
-        if path is not None:
-            manifest._handle = path.open("a", encoding="utf-8")
+        if path is not None:  # a new job starts a new manifest
+            manifest._handle = path.open("a" if resume else "w", encoding="utf-8")
             if manifest.next_number == 0:
                 manifest._append({"job": manifest.job})
         return manifest

@@ -147,6 +147,10 @@ async def test_a_csv_column_and_a_directory_tree_go_into_a_csv(
         await start_client(service, "--urls-file", str(table), "--output", str(tmp_path / "x.csv"))
     )
     assert status == 2 and "no column 'url' (columns: id, image_url, note)" in stderr
+    # A refusal of the whole job ends it with its reason, not a traceback.
+    args = ["--urls-file", str(table), "--url-column", "image_url", "--output", str(tmp_path / "y.csv")]
+    status, stderr = await finish(await start_client(service, *args, "--model", "resnet9000"))
+    assert status == 2 and "unknown_model" in stderr and "Traceback" not in stderr, stderr
 
 
 async def rows_so_far(output: Path) -> int:
