@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from inference.models import LoadedModel, load_model
+from inference.models import LoadedModel, load_model, softmax
 from inference.preprocess import ImageRejected, preprocess
 from inference.protocol import Label, Outcome, Prediction, Rejection, WorkerConfig
 from inference.specs import ModelInfo
@@ -31,7 +31,7 @@ class Engine:
             return loaded
         config = self.config
         loaded = self.models[info.name] = load_model(
-            info, config.runtime, config.threads, config.model_cache_dir, config.batch_size
+            info, config.runtime, config.threads, config.model_cache_dir, config.batch_size, config.refine_margin
         )
         default = config.default_model.name
         while len(self.models) > max(config.max_loaded_models, 1 if info.name == default else 2):
@@ -65,11 +65,3 @@ class Engine:
                     )
                 )
         return [outcomes[slot] for slot in range(len(images))]
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    """Row-wise, in float64 so that scores near 1 do not all round to 1.0."""
-    shifted = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
-    exponentials = np.exp(shifted)
-    probabilities: np.ndarray = exponentials / exponentials.sum(axis=1, keepdims=True)
-    return probabilities

@@ -48,20 +48,51 @@ def padded(run: Runner, sizes: tuple[int, ...]) -> Runner:
     return run_padded
 
 
-def load_model(info: ModelInfo, runtime: Runtime, threads: int, cache_dir: Path, warm_batch: int = 1) -> LoadedModel:
+def refined(fast: Runner, exact: Runner, margin: float) -> Runner:
+    """`fast` (bf16), except that the images it is unsure of (the two best probabilities
+    within `margin`) are run again by `exact` (fp32): bf16's speed with fp32's answers, at
+    the price of a second pass for a few images. Where bf16 and fp32 disagree on the best
+    label, fp32 itself hesitates between two: that is where the margin is small."""
+
+    def run(batch: np.ndarray) -> np.ndarray:
+        logits = fast(batch)
+        best_two = np.sort(softmax(logits), axis=1)[:, -2:]
+        unsure = np.flatnonzero(best_two[:, 1] - best_two[:, 0] < margin)
+        if len(unsure):
+            logits[unsure] = exact(batch[unsure])
+        return logits
+
+    return run
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise, in float64 so that scores near 1 do not all round to 1.0."""
+    shifted = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
+    exponentials = np.exp(shifted)
+    probabilities: np.ndarray = exponentials / exponentials.sum(axis=1, keepdims=True)
+    return probabilities
+
+
+def load_model(
+    info: ModelInfo, runtime: Runtime, threads: int, cache_dir: Path, warm_batch: int = 1, refine_margin: float = 0.0
+) -> LoadedModel:
     """Raises ModelLoadError, with the reason, for anything that keeps the model from running.
 
     The model runs batches of `batch_sizes(warm_batch)` images only (see `padded`), and once
     on blank images at each of these sizes before it is handed out: a runtime's first pass
     at a batch size allocates and plans (measured 1.8x a later pass at 16), and a task
-    should not pay for that."""
+    should not pay for that. With a `refine_margin`, a bf16 model also gets its fp32 twin
+    for the images bf16 is unsure of (`refined`)."""
     precision = info.precision
     try:
         if not info.weights_present():
             # Checked here so that torchvision never falls back to downloading.
             raise ModelLoadError(f"the weights of model {info.name!r} are not on disk ({info.weights_path})")
+        exact: Runner | None = None
         if runtime in ONNX_RUNTIMES and not info.spec.is_graph:
             run, categories = _from_cache(info, runtime, threads, precision, cache_dir)
+            if precision == "bf16" and refine_margin > 0:
+                exact, _ = _from_cache(info, runtime, threads, "fp32", cache_dir)
         else:
             from inference.torch_models import torch_runner  # the one import of torch in a worker
 
@@ -73,6 +104,8 @@ def load_model(info: ModelInfo, runtime: Runtime, threads: int, cache_dir: Path,
         for warm in sizes[1:]:
             run(np.zeros((warm, 3, size, size), dtype=np.float32))
         run = padded(run, sizes)
+        if exact is not None:  # a few images at a time: the sizes warm up on first use
+            run = refined(run, padded(exact, sizes), refine_margin)
     except ModelLoadError:
         raise
     except Exception as exc:  # a broken weights file, a wrong architecture, a failed export...

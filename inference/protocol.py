@@ -23,6 +23,7 @@ class WorkerConfig:
     parent_pid: int = 0  # the web process: a worker ends with it (0: do not watch)
     nice: int = 0  # added to the worker's niceness: the web process then wins the CPU
     max_loaded_models: int = 3  # the default included; least recently used ones go first
+    refine_margin: float = 0.05  # bf16 images whose two best scores are closer are redone in fp32 (0: never)
 
 
 @dataclass(frozen=True)

@@ -110,6 +110,7 @@ async def pool_ctx(app: web.Application) -> AsyncIterator[None]:
         parent_pid=os.getpid(),
         nice=settings.worker_nice,
         max_loaded_models=settings.max_loaded_models,
+        refine_margin=settings.refine_margin,
     )
     pool = ProcessInferencePool(settings.resolved_workers(), config, settings.batch_timeout)
     try:

@@ -76,6 +76,11 @@ class Settings(BaseSettings):
         description="inference precision: auto (bf16 where the CPU has avx512_bf16 or AMX and the runtime is "
         "openvino, else fp32), fp32 or bf16; a model in the models file may set its own",
     )
+    refine_margin: Annotated[float, Field(ge=0, le=1)] = Field(
+        0.05,
+        description="with bf16: an image whose two best scores are closer than this is classified again in fp32 "
+        "(0 = never); keeps bf16's top-1 the same as fp32's where fp32 itself is not torn between two labels",
+    )
     model_cache_dir: Path = Field(
         default_cache_dir(),
         description="directory for the models' ONNX exports, made once per weights file and shared by instances",
