@@ -17,7 +17,7 @@ from pathlib import Path
 import aiohttp
 
 from bench.images import make_images
-from bench.run_bench import Service, cpu_model, latency_under_load, percentile, start_image_server
+from bench.run_bench import Service, client_connector, cpu_model, latency_under_load, percentile, start_image_server
 from service.settings import Settings
 
 
@@ -26,7 +26,7 @@ async def measure(args: argparse.Namespace, urls: list[str]) -> dict[str, dict[s
     with tempfile.TemporaryDirectory() as data_root:
         services = [Service(args, store, f"{data_root}/{store}") for store in args.stores.split(",")]
         try:
-            async with aiohttp.ClientSession() as http:
+            async with aiohttp.ClientSession(connector=client_connector()) as http:
                 for service in services:
                     await service.ready(http)
                     timings[service.store] = {"get": [], "submit": []}

@@ -136,7 +136,10 @@ async def run(args: argparse.Namespace) -> int:
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=None)
     base = args.server.rstrip("/") + "/"
-    async with aiohttp.ClientSession(base_url=base, headers=headers, timeout=timeout) as session:
+    # Idle connections closed well before the service's keep-alive timeout (15 s by default),
+    # so no request goes out on a connection the service is closing.
+    connector = aiohttp.TCPConnector(keepalive_timeout=5)
+    async with aiohttp.ClientSession(base_url=base, headers=headers, timeout=timeout, connector=connector) as session:
         if args.urls_file or args.recursive or args.output:
             return await run_bulk(args, session)
         inputs = split_inputs(args.images)
