@@ -20,19 +20,7 @@ from pathlib import Path
 import aiohttp
 
 from bench.images import make_images
-from bench.run_bench import ROOT, cpu_model, free_port, start_image_server
-
-
-async def ready(base: str) -> None:
-    async with aiohttp.ClientSession() as http:
-        while True:
-            try:
-                async with http.get(f"{base}/readyz") as response:
-                    if response.status == 200:
-                        return
-            except aiohttp.ClientConnectionError:
-                pass
-            await asyncio.sleep(0.1)
+from bench.run_bench import ROOT, cpu_model, free_port, start_image_server, wait_ready
 
 
 async def direct_task(base: str, urls: list[str]) -> float:
@@ -76,7 +64,7 @@ def main() -> None:
         command += ["--data-dir", f"{directory}/data", "--allowed-networks", "127.0.0.1/32"]
         service = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
-            asyncio.run(ready(base))
+            asyncio.run(wait_ready(base))
             url = f"http://127.0.0.1:{image_port}/img/{{}}.jpg?run={{}}"
             asyncio.run(direct_task(base, [url.format(n, "warm") for n in range(100)]))  # workers warm
             urls_file = Path(directory, "urls.txt")

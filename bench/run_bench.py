@@ -189,6 +189,19 @@ def cpu_seconds(processes: list[psutil.Process]) -> float:
     return sum(sum(process.cpu_times()[:2]) for process in processes)
 
 
+async def wait_ready(base: str) -> None:
+    """Until the service at `base` answers `/readyz` with 200."""
+    async with aiohttp.ClientSession() as http:
+        while True:
+            try:
+                async with http.get(f"{base}/readyz") as response:
+                    if response.status == 200:
+                        return
+            except aiohttp.ClientConnectionError:
+                pass
+            await asyncio.sleep(0.1)
+
+
 def client_connector() -> aiohttp.TCPConnector:
     """The load client's connections. Idle ones are closed after 5 s, before the service's
     own `--keepalive-timeout` (15 s) would: a request sent on a connection the service is

@@ -23,7 +23,7 @@ import aiohttp
 from aiohttp import web
 
 from bench.images import make_images
-from bench.run_bench import ROOT, cpu_model, free_port, percentile, start_image_server
+from bench.run_bench import ROOT, cpu_model, free_port, percentile, start_image_server, wait_ready
 from service.webhooks import signing
 
 SECRET = "bench-secret"
@@ -49,14 +49,8 @@ async def measure(args: argparse.Namespace, base: str, image_port: int, receiver
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", receiver_port).start()
     try:
+        await wait_ready(base)
         async with aiohttp.ClientSession() as http:
-            while True:
-                try:
-                    async with http.get(f"{base}/readyz") as response:
-                        if response.status == 200:
-                            break
-                except aiohttp.ClientConnectionError:
-                    await asyncio.sleep(0.1)
             callback = f"http://127.0.0.1:{receiver_port}/hook"
             for task in range(args.tasks):
                 urls = [

@@ -96,7 +96,7 @@ async def test_json_output_and_exit_1_when_an_image_fails(
 
 
 async def interrupt_while_watching(client: TestClient, image_server: ImageServer, *args: str) -> Run:
-    process = await start_client(client, *args, image_server.url("/slow/coffee?delay=30"))
+    process = await start_client(client, *args, image_server.url("/slow/coffee?delay=10"))
     async with asyncio.timeout(30):
         while await metric(client, "ics_event_streams") < 1:  # submitted, and watching
             await asyncio.sleep(0.1)

@@ -19,9 +19,10 @@ import pytest
 
 from client.api import read_events
 from service.metrics import Metrics
-from service.tasks.journal import DATABASE, SCHEMA, StoreError
+from service.tasks.journal import DATABASE, StoreError
 from service.tasks.records import ItemStatus, Label, TaskStatus
 from service.tasks.rows import page_query
+from service.tasks.schema import SCHEMA
 from service.tasks.sqlite import SqliteRegistry
 from tests.conftest import PHOTOS_DIR, ROOT, ImageServer, ServiceFactory, running_service, service_command, submit
 

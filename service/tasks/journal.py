@@ -5,8 +5,8 @@ journal queues them on the event loop and writes them in batches, one transactio
 every `FLUSH_SECONDS`, so the hot path never waits for a commit; `flush()` is for what a
 client must not be told before it is on disk. At start-up it checks the data dir (one
 instance at a time, integrity, schema version), deletes what expired meanwhile and loads
-the rest (rows back into tasks: `service.tasks.rows`). Freed pages go back to the file system
-(incremental vacuum).
+the rest (rows back into tasks: `service.tasks.rows`; the schema and its upgrades:
+`service.tasks.schema`). Freed pages go back to the file system (incremental vacuum).
 """
 
 from __future__ import annotations
@@ -28,14 +28,14 @@ from typing import Any, TextIO, TypeVar
 from service.metrics import Metrics
 from service.tasks.deliveries import Delivery
 from service.tasks.idempotency import Submission
-from service.tasks.records import ItemStatus, TaskDetail, TaskStatus
+from service.tasks.records import ItemStatus, TaskStatus
 from service.tasks.registry import StoreUnavailable
 from service.tasks.rows import LABELS, VACUUM_PAGES, Stored, load_stored, page_seqs
+from service.tasks.schema import SCHEMA_VERSION, create, upgrade
 from service.tasks.state import TaskState
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 3  # 2: tasks.precision; 3: tasks.webhook, submissions, deliveries
 DATABASE = "tasks.db"
 LOCK = "lock"
 FLUSH_SECONDS = 0.02  # results reach the database within this (plus the write itself)
@@ -43,69 +43,6 @@ RETRY_SECONDS = 1.0  # after a failed write, the next try
 BUSY_SECONDS = 1.0  # how long a write waits for a lock held by another process before it fails
 
 T = TypeVar("T")
-
-SCHEMA = """
-CREATE TABLE tasks (
-    seq INTEGER PRIMARY KEY,
-    task_id TEXT NOT NULL UNIQUE,
-    owner TEXT,
-    model TEXT NOT NULL,
-    precision TEXT NOT NULL DEFAULT 'fp32',
-    top_k INTEGER NOT NULL,
-    status TEXT NOT NULL,
-    created_at TEXT NOT NULL,
-    started_at TEXT,
-    finished_at TEXT,
-    finished_epoch REAL,
-    error TEXT,
-    total INTEGER NOT NULL,
-    succeeded INTEGER NOT NULL DEFAULT 0,
-    failed INTEGER NOT NULL DEFAULT 0,
-    cancelled INTEGER NOT NULL DEFAULT 0,
-    completed TEXT,
-    snapshot BLOB,
-    webhook TEXT
-);
-CREATE INDEX tasks_by_owner ON tasks (owner, seq);
-CREATE INDEX tasks_by_owner_status ON tasks (owner, status, seq);
-CREATE INDEX tasks_by_finish ON tasks (finished_epoch) WHERE finished_epoch IS NOT NULL;
-CREATE TABLE items (
-    task_seq INTEGER NOT NULL,
-    idx INTEGER NOT NULL,
-    url TEXT NOT NULL,
-    status TEXT NOT NULL,
-    labels TEXT,
-    error TEXT,
-    done_order INTEGER,
-    PRIMARY KEY (task_seq, idx)
-) WITHOUT ROWID;
-"""
-# Added by schema 3: idempotency keys (`service.tasks.idempotency`) and pending webhook deliveries.
-SCHEMA_3_TABLES = (
-    """
-CREATE TABLE submissions (
-    owner TEXT NOT NULL,  -- '' without API keys
-    key TEXT NOT NULL,
-    fingerprint TEXT NOT NULL,
-    task_id TEXT NOT NULL,
-    total INTEGER NOT NULL,
-    created_epoch REAL NOT NULL,
-    PRIMARY KEY (owner, key)
-) WITHOUT ROWID;
-""",
-    "CREATE INDEX submissions_by_age ON submissions (created_epoch)",
-    """
-CREATE TABLE deliveries (
-    delivery_id TEXT PRIMARY KEY,
-    task_id TEXT NOT NULL,
-    url TEXT NOT NULL,
-    body BLOB NOT NULL,
-    finished_epoch REAL NOT NULL,
-    attempts INTEGER NOT NULL,
-    next_epoch REAL NOT NULL
-) WITHOUT ROWID
-""",
-)
 
 
 class StoreError(Exception):
@@ -168,13 +105,9 @@ class SqliteJournal:
             if check != "ok":
                 raise StoreError(f"database {self.path} is corrupt: {check}")
             if version == 0:
-                connection.execute("PRAGMA auto_vacuum = INCREMENTAL")  # before the first table exists
-                connection.executescript(SCHEMA)
-                for statement in SCHEMA_3_TABLES:
-                    connection.execute(statement)
-                connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                create(connection)
             elif version < SCHEMA_VERSION:
-                _upgrade(connection, version)
+                upgrade(connection, version)
             if connection.execute("PRAGMA journal_mode = WAL").fetchone()[0] != "wal":
                 raise StoreError(f"database {self.path}: cannot switch to WAL mode")
             connection.execute("PRAGMA synchronous = NORMAL")
@@ -405,24 +338,6 @@ class SqliteJournal:
 
     async def _call(self, function: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._thread, function, *args)
-
-
-def _upgrade(connection: sqlite3.Connection, version: int) -> None:
-    """Bring a database written by an older version up to SCHEMA_VERSION, in one transaction."""
-    with connection:
-        if version < 2:  # every task so far ran in fp32; finished ones keep their snapshot, which gains the field
-            connection.execute("ALTER TABLE tasks ADD COLUMN precision TEXT NOT NULL DEFAULT 'fp32'")
-            finished = connection.execute("SELECT seq, snapshot FROM tasks WHERE snapshot IS NOT NULL").fetchall()
-            for seq, snapshot in finished:
-                detail = TaskDetail.model_validate({**json.loads(snapshot), "precision": "fp32"})
-                connection.execute(
-                    "UPDATE tasks SET snapshot = ? WHERE seq = ?", (detail.model_dump_json().encode(), seq)
-                )
-        if version < 3:  # no task had a webhook or an idempotency key
-            connection.execute("ALTER TABLE tasks ADD COLUMN webhook TEXT")
-            for statement in SCHEMA_3_TABLES:
-                connection.execute(statement)
-        connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
 
 def _open_lock(data_dir: Path) -> TextIO:
