@@ -157,15 +157,14 @@ async def rows_so_far(output: Path) -> int:
     return output.read_text().count("\n") if output.exists() else 0
 
 
-async def interrupt(base: str, output: Path, args: list[str], after_rows: int, how: signal.Signals) -> int:
+async def interrupt(base: str, output: Path, args: list[str], after_rows: int, how: signal.Signals) -> tuple[int, str]:
     process = await start_client(base, *args)
     async with asyncio.timeout(120):
         while await rows_so_far(output) < after_rows:
             assert process.returncode is None
             await asyncio.sleep(0.05)
     process.send_signal(how)
-    status, _ = await finish(process)
-    return status
+    return await finish(process)
 
 
 async def test_an_interrupted_job_resumes_without_downloading_twice(
@@ -177,9 +176,9 @@ async def test_an_interrupted_job_resumes_without_downloading_twice(
     output = tmp_path / "results.jsonl"
     args = ["--urls-file", str(urls_file), "--output", str(output), "--concurrency", "2"]
 
-    assert await interrupt(service, output, args, 150, signal.SIGINT) == 130
+    assert (await interrupt(service, output, args, 150, signal.SIGINT))[0] == 130
     assert output.with_name("results.jsonl.manifest").exists()
-    assert await interrupt(service, output, [*args, "--resume"], 400, signal.SIGKILL) == -signal.SIGKILL
+    assert (await interrupt(service, output, [*args, "--resume"], 400, signal.SIGKILL))[0] == -signal.SIGKILL
     with output.open("a") as handle:
         handle.write('{"index": 12, "inp')  # a row the kill cut off mid-line
     refused, stderr = await finish(await start_client(service, *args))
@@ -262,12 +261,7 @@ async def test_ctrl_c_with_cancel_cancels_the_tasks_in_flight_and_resume_finishe
     urls_file.write_text("\n".join(urls) + "\n")
     output = tmp_path / "results.jsonl"
     args = ["--urls-file", str(urls_file), "--output", str(output), "--concurrency", "2"]
-    process = await start_client(service, *args, "--cancel")
-    async with asyncio.timeout(120):
-        while await rows_so_far(output) < 50:
-            await asyncio.sleep(0.05)
-    process.send_signal(signal.SIGINT)
-    status, stderr = await finish(process)
+    status, stderr = await interrupt(service, output, [*args, "--cancel"], 50, signal.SIGINT)
     assert status == 130 and "cancelled 2 tasks in flight" in stderr, stderr
     assert "run it again with --resume" in stderr
     assert sum(task["status"] == "cancelled" for task in await tasks_of(service)) == 2
