@@ -1,16 +1,24 @@
 #!/usr/bin/env bash
 # The test command (README; CI's .ci/run runs exactly this). The web page's test drives a real
-# Chromium: Debian's package is installed first if there is none (as root, or through sudo).
+# Chromium and the scale-out tests a real Redis: Debian's packages are installed first if
+# missing (as root, or through sudo); tests start their own redis-server, never a system one.
 # Then a virtualenv with requirements-dev.txt; the pins, lint, format and strict types are
 # checked; then pytest (arguments go to pytest).
 set -euo pipefail
 cd "$(dirname "$0")"
-if [ -z "${ICS_CHROMIUM:-}" ] && ! command -v chromium >/dev/null; then
-  echo "run_tests.sh: installing Debian's chromium for tests/test_page.py" >&2
+missing=()
+if [ -z "${ICS_CHROMIUM:-}" ] && ! command -v chromium >/dev/null; then missing+=(chromium); fi
+if ! command -v redis-server >/dev/null; then missing+=(redis-server); fi
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "run_tests.sh: installing Debian's ${missing[*]} for the tests" >&2
   sudo=""
   [ "$(id -u)" -eq 0 ] || sudo="sudo"
   $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq chromium >/dev/null
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
+  # Debian starts the packaged server as a service; the tests run their own.
+  if command -v systemctl >/dev/null && systemctl is-active --quiet redis-server 2>/dev/null; then
+    $sudo systemctl stop redis-server || true
+  fi
 fi
 python3 tools/requirements.py --check
 python3 -m venv .venv

@@ -9,16 +9,16 @@ what is left is cancelled.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import os
+import socket
 from collections.abc import AsyncIterator
-from dataclasses import replace
 
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
-from inference.protocol import WorkerConfig
 from service.api import events, operations, tasks
 from service.api.auth import auth_middleware
 from service.api.connections import ConnectionLimits, Connections
@@ -42,12 +42,14 @@ from service.api.keys import (
 )
 from service.api.page import add_page
 from service.api.schemas import SubmitForm, SubmitRequest
+from service.broker.jobs import StreamBatches, StreamJobs
 from service.fetch.fetcher import FetchLimits, make_session
 from service.metrics import Metrics
-from service.pool.catalog import ModelCatalog
-from service.pool.process import ProcessInferencePool, describe_models
+from service.pool.setup import build_catalog, make_pool
 from service.settings import Settings
+from service.tasks.batching import BatchQueue, BatchSource, JobQueue
 from service.tasks.memory import InMemoryRegistry
+from service.tasks.redis_store import RedisRegistry
 from service.tasks.service import TaskService
 from service.tasks.sqlite import SqliteRegistry
 from service.tasks.uploads import UploadBudget, UploadSpool
@@ -58,8 +60,24 @@ log = logging.getLogger(__name__)
 
 async def registry_ctx(app: web.Application) -> AsyncIterator[None]:
     """The task registry: SQLite in the data dir (a bad data dir stops start-up here, before
-    any worker starts), or memory."""
+    any worker starts), Redis (one that cannot be reached stops it too), or memory."""
     settings = app[SETTINGS]
+    if settings.store_kind() == "redis":
+        shared = await RedisRegistry.open(
+            settings.redis,
+            settings.finished_task_ttl,
+            settings.max_finished_tasks,
+            prefix=settings.redis_prefix,
+            lease=settings.lease,
+            idempotency_ttl=settings.idempotency_ttl,
+            metrics=app[METRICS],
+        )
+        app[REGISTRY] = shared
+        try:
+            yield
+        finally:
+            await shared.close()
+        return
     if settings.store == "memory":
         app[REGISTRY] = InMemoryRegistry(
             settings.finished_task_ttl,
@@ -85,65 +103,69 @@ async def registry_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def pool_ctx(app: web.Application) -> AsyncIterator[None]:
     """Find out about every declared model and the torchvision weights in the cache (the
-    catalog), then start the workers with the default model loaded."""
+    catalog), then start the workers with the default model loaded (a web-only replica,
+    `--workers 0`, has none)."""
     settings = app[SETTINGS]
-    infos = await describe_models(settings.model_specs())
-    # Weights found in the cache were not declared: they run at the service's precision.
-    catalog = ModelCatalog(
-        [replace(info, spec=settings.resolve_precision(info.spec)) for info in infos], settings.default_model
-    )
-    log.info(
-        "models: %s",
-        ", ".join(
-            f"{info.name} ({info.spec.source}, {info.spec.precision}"
-            f"{'' if info.weights_present() else ', weights missing'})"
-            for info in catalog.infos()
-        ),
-    )
-    config = WorkerConfig(
-        default_model=catalog.info(settings.default_model),
-        runtime=settings.resolved_runtime(),
-        threads=settings.resolved_threads(),
-        max_pixels=settings.max_image_pixels,
-        model_cache_dir=settings.model_cache_dir,
-        batch_size=settings.batch_size,
-        parent_pid=os.getpid(),
-        nice=settings.worker_nice,
-        max_loaded_models=settings.max_loaded_models,
-        refine_margin=settings.refine_margin,
-    )
-    pool = ProcessInferencePool(settings.resolved_workers(), config, settings.batch_timeout)
+    app[CATALOG] = await build_catalog(settings)
+    if settings.resolved_workers() == 0:
+        yield
+        return
+    pool = make_pool(settings, app[CATALOG])
     try:
         await pool.start()
         app[POOL] = pool
-        app[CATALOG] = catalog
         yield
     finally:
         await pool.close()
 
 
 async def tasks_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The task service, fed through an in-process queue, or with Redis through the job
+    streams (this replica's own workers, if any, then take batches from there too)."""
     settings = app[SETTINGS]
     budget = app[UPLOAD_BUDGET]
-    spool = UploadSpool(settings.data_dir / "uploads", budget) if settings.store == "sqlite" else None
-    async with (
-        make_session(settings) as session,
-        TaskService(
-            app[REGISTRY],
-            app[POOL],
-            app[CATALOG],
-            session,
-            FetchLimits.from_settings(settings),
-            app[METRICS],
-            budget,
-            spool,
-            consumers=settings.resolved_workers(),
-            download_concurrency=settings.download_concurrency,
-            max_queued_images=settings.max_queued_images,
-            batch_size=settings.batch_size,
-            batch_wait=settings.batch_wait_ms / 1000,
-        ) as service,
-    ):
+    spool = UploadSpool(settings.data_dir / "uploads", budget) if settings.store_kind() == "sqlite" else None
+    registry = app[REGISTRY]
+    pool = app.get(POOL)
+    queue: JobQueue
+    source: BatchSource | None
+    async with contextlib.AsyncExitStack() as stack:
+        if isinstance(registry, RedisRegistry):
+            queue = StreamJobs(registry, settings.max_queued_images)
+            source = None
+            if pool is not None:
+                batches = StreamBatches(
+                    registry,
+                    [info.name for info in app[CATALOG].infos()],
+                    f"{socket.gethostname()}-{os.getpid()}",
+                    settings.claim_idle,
+                    settings.max_deliveries,
+                )
+                await batches.start()
+                stack.push_async_callback(batches.close)
+                source = batches
+        else:
+            queue = source = BatchQueue(settings.max_queued_images)
+        session = await stack.enter_async_context(make_session(settings))
+        service = await stack.enter_async_context(
+            TaskService(
+                registry,
+                queue,
+                app[CATALOG],
+                session,
+                FetchLimits.from_settings(settings),
+                app[METRICS],
+                budget,
+                spool,
+                download_concurrency=settings.download_concurrency,
+                batch_size=settings.batch_size,
+                batch_wait=settings.batch_wait_ms / 1000,
+                consumers=settings.resolved_workers(),
+                pool=pool,
+                source=source,
+                adopt_every=registry.adopt_every if isinstance(registry, RedisRegistry) else None,
+            )
+        )
         app[TASKS] = service
         yield
 

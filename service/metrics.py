@@ -78,9 +78,9 @@ class Metrics:
             "ics_webhooks_pending", "Completion webhooks not yet delivered or given up", registry=self.registry
         )
 
-    def image_final(self, outcome: str, code: str) -> None:
-        """One image reached a final state (succeeded, failed with `code`, or cancelled)."""
-        self.images.labels(outcome=outcome, code=code).inc()
+    def image_final(self, outcome: str, code: str, count: int = 1) -> None:
+        """`count` images reached a final state (succeeded, failed with `code`, or cancelled)."""
+        self.images.labels(outcome=outcome, code=code).inc(count)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

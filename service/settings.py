@@ -60,7 +60,11 @@ class Settings(BaseSettings):
 
     host: str = Field("0.0.0.0", description="interface to listen on")
     port: Annotated[int, Field(ge=0, le=65535)] = Field(8080, description="TCP port to listen on")
-    workers: NonNegative = Field(0, description="inference worker processes; 0 = one per available core")
+    workers: NonNegative | None = Field(
+        None,
+        description="inference worker processes (default: one per available core); 0 = none, a web-only replica "
+        "(with --redis: workers elsewhere classify)",
+    )
     threads_per_worker: NonNegative = Field(0, description="torch threads per worker; 0 = cores / workers (at least 1)")
     worker_nice: Annotated[int, Field(ge=0, le=19)] = Field(
         5, description="niceness added to workers, so the event loop stays responsive under load"
@@ -158,6 +162,26 @@ class Settings(BaseSettings):
     store: Literal["sqlite", "memory"] = Field(
         "sqlite", description="where tasks are kept: sqlite (in --data-dir; they survive restarts) or memory"
     )
+    redis: str = Field(
+        "",
+        description="redis://HOST:6379/0: keep tasks in this Redis and queue images there for any worker "
+        "(run_worker.py) to classify; web replicas sharing it answer for each other's tasks (instead of --store)",
+    )
+    redis_prefix: str = Field("ics:", description="prefix of every Redis key the service uses")
+    lease: PositiveSeconds = Field(
+        10.0, description="seconds a web replica's hold on its tasks lasts unrenewed; then another replica adopts them"
+    )
+    claim_idle: PositiveSeconds = Field(
+        30.0,
+        description="seconds images a worker took may go unrenewed (a worker renews them while it works) before "
+        "another worker claims them",
+    )
+    max_deliveries: Count = Field(
+        3, description="times an image is handed to workers before it fails as worker_crashed"
+    )
+    serve_models: str = Field(
+        "", description="run_worker.py: comma-separated models this worker classifies (default: every declared one)"
+    )
     data_dir: Path = Field(
         Path("data"), description="directory for the task database and uploads waiting to be classified"
     )
@@ -197,6 +221,10 @@ class Settings(BaseSettings):
             raise ValueError("--header-timeout-max must not be below --header-timeout")
         if self.default_top_k > self.max_top_k:
             raise ValueError("--default-top-k must not exceed --max-top-k")
+        if self.workers == 0 and not self.redis:
+            raise ValueError("--workers 0 (a web-only replica) needs --redis, where workers elsewhere take the images")
+        if self.redis and not self.redis.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("--redis must be a redis://, rediss:// or unix:// URL")
         try:
             specs = [self.resolve_precision(spec) for spec in declared_specs(self.models, self.models_file)]
         except CatalogError as exc:
@@ -204,8 +232,17 @@ class Settings(BaseSettings):
         names = [spec.name for spec in specs]
         if self.default_model not in names:
             raise ValueError(f"--default-model {self.default_model!r} is not declared; declared: {', '.join(names)}")
+        unknown = set(self.serve_model_list()) - set(names)
+        if unknown:
+            raise ValueError(f"--serve-models: {', '.join(sorted(unknown))} not declared; declared: {', '.join(names)}")
         self._model_specs = specs
         return self
+
+    def store_kind(self) -> Literal["redis", "sqlite", "memory"]:
+        return "redis" if self.redis else self.store
+
+    def serve_model_list(self) -> list[str]:
+        return _split(self.serve_models)
 
     def model_specs(self) -> list[ModelSpec]:
         """The declared models (parsed once, when the settings were validated)."""
@@ -230,17 +267,17 @@ class Settings(BaseSettings):
         return _split(self.api_keys)
 
     def resolved_workers(self) -> int:
-        return self.workers or available_cores()
+        return available_cores() if self.workers is None else self.workers
 
     def resolved_threads(self) -> int:
-        return self.threads_per_worker or max(1, available_cores() // self.resolved_workers())
+        return self.threads_per_worker or max(1, available_cores() // max(1, self.resolved_workers()))
 
 
 def _split(value: str) -> list[str]:
     return [part.strip() for part in value.split(",") if part.strip()]
 
 
-def load_settings(argv: Sequence[str] | None = None) -> Settings:
+def load_settings(argv: Sequence[str] | None = None, program: str = PROGRAM) -> Settings:
     """Settings from `argv` (default: the process's arguments) and the environment; a bad
     value exits with a usage error (status 2), as argparse does."""
     args = list(sys.argv[1:] if argv is None else argv)
@@ -248,9 +285,9 @@ def load_settings(argv: Sequence[str] | None = None) -> Settings:
         return CliApp.run(Settings, cli_args=args)
     except ValidationError as exc:
         problems = [_problem(error["loc"], error["msg"]) for error in exc.errors(include_url=False)]
-        _usage_error("; ".join(problems))
+        usage_error("; ".join(problems), program)
     except SettingsError as exc:
-        _usage_error(str(exc))
+        usage_error(str(exc), program)
 
 
 def _problem(loc: tuple[int | str, ...], message: str) -> str:
@@ -261,6 +298,6 @@ def _problem(loc: tuple[int | str, ...], message: str) -> str:
     return f"--{name.replace('_', '-')} (env {ENV_PREFIX}{name.upper()}): {message}"
 
 
-def _usage_error(message: str) -> NoReturn:
-    print(f"usage: {PROGRAM} [-h] [options]\n{PROGRAM}: error: {message}", file=sys.stderr)
+def usage_error(message: str, program: str = PROGRAM) -> NoReturn:
+    print(f"usage: {program} [-h] [options]\n{program}: error: {message}", file=sys.stderr)
     raise SystemExit(2)

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
@@ -26,6 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from service.app import create_app
 from service.settings import Settings
+from tests.redis_server import RedisServer
 
 PHOTOS_DIR = Path(__file__).parent / "photos"
 ROOT = PHOTOS_DIR.parent.parent
@@ -319,3 +321,17 @@ async def submit(client: TestClient, urls: list[str], **fields: Any) -> dict[str
     response = await client.post("/submit", json={"urls": urls, **fields})
     assert response.status == 202, await response.text()
     return await response.json()
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """One Redis for the session; tests keep apart by key prefix (`redis_prefix`)."""
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_prefix() -> str:
+    return f"t{uuid.uuid4().hex[:12]}:"

@@ -1,5 +1,6 @@
-"""The registry contract, on both backends (memory, and SQLite in a temporary data dir):
-transitions, sticky final states, listing and pagination, expiry."""
+"""The registry contract, on every backend (memory, SQLite in a temporary data dir, and a real
+Redis under a key prefix of its own): transitions, sticky final states, listing and
+pagination, expiry."""
 
 from __future__ import annotations
 
@@ -14,24 +15,32 @@ from pydantic_core import PydanticSerializationError
 from service.metrics import Metrics
 from service.tasks.memory import InMemoryRegistry
 from service.tasks.records import ErrorInfo, ItemStatus, Label, TaskStatus
-from service.tasks.registry import InvalidCursor
+from service.tasks.redis_store import RedisRegistry
+from service.tasks.registry import InvalidCursor, TaskRegistry
 from service.tasks.sqlite import SqliteRegistry
+from tests.redis_server import RedisServer
 
 LABELS = [Label(label="espresso", class_index=967, score=0.9)]
 
-MakeRegistry = Callable[..., Awaitable[InMemoryRegistry]]
+MakeRegistry = Callable[..., Awaitable[TaskRegistry]]
 
 
-@pytest.fixture(params=["memory", "sqlite"])
+@pytest.fixture(params=["memory", "sqlite", "redis"])
 async def make_registry(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[MakeRegistry]:
     """`await make_registry(finished_ttl=..., max_finished=..., clock=...)` on this backend."""
-    opened: list[SqliteRegistry] = []
+    opened: list[SqliteRegistry | RedisRegistry] = []
 
-    async def make(**options: Any) -> InMemoryRegistry:
+    async def make(**options: Any) -> TaskRegistry:
         options = {"finished_ttl": 3600.0, "max_finished": 10_000, **options}
+        registry: SqliteRegistry | RedisRegistry
         if request.param == "memory":
             return InMemoryRegistry(**options)
-        registry = await SqliteRegistry.open(tmp_path / f"data{len(opened)}", metrics=Metrics(), **options)
+        if request.param == "sqlite":
+            registry = await SqliteRegistry.open(tmp_path / f"data{len(opened)}", metrics=Metrics(), **options)
+        else:
+            server: RedisServer = request.getfixturevalue("redis_server")
+            prefix = f"{request.getfixturevalue('redis_prefix')}{len(opened)}:"
+            registry = await RedisRegistry.open(server.url, prefix=prefix, **options)
         opened.append(registry)
         return registry
 
@@ -219,7 +228,8 @@ async def test_finished_tasks_are_kept_as_one_serialised_snapshot(make_registry:
     assert [item.status for item in done.items] == [ItemStatus.SUCCEEDED, ItemStatus.FAILED]
     assert done.items[0].labels == LABELS
     assert await registry.get_json(task.task_id) == done.model_dump_json().encode()
-    assert registry._tasks[task.task_id].items == []  # no per-item objects left to walk
+    if isinstance(registry, InMemoryRegistry):
+        assert registry._tasks[task.task_id].items == []  # no per-item objects left to walk
     assert await registry.get_json(task.task_id, owner="someone else") is None
 
 

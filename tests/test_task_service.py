@@ -1,10 +1,11 @@
-"""The task engine on its own: the task service with a registry (memory, or SQLite in a
-temporary data dir) and a fake inference pool (no worker processes), downloading from a real
-image server on 127.0.0.1."""
+"""The task engine on its own: the task service with a registry (memory, SQLite in a
+temporary data dir, or a real Redis with its job streams) and a fake inference pool (no
+worker processes), downloading from a real image server on 127.0.0.1."""
 
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -17,17 +18,22 @@ from aiohttp.test_utils import TestServer
 
 from inference.protocol import ModelLoadError
 from inference.specs import EMBEDDED, ModelSpec
+from service.broker.jobs import StreamBatches, StreamJobs
 from service.fetch.fetcher import FetchLimits, make_session
 from service.metrics import Metrics
 from service.pool import InferenceTimeout, WorkerCrashed
 from service.pool.catalog import ModelCatalog
+from service.tasks.batching import BatchQueue, BatchSource, JobQueue
 from service.tasks.memory import InMemoryRegistry
 from service.tasks.records import ItemStatus, TaskDetail, TaskStatus
+from service.tasks.redis_store import RedisRegistry
+from service.tasks.registry import TaskRegistry
 from service.tasks.service import TaskService
 from service.tasks.sqlite import SqliteRegistry
 from service.tasks.uploads import UploadBudget, UploadSpool
 from tests.conftest import settings_for
 from tests.fakes import FakePool, image, infos
+from tests.redis_server import RedisServer
 
 OTHER = ModelSpec(name="other", source="torchvision", architecture="resnet18", weights="DEFAULT")
 
@@ -70,44 +76,62 @@ async def images(aiohttp_server: Callable[..., Any]) -> Images:
 @dataclass
 class Engine:
     service: TaskService
-    registry: InMemoryRegistry
+    registry: TaskRegistry
     metrics: Metrics
     budget: UploadBudget
 
 
 @asynccontextmanager
-async def engine(pool: FakePool, store: str = "memory", **overrides: Any) -> AsyncIterator[Engine]:
-    """A task service (with consumers running) on `store`; `data_dir` in `overrides` reopens one."""
-    settings = settings_for(store=store, **overrides)
+async def engine(
+    pool: FakePool, store: str = "memory", redis: RedisServer | None = None, **overrides: Any
+) -> AsyncIterator[Engine]:
+    """A task service (with consumers running) on `store`; `data_dir` in `overrides` reopens
+    one; "redis" needs the server."""
+    settings = settings_for(store="memory" if store == "redis" else store, **overrides)
     metrics, budget = Metrics(), UploadBudget(10_000)
-    registry: InMemoryRegistry
+    registry: TaskRegistry
     spool = None
+    queue: JobQueue
+    source: BatchSource
+    batches: StreamBatches | None = None
+    catalog = ModelCatalog(infos([EMBEDDED, OTHER]), EMBEDDED.name)
     if store == "memory":
         registry = InMemoryRegistry(metrics=metrics)
-    else:
+    elif store == "sqlite":
         registry = await SqliteRegistry.open(settings.data_dir, 3600, 100, metrics)
         spool = UploadSpool(settings.data_dir / "uploads", budget)
-    catalog = ModelCatalog(infos([EMBEDDED, OTHER]), EMBEDDED.name)
+    else:
+        assert redis is not None
+        registry = await RedisRegistry.open(redis.url, 3600, 100, prefix=f"t{uuid.uuid4().hex[:12]}:", metrics=metrics)
+        queue = StreamJobs(registry, settings.max_queued_images)
+        batches = StreamBatches(registry, [EMBEDDED.name, OTHER.name], "tests", claim_idle=30, max_deliveries=3)
+        await batches.start()
+        source = batches
+    if batches is None:
+        queue = source = BatchQueue(settings.max_queued_images)
     async with (
         make_session(settings) as session,
         TaskService(
             registry,
-            pool,
+            queue,
             catalog,
             session,
             FetchLimits.from_settings(settings),
             metrics,
             budget,
             spool,
-            consumers=1,
             download_concurrency=settings.download_concurrency,
-            max_queued_images=settings.max_queued_images,
             batch_size=settings.batch_size,
             batch_wait=0.005,
+            consumers=1,
+            pool=pool,
+            source=source,
         ) as service,
     ):
         yield Engine(service, registry, metrics, budget)
-    if isinstance(registry, SqliteRegistry):
+    if batches is not None:
+        await batches.close()
+    if isinstance(registry, SqliteRegistry | RedisRegistry):
         await registry.close()
 
 
@@ -128,9 +152,12 @@ def labels(task: TaskDetail) -> list[str | None]:
     return [item.labels[0].label if item.labels else (item.error.code if item.error else None) for item in task.items]
 
 
-@pytest.mark.parametrize("store", ["memory", "sqlite"])
-async def test_urls_and_uploads_are_classified_in_submission_order(images: Images, store: str) -> None:
-    async with engine(FakePool(), store, batch_size=4) as running:
+@pytest.mark.parametrize("store", ["memory", "sqlite", "redis"])
+async def test_urls_and_uploads_are_classified_in_submission_order(
+    images: Images, store: str, request: pytest.FixtureRequest
+) -> None:
+    redis = request.getfixturevalue("redis_server") if store == "redis" else None
+    async with engine(FakePool(), store, redis, batch_size=4) as running:
         urls, files = with_uploads(images.urls("cat"), image("espresso"), images.urls("dog", "rocket"))
         assert running.budget.reserve(len(image("espresso")))
         task = await running.service.create(urls, EMBEDDED.name, 2, None, files)
@@ -281,3 +308,28 @@ async def test_a_resumed_upload_whose_file_is_gone_fails_upload_lost(images: Ima
         done = await final(running.registry, task.task_id)
     assert done.status is TaskStatus.COMPLETED
     assert labels(done) == ["img0", "img1", "img2", "img3", "upload_lost"]
+
+
+async def test_with_redis_workers_skip_the_queued_images_of_a_cancelled_task(
+    images: Images, redis_server: RedisServer
+) -> None:
+    """Queued images stay in the stream after a cancel (any worker may hold the next ones);
+    the worker that takes them confirms and deletes them without classifying them."""
+    pool = FakePool()
+    pool.hold.clear()  # the first batch stays in the "worker"
+    async with engine(pool, "redis", redis_server, download_concurrency=4, batch_size=1) as running:
+        registry = running.registry
+        assert isinstance(registry, RedisRegistry)
+        stream = f"{registry.prefix}jobs:{EMBEDDED.name}"
+        task = await running.service.create(images.urls(*(f"img{n}" for n in range(8))), EMBEDDED.name, 1, None)
+        async with asyncio.timeout(10):
+            while not pool.batches or await registry.client.xlen(stream) < 8:
+                await asyncio.sleep(0.01)
+        cancelled = await running.service.cancel(task.task_id)
+        assert cancelled is not None and cancelled.status is TaskStatus.CANCELLED
+        pool.hold.set()  # the batch in the worker comes back now: refused
+        async with asyncio.timeout(10):
+            while await registry.client.xlen(stream):  # the other 7 are skipped, and deleted
+                await asyncio.sleep(0.01)
+        assert len(pool.batches) == 1
+        assert await registry.get(task.task_id) == cancelled

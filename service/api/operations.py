@@ -38,7 +38,8 @@ async def healthz(request: web.Request) -> web.Response:
 )
 async def readyz(request: web.Request) -> web.Response:
     """Ready when every inference worker is up with the default model loaded."""
-    if not request.app[POOL].check_ready():
+    pool = request.app.get(POOL)  # none in a web-only replica
+    if pool is not None and not pool.check_ready():
         raise ApiError(503, "not_ready", "the inference workers are starting or being replaced")
     if not request.app[REGISTRY].healthy():
         raise ApiError(503, "not_ready", "the task store cannot write")
@@ -59,7 +60,8 @@ async def metrics(request: web.Request) -> web.Response:
         app_metrics.tasks.labels(status=status.value).set(count)
     app_metrics.queue_depth.set(app[TASKS].queue_depth())
     app_metrics.upload_bytes.set(app[UPLOAD_BUDGET].used)
-    app_metrics.worker_restarts.set(app[POOL].restarts)
+    if (pool := app.get(POOL)) is not None:
+        app_metrics.worker_restarts.set(pool.restarts)
     registry = app[REGISTRY]
     if isinstance(registry, SqliteRegistry):
         app_metrics.store_pending.set(registry.journal.pending())

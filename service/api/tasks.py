@@ -30,7 +30,7 @@ from service.api.openapi import Reply, RequestHeader, documented
 from service.api.schemas import SubmitForm, SubmitRequest, SubmitResponse, TaskListQuery, TaskQuery
 from service.api.validation import MULTIPART, query_error_code, read_json_object, submit_error_code, validate
 from service.pool.catalog import ModelCatalog
-from service.tasks.idempotency import IdempotencyKey, Submission
+from service.tasks.idempotency import IdempotencyKey, Submission, SubmissionExists
 from service.tasks.records import TaskDetail, TaskPage
 from service.tasks.registry import InvalidCursor
 from service.webhooks.sender import CallbackRefused
@@ -192,9 +192,13 @@ async def _start_task(
 ) -> web.Response:
     """Create the task (which then owns the reserved bytes of `files`) and answer 202."""
     top_k = top_k or request.app[SETTINGS].default_top_k
-    task = await request.app[TASKS].create(
-        urls, model, top_k, request_owner(request), files, callback_url=callback_url, idempotency=key
-    )
+    try:
+        task = await request.app[TASKS].create(
+            urls, model, top_k, request_owner(request), files, callback_url=callback_url, idempotency=key
+        )
+    except SubmissionExists as exc:  # a replica beside this one took the key a moment ago
+        assert key is not None
+        return idempotency.replay(exc.submission, key)
     response = SubmitResponse(task_id=task.task_id, status=task.status, total=len(task.items))
     return json_response(response, status=202, headers={"Location": f"/tasks/{task.task_id}"})
 

@@ -1,4 +1,9 @@
-"""A bounded queue of downloaded images that hands them out in per-model batches.
+"""Where downloaded images wait for the model: the two sides, and the in-process queue.
+
+`JobQueue` is what a task's pipeline puts images into and `BatchSource` what the consumers
+take batches from. One `BatchQueue` is both in a service that runs its own workers; with
+Redis, the web replicas put into a stream that workers anywhere take from
+(`service.broker.jobs`).
 
 Images from every active task share the queue, so many small tasks still fill a batch; a
 batch leaves as soon as it is full or `max_wait` has passed since it could have started.
@@ -10,6 +15,7 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from dataclasses import dataclass
+from typing import Protocol
 
 
 @dataclass(frozen=True)
@@ -19,6 +25,31 @@ class Job:
     model: str
     top_k: int
     data: bytes
+    receipt: bytes = b""  # what the source needs to confirm it (a stream entry's id)
+
+
+class JobQueue(Protocol):
+    def __len__(self) -> int:
+        """Images waiting, as far as this process knows."""
+        ...
+
+    async def put(self, job: Job) -> None:
+        """Queue one image; waits while the queue is full."""
+        ...
+
+    async def drop_task(self, task_id: str) -> int:
+        """Forget the queued images of a task that is final; how many were dropped."""
+        ...
+
+
+class BatchSource(Protocol):
+    async def next_batch(self, max_size: int, max_wait: float) -> list[Job]:
+        """Up to `max_size` images of one model, oldest first."""
+        ...
+
+    async def finished(self, batch: list[Job]) -> None:
+        """The outcomes of `batch` are in the registry: it need not be handed out again."""
+        ...
 
 
 class BatchQueue:
@@ -56,6 +87,9 @@ class BatchQueue:
                     batch = self._take(self._jobs[0].model, max_size)
                     self._changed.notify_all()
                     return batch
+
+    async def finished(self, batch: list[Job]) -> None:
+        """Nothing to confirm: a batch taken from memory is gone from it."""
 
     async def drop_task(self, task_id: str) -> int:
         """Forget the queued images of a cancelled task; how many were dropped."""

@@ -1,8 +1,10 @@
-"""The consumers: batches from the shared queue through the inference pool, outcomes into the
-registry. This is where inference failures become error codes.
+"""The consumers: batches from a source (the in-process queue, or the Redis stream) through
+the inference pool, outcomes into the registry, then the batch is confirmed to its source.
+This is where inference failures become error codes.
 
 One consumer per worker process keeps every worker busy while work waits. A result for a
-task that is final by now (cancelled, say) is refused by the registry and dropped.
+task that is final by now (cancelled, say) is refused by the registry and dropped. A
+consumer stopped mid-batch confirms nothing: a stream hands that batch to another worker.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from inference.protocol import ModelLoadError, Prediction
 from service.metrics import Metrics
 from service.pool import InferencePool, InferenceTimeout, WorkerCrashed
 from service.pool.catalog import ModelCatalog
-from service.tasks.batching import BatchQueue, Job
+from service.tasks.batching import BatchSource, Job
 from service.tasks.records import ErrorInfo, ItemStatus
 from service.tasks.registry import TaskRegistry
 
@@ -29,7 +31,7 @@ class Classifier:
         registry: TaskRegistry,
         pool: InferencePool,
         catalog: ModelCatalog,
-        queue: BatchQueue,
+        source: BatchSource,
         metrics: Metrics,
         batch_size: int,
         batch_wait: float,
@@ -37,7 +39,7 @@ class Classifier:
         self._registry = registry
         self._pool = pool
         self._catalog = catalog
-        self._queue = queue
+        self._source = source
         self._metrics = metrics
         self._batch_size = batch_size
         self._batch_wait = batch_wait
@@ -45,12 +47,13 @@ class Classifier:
     async def consume(self) -> None:
         """Classify batches until cancelled."""
         while True:
-            batch = await self._queue.next_batch(self._batch_size, self._batch_wait)
+            batch = await self._source.next_batch(self._batch_size, self._batch_wait)
             try:
                 await self._classify(batch)
             except Exception:  # a bug must not kill the consumer and stall every task
                 log.exception("handling a batch of %d images failed", len(batch))
                 await self._fail_jobs(batch, INTERNAL_ERROR)
+            await self._source.finished(batch)
 
     async def _classify(self, batch: list[Job], retried: bool = False) -> None:
         model = batch[0].model

@@ -83,3 +83,11 @@ class SubmissionKeys:
         for submission in sorted(submissions, key=lambda submission: submission.created):
             self._keys[(submission.owner, submission.key)] = submission
         self.expire()
+
+
+class SubmissionExists(Exception):
+    """The key was taken meanwhile (by a submit on another replica): answer as it did."""
+
+    def __init__(self, submission: Submission) -> None:
+        super().__init__(submission.key)
+        self.submission = submission

@@ -14,7 +14,7 @@ import aiohttp
 
 from service.fetch.fetcher import FetchError, FetchLimits, fetch
 from service.metrics import Metrics
-from service.tasks.batching import BatchQueue, Job
+from service.tasks.batching import Job, JobQueue
 from service.tasks.records import ErrorInfo, ItemStatus, TaskDetail
 from service.tasks.registry import TaskRegistry
 from service.tasks.uploads import UPLOAD_PREFIX, TaskUploads
@@ -33,7 +33,7 @@ class Pipeline:
         session: aiohttp.ClientSession,
         limits: FetchLimits,
         download_concurrency: int,
-        queue: BatchQueue,
+        queue: JobQueue,
         metrics: Metrics,
     ) -> None:
         self._registry = registry

@@ -5,9 +5,12 @@ Each task runs as one job of an aiojobs scheduler, from creation until the task 
 final state: the job feeds the task's images into the batch queue (`Pipeline`) and watches
 the registry; whatever makes the task final (its last result, a cancel, a delete, a model
 that cannot load) stops its downloads and drops its queued images, in one place. A fixed
-set of consumers (`Classifier`) classifies the batches. Shutdown gives running tasks a
-grace period (`drain`), then stops their jobs; the registry decides what becomes of them
-(a durable one keeps them, and the next start resumes them here).
+set of consumers (`Classifier`) classifies the batches: from the in-process queue, or, with
+Redis, from the stream that every web replica puts into (a web-only replica has none).
+Shutdown gives running tasks a grace period (`drain`), then stops their jobs; the registry
+decides what becomes of them (a durable one keeps them, and the next start resumes them
+here; a shared one lets another replica adopt them, which it also looks for every few
+seconds while it runs).
 """
 
 from __future__ import annotations
@@ -21,10 +24,11 @@ import aiohttp
 import aiojobs
 
 from service.fetch.fetcher import FetchLimits
+from service.lifetimes import stop_tasks
 from service.metrics import Metrics
 from service.pool import InferencePool
 from service.pool.catalog import ModelCatalog
-from service.tasks.batching import BatchQueue
+from service.tasks.batching import BatchSource, JobQueue
 from service.tasks.classifier import INTERNAL_ERROR, Classifier
 from service.tasks.idempotency import IdempotencyKey
 from service.tasks.pipeline import Pipeline
@@ -41,7 +45,7 @@ class TaskService:
     def __init__(
         self,
         registry: TaskRegistry,
-        pool: InferencePool,
+        queue: JobQueue,
         catalog: ModelCatalog,
         session: aiohttp.ClientSession,
         limits: FetchLimits,
@@ -49,26 +53,38 @@ class TaskService:
         budget: UploadBudget,
         spool: UploadSpool | None = None,
         *,
-        consumers: int,
         download_concurrency: int,
-        max_queued_images: int,
         batch_size: int,
         batch_wait: float,
+        consumers: int = 0,
+        pool: InferencePool | None = None,
+        source: BatchSource | None = None,
+        adopt_every: float | None = None,
     ) -> None:
+        """`consumers` classify batches from `source` with `pool`; `adopt_every`: seconds
+        between looks for tasks a shared registry has for this replica to take over."""
         self._registry = registry
         self._budget = budget
         self._spool = spool  # None: uploads are held in memory
-        self._queue = BatchQueue(max_queued_images)
-        self._pipeline = Pipeline(registry, session, limits, download_concurrency, self._queue, metrics)
+        self._queue = queue
+        self._pipeline = Pipeline(registry, session, limits, download_concurrency, queue, metrics)
         self._catalog = catalog
-        self._classifier = Classifier(registry, pool, catalog, self._queue, metrics, batch_size, batch_wait)
-        self._consumer_count = consumers
+        self._classifier = (
+            Classifier(registry, pool, catalog, source, metrics, batch_size, batch_wait)
+            if pool is not None and source is not None
+            else None
+        )
+        self._consumer_count = consumers if self._classifier is not None else 0
         self._consumers: list[asyncio.Task[None]] = []
+        self._adopt_every = adopt_every
         self._jobs = aiojobs.Scheduler(limit=None, close_timeout=STOP_TIMEOUT, wait_timeout=None)
 
     async def __aenter__(self) -> TaskService:
-        self._consumers = [asyncio.create_task(self._classifier.consume()) for _ in range(self._consumer_count)]
+        if self._classifier is not None:
+            self._consumers = [asyncio.create_task(self._classifier.consume()) for _ in range(self._consumer_count)]
         await self._resume()
+        if self._adopt_every is not None:
+            self._consumers.append(asyncio.create_task(self._adopt()))
         return self
 
     async def __aexit__(
@@ -134,6 +150,16 @@ class TaskService:
         if active:
             log.info("resumed %d tasks", len(active))
 
+    async def _adopt(self) -> None:
+        """With a shared registry: take over, every few seconds, the tasks of replicas gone."""
+        assert self._adopt_every is not None
+        while True:
+            await asyncio.sleep(self._adopt_every)
+            try:
+                await self._resume()
+            except Exception:  # a bug here must not stop the next look
+                log.exception("looking for tasks to adopt failed")
+
     async def cancel(self, task_id: str, owner: str | None = None) -> TaskDetail | None:
         """Cancel a task (its job stops its work); the final snapshot, or None if unknown."""
         return await self._registry.cancel(task_id, owner)
@@ -153,9 +179,7 @@ class TaskService:
         """Stop all work; the registry decides what becomes of tasks still active."""
         await self._jobs.close()
         await self._registry.shutdown()
-        for consumer in self._consumers:
-            consumer.cancel()
-        await asyncio.gather(*self._consumers, return_exceptions=True)
+        await stop_tasks(self._consumers)
 
     async def _run(self, task: TaskDetail, owner: str | None, uploads: TaskUploads | None) -> None:
         """The task's job: feed its images until it is final; then stop feeding."""

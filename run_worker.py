@@ -1,0 +1,9 @@
+"""Start an inference worker that takes images from the service's Redis (`--redis`):
+`python run_worker.py --redis redis://HOST:6379/0`; `--help` lists the settings.
+
+The same as the `ics-worker` console script (see `service.broker.worker`)."""
+
+from service.broker.worker import main
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,233 @@
+"""Downloaded images through Redis Streams: web replicas put, workers anywhere take batches.
+
+One stream per model (`<prefix>jobs:<model>`), one consumer group (`workers`) over each: an
+entry goes to one worker, stays pending until that worker confirms it (XACK), and is then
+deleted with its image bytes (XDEL). A worker renews what it holds while it works on it
+(XCLAIM ... JUSTID, which resets the idle time without counting a delivery), so an entry
+idle longer than `claim_idle` belongs to a worker that is gone: another claims it, and an
+image delivered `max_deliveries` times without an outcome (it keeps killing its workers)
+fails with `worker_crashed` instead of going round forever. Images of tasks that are final
+by then (cancelled) are confirmed without classifying them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from typing import Any, cast
+
+from redis.exceptions import ResponseError
+
+from service.tasks.batching import Job
+from service.tasks.records import ErrorInfo, ItemStatus
+from service.tasks.redis_store import RedisRegistry, ensure_group
+
+log = logging.getLogger(__name__)
+
+GROUP = "workers"
+FULL_POLL = 0.05  # seconds between looks at a full queue
+READ_BLOCK_MS = 1000  # a worker's wait for new entries, between looks for abandoned ones
+WORKER_CRASHED = ErrorInfo(
+    code="worker_crashed", message="the image was handed to workers several times and none of them finished it"
+)
+
+
+def stream_of(registry: RedisRegistry, model: str) -> str:
+    return f"{registry.prefix}jobs:{model}"
+
+
+class StreamJobs:
+    """The web side: `put` waits while the model's stream holds `capacity` images or more
+    (backpressure reaches the downloads, then `POST /submit` through the 429 of
+    `--max-active-images`)."""
+
+    def __init__(self, registry: RedisRegistry, capacity: int) -> None:
+        self._registry = registry
+        self._capacity = capacity
+        self._length = 0  # the last length seen
+
+    def __len__(self) -> int:
+        return self._length
+
+    async def put(self, job: Job) -> None:
+        stream = stream_of(self._registry, job.model)
+        client = self._registry.client
+        while self._length >= self._capacity:
+            self._length = await self._registry.patient(client.xlen, stream)
+            if self._length >= self._capacity:
+                await asyncio.sleep(FULL_POLL)
+        fields = {"task": job.task_id, "index": job.index, "top_k": job.top_k, "data": job.data}
+
+        async def add() -> int:
+            async with client.pipeline(transaction=False) as pipe:
+                pipe.xadd(stream, fields)  # type: ignore[arg-type]  # redis-py's type leaves out int values
+                pipe.xlen(stream)
+                _, length = await pipe.execute()
+                return int(length)
+
+        self._length = await self._registry.patient(add)
+
+    async def drop_task(self, task_id: str) -> int:
+        """Nothing to do here: workers skip the images of tasks that are final."""
+        return 0
+
+
+class StreamBatches:
+    """The worker side, shared by the consumers of one process (one Redis consumer name)."""
+
+    def __init__(
+        self,
+        registry: RedisRegistry,
+        models: list[str],
+        consumer: str,
+        claim_idle: float,
+        max_deliveries: int,
+    ) -> None:
+        self._registry = registry
+        self._streams = {stream_of(registry, model): model for model in models}
+        self._consumer = consumer
+        self._claim_idle_ms = int(claim_idle * 1000)
+        self._max_deliveries = max_deliveries
+        self._held: deque[list[Job]] = deque()  # read along with a batch of another model
+        self._working: dict[str, set[bytes]] = {stream: set() for stream in self._streams}
+        self._claimed_at = 0.0
+        self._renewing: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        for stream in self._streams:
+            await self._registry.patient(ensure_group, self._registry.client, stream, GROUP)
+        self._renewing = asyncio.create_task(self._renew())
+
+    async def close(self) -> None:
+        if self._renewing is not None:
+            self._renewing.cancel()
+            await asyncio.gather(self._renewing, return_exceptions=True)
+
+    async def next_batch(self, max_size: int, max_wait: float) -> list[Job]:
+        while True:
+            if self._held:
+                batch = await self._skip_final(self._held.popleft())
+            elif time.monotonic() - self._claimed_at >= self._claim_idle_ms / 2000:
+                self._claimed_at = time.monotonic()
+                batch = await self._claim(max_size)
+            else:
+                batch = await self._read(max_size, max_wait)
+            if batch:
+                return batch
+
+    async def finished(self, batch: list[Job]) -> None:
+        """Confirm the batch and delete its entries, image bytes and all."""
+        if not batch:
+            return
+        stream = stream_of(self._registry, batch[0].model)
+        receipts = [job.receipt for job in batch]
+        client = self._registry.client
+
+        async def confirm() -> None:
+            async with client.pipeline(transaction=True) as pipe:
+                pipe.xack(stream, GROUP, *receipts)
+                pipe.xdel(stream, *receipts)
+                await pipe.execute()
+
+        await self._registry.patient(confirm)
+        self._working[stream].difference_update(receipts)
+
+    async def _read(self, max_size: int, max_wait: float) -> list[Job]:
+        """New entries: the first model's make the batch (topped up for `max_wait` if it is
+        short); other models' wait in `_held`."""
+        read = await self._xreadgroup(dict.fromkeys(self._streams, ">"), max_size, READ_BLOCK_MS)
+        if not read:
+            return []
+        batches = [self._jobs(stream, entries) for stream, entries in read if entries]
+        if not batches:
+            return []
+        first, rest = batches[0], batches[1:]
+        if len(first) < max_size and max_wait > 0:
+            await asyncio.sleep(max_wait)
+            stream = stream_of(self._registry, first[0].model)
+            more = await self._xreadgroup({stream: ">"}, max_size - len(first), None)
+            first += [job for _, entries in more or [] for job in self._jobs(stream, entries)]
+        self._held.extend(rest)
+        return await self._skip_final(first)
+
+    async def _xreadgroup(self, streams: dict[str, str], count: int, block: int | None) -> Any:
+        client = self._registry.client
+        try:
+            return await self._registry.patient(client.xreadgroup, GROUP, self._consumer, streams, count, block)  # type: ignore[arg-type]
+        except ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            log.warning("the job streams' consumer group is gone (Redis lost its data?); making it again")
+            await self.start()
+            return None
+
+    def _jobs(self, stream: str | bytes, entries: Any) -> list[Job]:
+        """Jobs from stream entries as XREADGROUP and XCLAIM give them: (id, fields) pairs."""
+        name = stream.decode() if isinstance(stream, bytes) else stream
+        model = self._streams[name]
+        jobs = []
+        for entry_id, fields in entries:
+            if b"data" not in fields:  # deleted while it was pending (Redis 7 no longer hands those out)
+                continue
+            self._working[name].add(entry_id)
+            jobs.append(
+                Job(
+                    task_id=fields[b"task"].decode(),
+                    index=int(fields[b"index"]),
+                    model=model,
+                    top_k=int(fields[b"top_k"]),
+                    data=fields[b"data"],
+                    receipt=entry_id,
+                )
+            )
+        return jobs
+
+    async def _skip_final(self, batch: list[Job]) -> list[Job]:
+        """Confirm at once the images of tasks that are final (cancelled, say)."""
+        final = await self._registry.final_tasks(job.task_id for job in batch)
+        if final:
+            skipped = [job for job in batch if job.task_id in final]
+            await self.finished(skipped)
+            batch = [job for job in batch if job.task_id not in final]
+        return batch
+
+    async def _claim(self, max_size: int) -> list[Job]:
+        """Entries a gone worker held longer than `claim_idle`: the next batch, but those
+        delivered `max_deliveries` times already fail."""
+        client = self._registry.client
+        for stream in self._streams:
+            pending = await self._registry.patient(
+                client.xpending_range, stream, GROUP, min="-", max="+", count=max_size, idle=self._claim_idle_ms
+            )
+            if not pending:
+                continue
+            deliveries = {cast(bytes, entry["message_id"]): int(entry["times_delivered"]) for entry in pending}
+            claimed = await self._registry.patient(
+                client.xclaim, stream, GROUP, self._consumer, self._claim_idle_ms, list(deliveries)
+            )
+            jobs = self._jobs(stream, claimed)
+            log.warning("claimed %d images that a worker took and never finished", len(jobs))
+            given_up = [job for job in jobs if deliveries[job.receipt] >= self._max_deliveries]
+            for job in given_up:
+                log.error("task %s item %d: given up after %d deliveries", job.task_id, job.index, self._max_deliveries)
+                await self._registry.update_item(job.task_id, job.index, ItemStatus.FAILED, error=WORKER_CRASHED)
+            if given_up:
+                await self.finished(given_up)
+            batch = await self._skip_final([job for job in jobs if job not in given_up])
+            if batch:
+                return batch
+        return []
+
+    async def _renew(self) -> None:
+        """Keep what this process holds from looking abandoned: reset its idle time three
+        times per `claim_idle`."""
+        client = self._registry.client
+        while True:
+            await asyncio.sleep(self._claim_idle_ms / 3000)
+            for stream, receipts in self._working.items():
+                if receipts:
+                    await self._registry.patient(
+                        client.xclaim, stream, GROUP, self._consumer, 0, list(receipts), justid=True
+                    )

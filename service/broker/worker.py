@@ -1,0 +1,87 @@
+"""The standalone worker (`run_worker.py`, or the `ics-worker` console script): inference
+processes that take batches from the Redis job streams and write outcomes into the shared
+task registry, on any machine that reaches the Redis of the web replicas.
+
+It is the web process's own pool and consumers without the web: the same settings (the
+models declared the same way as on the web replicas; `--serve-models` narrows them), the
+same supervision of the inference processes. It never downloads: the web tier does, behind
+its address policy. Stopping it (SIGTERM) leaves the batches it holds to other workers once
+`--claim-idle` has passed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+
+import uvloop
+
+from inference.specs import CatalogError
+from service.broker.jobs import StreamBatches
+from service.lifetimes import stop_tasks
+from service.logs import configure_logging
+from service.metrics import Metrics
+from service.pool import DefaultModelError
+from service.pool.setup import build_catalog, make_pool
+from service.settings import Settings, load_settings, usage_error
+from service.tasks.classifier import Classifier
+from service.tasks.redis_store import RedisRegistry, RedisUnreachable
+
+log = logging.getLogger("service.worker")
+
+PROGRAM = "run_worker.py"
+
+
+async def work(settings: Settings) -> None:
+    """Classify until SIGINT or SIGTERM."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    registry = await RedisRegistry.open(
+        settings.redis,
+        settings.finished_task_ttl,
+        settings.max_finished_tasks,
+        prefix=settings.redis_prefix,
+        watch=False,
+    )
+    try:
+        catalog = await build_catalog(settings)
+        models = settings.serve_model_list() or [info.name for info in catalog.infos()]
+        pool = make_pool(settings, catalog)
+        try:
+            await pool.start()
+            consumer = f"{socket.gethostname()}-{os.getpid()}"
+            batches = StreamBatches(registry, models, consumer, settings.claim_idle, settings.max_deliveries)
+            await batches.start()
+            classifier = Classifier(
+                registry, pool, catalog, batches, Metrics(), settings.batch_size, settings.batch_wait_ms / 1000
+            )
+            consumers = [asyncio.create_task(classifier.consume()) for _ in range(pool.workers)]
+            where = settings.redis.rsplit("@", 1)[-1]  # without a password
+            log.info("worker %s: %d processes classify %s at %s", consumer, pool.workers, ", ".join(models), where)
+            await stop.wait()
+            log.info("stopping")
+            await stop_tasks(consumers)
+            await batches.close()
+        finally:
+            await pool.close()
+    finally:
+        await registry.close()
+
+
+def main() -> None:
+    settings = load_settings(program=PROGRAM)
+    if not settings.redis:
+        usage_error("--redis is required: the Redis the web replicas use", PROGRAM)
+    if settings.resolved_workers() == 0:
+        usage_error("--workers must be at least 1 for a worker", PROGRAM)
+    configure_logging(settings.log_format)
+    try:
+        uvloop.run(work(settings))
+    except (DefaultModelError, CatalogError, RedisUnreachable) as exc:
+        log.error("%s", exc)
+        raise SystemExit(1) from None

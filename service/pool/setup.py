@@ -1,0 +1,50 @@
+"""The model catalog and the inference pool as the settings ask for them: shared by the web
+process (`service.app`) and the standalone worker (`service.broker.worker`)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import replace
+
+from inference.protocol import WorkerConfig
+from service.pool.catalog import ModelCatalog
+from service.pool.process import ProcessInferencePool, describe_models
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+async def build_catalog(settings: Settings) -> ModelCatalog:
+    """Find out about every declared model and the torchvision weights in the cache."""
+    infos = await describe_models(settings.model_specs())
+    # Weights found in the cache were not declared: they run at the service's precision.
+    catalog = ModelCatalog(
+        [replace(info, spec=settings.resolve_precision(info.spec)) for info in infos], settings.default_model
+    )
+    log.info(
+        "models: %s",
+        ", ".join(
+            f"{info.name} ({info.spec.source}, {info.spec.precision}"
+            f"{'' if info.weights_present() else ', weights missing'})"
+            for info in catalog.infos()
+        ),
+    )
+    return catalog
+
+
+def make_pool(settings: Settings, catalog: ModelCatalog) -> ProcessInferencePool:
+    """The workers (not started yet), with the default model to load in each."""
+    config = WorkerConfig(
+        default_model=catalog.info(settings.default_model),
+        runtime=settings.resolved_runtime(),
+        threads=settings.resolved_threads(),
+        max_pixels=settings.max_image_pixels,
+        model_cache_dir=settings.model_cache_dir,
+        batch_size=settings.batch_size,
+        parent_pid=os.getpid(),
+        nice=settings.worker_nice,
+        max_loaded_models=settings.max_loaded_models,
+        refine_margin=settings.refine_margin,
+    )
+    return ProcessInferencePool(settings.resolved_workers(), config, settings.batch_timeout)

@@ -1,0 +1,213 @@
+"""The Lua scripts behind `service.tasks.redis_store`: each change of a task is one script, so
+it is atomic however many replicas and workers write at once, and final states stay sticky.
+
+Keys (P is the prefix, `ics:` by default; one Redis, not a Cluster):
+  P task:<id>    hash   the summary: status, times, counts, owner, the replica running it
+  P urls:<id>    hash   item index -> its URL as a JSON string literal
+  P items:<id>   hash   item index -> the item's JSON, once final
+  P state:<id>   hash   item index -> its status, once no longer pending
+  P done:<id>    list   item indices in the order they became final
+  P tasks:<owner> zset  sequence number -> task id, per owner ("-": no API keys)
+  P active       zset   sequence number -> task id, tasks not yet final
+  P finished     zset   finish time (epoch s) -> task id, for expiry
+  P seq, P unfinished, P counts (status -> tasks)
+Every change that a watcher may wait for is published on the channel P changed (the task id).
+An item's JSON is spliced here from its URL literal and the rest, which Python made with
+pydantic (`tail`: everything after the URL), so it reads exactly like the in-memory one.
+"""
+
+from __future__ import annotations
+
+_COMMON = """
+local P = ARGV[1]
+local FINAL = {succeeded = true, failed = true, cancelled = true, completed = true}
+
+local function task_key(id) return P .. 'task:' .. id end
+
+local function item_final(id, index, status)
+  redis.call('RPUSH', P .. 'done:' .. id, index)
+  redis.call('HINCRBY', task_key(id), status, 1)
+  redis.call('DECR', P .. 'unfinished')
+end
+
+local function start(id, now_iso)
+  redis.call('HSET', task_key(id), 'status', 'running', 'started_at', now_iso)
+  redis.call('HINCRBY', P .. 'counts', 'queued', -1)
+  redis.call('HINCRBY', P .. 'counts', 'running', 1)
+end
+
+local function finish(id, status, now_iso, now_epoch, delivery_id)
+  local key = task_key(id)
+  local old = redis.call('HGET', key, 'status')
+  redis.call('HSET', key, 'status', status, 'finished_at', now_iso)
+  redis.call('HINCRBY', P .. 'counts', old, -1)
+  redis.call('HINCRBY', P .. 'counts', status, 1)
+  redis.call('ZREM', P .. 'active', id)
+  -- Strictly increasing scores keep the finish order when the clock does not move.
+  local last = redis.call('ZREVRANGE', P .. 'finished', 0, 0, 'WITHSCORES')[2]
+  local score = tonumber(now_epoch)
+  if last and tonumber(last) >= score then score = tonumber(last) + 0.000001 end
+  redis.call('ZADD', P .. 'finished', string.format('%.6f', score), id)
+  local callback = redis.call('HGET', key, 'callback')
+  if callback then
+    redis.call('XADD', P .. 'webhooks', '*', 'delivery', delivery_id, 'task', id, 'url', callback,
+      'finished', now_epoch, 'attempts', 0, 'next', now_epoch)
+  end
+end
+
+local function forget(id)
+  local key = task_key(id)
+  local status = redis.call('HGET', key, 'status')
+  if not status then return 0 end
+  local owner = redis.call('HGET', key, 'owner') or '-'
+  redis.call('HINCRBY', P .. 'counts', status, -1)
+  redis.call('ZREM', P .. 'tasks:' .. owner, id)
+  redis.call('ZREM', P .. 'active', id)
+  redis.call('ZREM', P .. 'finished', id)
+  redis.call('DEL', key, P .. 'urls:' .. id, P .. 'items:' .. id, P .. 'state:' .. id, P .. 'done:' .. id)
+  redis.call('PUBLISH', P .. 'changed', id)
+  return 1
+end
+"""
+
+# ARGV: P, id, model, precision, top_k, owner ('' = none), created_at, replica, callback ('' = none),
+# idempotency key ('' = none), its submission JSON, its ttl (s), then each item's URL literal.
+# Returns {seq} for a new task, {0, submission JSON} if the idempotency key is taken already.
+CREATE = (
+    _COMMON
+    + """
+local id = ARGV[2]
+local key = task_key(id)
+if redis.call('EXISTS', key) == 1 then  -- a create retried after its answer was lost
+  return {tonumber(redis.call('HGET', key, 'seq'))}
+end
+if ARGV[10] ~= '' then
+  if not redis.call('SET', P .. 'idem:' .. ARGV[10], ARGV[11], 'NX', 'PX', ARGV[12]) then
+    return {0, redis.call('GET', P .. 'idem:' .. ARGV[10])}
+  end
+end
+local seq = redis.call('INCR', P .. 'seq')
+local total = #ARGV - 12
+redis.call('HSET', key, 'seq', seq, 'model', ARGV[3], 'precision', ARGV[4], 'top_k', ARGV[5],
+  'created_at', ARGV[7], 'status', 'queued', 'total', total, 'replica', ARGV[8])
+if ARGV[6] ~= '' then redis.call('HSET', key, 'owner', ARGV[6]) end
+if ARGV[9] ~= '' then redis.call('HSET', key, 'callback', ARGV[9]) end
+for i = 13, #ARGV do
+  redis.call('HSET', P .. 'urls:' .. id, i - 13, ARGV[i])
+end
+local owner = ARGV[6]
+if owner == '' then owner = '-' end
+redis.call('ZADD', P .. 'tasks:' .. owner, seq, id)
+redis.call('ZADD', P .. 'active', seq, id)
+redis.call('INCRBY', P .. 'unfinished', total)
+redis.call('HINCRBY', P .. 'counts', 'queued', 1)
+return {seq}
+"""
+)
+
+# ARGV: P, id, index, status, final (1/0), tail, now_iso, now_epoch, delivery_id. Returns 1, or 0 if refused.
+UPDATE_ITEM = (
+    _COMMON
+    + """
+local id, index, status = ARGV[2], ARGV[3], ARGV[4]
+local key = task_key(id)
+local task_status = redis.call('HGET', key, 'status')
+if not task_status or FINAL[task_status] then return 0 end
+local before = redis.call('HGET', P .. 'state:' .. id, index)
+if before and FINAL[before] then return 0 end
+redis.call('HSET', P .. 'state:' .. id, index, status)
+local changed = false
+if task_status == 'queued' then
+  start(id, ARGV[7])
+  changed = true
+end
+if ARGV[5] == '1' then
+  local url = redis.call('HGET', P .. 'urls:' .. id, index)
+  redis.call('HSET', P .. 'items:' .. id, index, '{"index":' .. index .. ',"url":' .. url .. ARGV[6])
+  item_final(id, index, status)
+  if redis.call('LLEN', P .. 'done:' .. id) == tonumber(redis.call('HGET', key, 'total')) then
+    finish(id, 'completed', ARGV[7], ARGV[8], ARGV[9])
+  end
+  changed = true
+end
+if changed then redis.call('PUBLISH', P .. 'changed', id) end
+return 1
+"""
+)
+
+# Cancel or fail a task: every item not final yet gets `tail` (its status and error).
+# ARGV: P, id, item status, tail, task status, task error JSON ('' = none), now_iso, now_epoch,
+# delivery_id, owner check ('' = skip it, '-' = no owner, else the owner). Returns 1 + the
+# number of items it closed, 0 if the task was final already, -1 if there is no such task
+# (for that owner).
+CLOSE = (
+    _COMMON
+    + """
+local id = ARGV[2]
+local key = task_key(id)
+local task_status = redis.call('HGET', key, 'status')
+if not task_status then return -1 end
+if ARGV[10] ~= '' and (redis.call('HGET', key, 'owner') or '-') ~= ARGV[10] then return -1 end
+if FINAL[task_status] then return 0 end
+local total = tonumber(redis.call('HGET', key, 'total'))
+local closed = 0
+for index = 0, total - 1 do
+  local before = redis.call('HGET', P .. 'state:' .. id, index)
+  if not (before and FINAL[before]) then
+    redis.call('HSET', P .. 'state:' .. id, index, ARGV[3])
+    local url = redis.call('HGET', P .. 'urls:' .. id, index)
+    redis.call('HSET', P .. 'items:' .. id, index, '{"index":' .. index .. ',"url":' .. url .. ARGV[4])
+    item_final(id, index, ARGV[3])
+    closed = closed + 1
+  end
+end
+if ARGV[6] ~= '' then redis.call('HSET', key, 'error', ARGV[6]) end
+finish(id, ARGV[5], ARGV[7], ARGV[8], ARGV[9])
+redis.call('PUBLISH', P .. 'changed', id)
+return 1 + closed
+"""
+)
+
+# ARGV: P, id. Forget a task (its caller cancelled it first). Returns 1, or 0 if unknown.
+FORGET = (
+    _COMMON
+    + """
+return forget(ARGV[2])
+"""
+)
+
+# ARGV: P, deadline (epoch s: finished by then go), most finished tasks kept. Returns how many went.
+EXPIRE = (
+    _COMMON
+    + """
+local gone = 0
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', P .. 'finished', '-inf', ARGV[2])) do
+  gone = gone + forget(id)
+end
+local excess = redis.call('ZCARD', P .. 'finished') - tonumber(ARGV[3])
+if excess > 0 then
+  for _, id in ipairs(redis.call('ZRANGE', P .. 'finished', 0, excess - 1)) do
+    gone = gone + forget(id)
+  end
+end
+return gone
+"""
+)
+
+# Take over the active tasks whose replica is gone (its lease key expired).
+# ARGV: P, this replica's id, at most this many. Returns the ids taken over.
+ADOPT = (
+    _COMMON
+    + """
+local taken = {}
+for _, id in ipairs(redis.call('ZRANGE', P .. 'active', 0, -1)) do
+  local replica = redis.call('HGET', task_key(id), 'replica')
+  if replica ~= ARGV[2] and redis.call('EXISTS', P .. 'replica:' .. replica) == 0 then
+    redis.call('HSET', task_key(id), 'replica', ARGV[2])
+    taken[#taken + 1] = id
+    if #taken >= tonumber(ARGV[3]) then break end
+  end
+end
+return taken
+"""
+)
