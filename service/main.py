@@ -25,6 +25,7 @@ from service.logs import configure_logging
 from service.pool import DefaultModelError
 from service.settings import Settings, load_settings
 from service.tasks.journal import StoreError
+from service.tasks.redis_store import RedisUnreachable
 
 log = logging.getLogger("service")
 
@@ -73,6 +74,6 @@ def main() -> None:
         return
     try:
         uvloop.run(serve(settings))
-    except (DefaultModelError, CatalogError, StoreError) as exc:
+    except (DefaultModelError, CatalogError, StoreError, RedisUnreachable) as exc:
         log.error("%s", exc)
         raise SystemExit(1) from None

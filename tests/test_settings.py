@@ -60,6 +60,10 @@ def test_environment_then_flags(monkeypatch: pytest.MonkeyPatch) -> None:
         (["--log-format", "xml"], {}),
         (["--allowed-networks", "10.0.0.0/33"], {}),
         (["--no-such-flag"], {}),
+        (["--workers", "0"], {}),  # a web-only replica needs Redis, where workers take the images
+        (["--redis", "localhost:6379"], {}),
+        (["--serve-models", "nope"], {}),
+        (["--lease", "0"], {}),
     ],
 )
 def test_bad_values_exit_with_a_usage_error(

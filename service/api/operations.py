@@ -11,6 +11,7 @@ from service.api.schemas import Health, ModelEntry, ModelList
 from service.api.tasks import json_response
 from service.metrics import CONTENT_TYPE
 from service.pool.catalog import ModelCatalog
+from service.tasks.redis_store import RedisRegistry
 from service.tasks.sqlite import SqliteRegistry
 
 routes = web.RouteTableDef()
@@ -41,7 +42,10 @@ async def readyz(request: web.Request) -> web.Response:
     pool = request.app.get(POOL)  # none in a web-only replica
     if pool is not None and not pool.check_ready():
         raise ApiError(503, "not_ready", "the inference workers are starting or being replaced")
-    if not request.app[REGISTRY].healthy():
+    registry = request.app[REGISTRY]
+    if isinstance(registry, RedisRegistry):
+        await registry.check()  # a store elsewhere: ask it now
+    if not registry.healthy():
         raise ApiError(503, "not_ready", "the task store cannot write")
     return json_response(Health(status="ready"))
 

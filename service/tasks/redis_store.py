@@ -150,6 +150,13 @@ class RedisRegistry:
         await self.client.aclose()
 
     def healthy(self) -> bool:
+        """As of the last call to Redis (`check` makes one)."""
+        return self._healthy
+
+    async def check(self) -> bool:
+        """Ask Redis now (readiness probes do): it answers, or it is away."""
+        with contextlib.suppress(StoreUnavailable):
+            await self._fast(self.client.ping())
         return self._healthy
 
     @property

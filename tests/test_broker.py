@@ -1,0 +1,66 @@
+"""The job streams on a real Redis, without processes: workers that take images and vanish
+(stop renewing, never confirm), and what the next workers make of that."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from service.broker.jobs import StreamBatches, StreamJobs, stream_of
+from service.tasks.batching import Job
+from service.tasks.records import ItemStatus
+from service.tasks.redis_store import RedisRegistry
+from tests.redis_server import RedisServer
+
+
+async def vanishing_worker(registry: RedisRegistry, name: str, timeout: float = 5.0) -> list[int]:
+    """A worker that takes the next batch (within `timeout`) and dies with it; the indices it took."""
+    worker = StreamBatches(registry, ["m"], name, claim_idle=0.2, max_deliveries=3)
+    await worker.start()
+    batch = await asyncio.wait_for(worker.next_batch(4, 0), timeout)
+    await worker.close()
+    return [job.index for job in batch]
+
+
+async def test_an_abandoned_batch_is_claimed_and_an_image_that_keeps_killing_workers_fails(
+    redis_server: RedisServer, redis_prefix: str
+) -> None:
+    registry = await RedisRegistry.open(redis_server.url, 3600, 100, prefix=redis_prefix)
+    task = await registry.create(["u0"], "m", 1)
+    await registry.update_item(task.task_id, 0, ItemStatus.CLASSIFYING)
+    await StreamJobs(registry, 10).put(Job(task.task_id, 0, "m", 1, b"poison"))
+
+    # Three workers in turn take it and die: each next one claims it once it has been idle.
+    for name in ("w0", "w1", "w2"):
+        assert await vanishing_worker(registry, name) == [0]
+        await asyncio.sleep(0.3)
+    # A fourth delivery would be one too many: the image fails instead, and leaves the stream.
+    with pytest.raises(TimeoutError):
+        await vanishing_worker(registry, "w3", timeout=1.5)
+    failed = await registry.get(task.task_id)
+    assert failed is not None and failed.status.value == "completed"
+    assert failed.items[0].status is ItemStatus.FAILED
+    assert failed.items[0].error is not None and failed.items[0].error.code == "worker_crashed"
+    assert await registry.client.xlen(stream_of(registry, "m")) == 0
+    await registry.close()
+
+
+async def test_a_worker_renews_what_it_holds_so_nobody_claims_it_while_it_works(
+    redis_server: RedisServer, redis_prefix: str
+) -> None:
+    registry = await RedisRegistry.open(redis_server.url, 3600, 100, prefix=redis_prefix)
+    task = await registry.create(["u0"], "m", 1)
+    await StreamJobs(registry, 10).put(Job(task.task_id, 0, "m", 1, b"slow"))
+    busy = StreamBatches(registry, ["m"], "busy", claim_idle=0.2, max_deliveries=3)
+    other = StreamBatches(registry, ["m"], "other", claim_idle=0.2, max_deliveries=3)
+    await busy.start()
+    await other.start()
+    batch = await busy.next_batch(4, 0)
+    with pytest.raises(TimeoutError):  # a batch that takes five claim periods is still busy's
+        await asyncio.wait_for(other.next_batch(4, 0), 1.0)
+    await busy.finished(batch)
+    assert await registry.client.xlen(stream_of(registry, "m")) == 0
+    await busy.close()
+    await other.close()
+    await registry.close()
