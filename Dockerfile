@@ -21,7 +21,7 @@ RUN pip install --extra-index-url "$TORCH_INDEX" -r requirements.txt
 
 COPY inference/ inference/
 COPY service/ service/
-COPY run_service.py .
+COPY run_service.py run_worker.py ./
 
 # The default model's ONNX export, made now so that no container start imports torch: workers
 # run it with OpenVINO or ONNX Runtime from this read-only cache.

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from dockerfile_parse import DockerfileParser
 
 from service.settings import Settings
@@ -82,3 +83,28 @@ def test_the_image_exports_the_default_model_at_build(dockerfile: DockerfilePars
     export = steps.index(("RUN", 'python -m inference.export --cache-dir "$ICS_MODEL_CACHE_DIR"'))
     assert steps.index(("COPY", "inference/ inference/")) < export
     assert cache.startswith("/") and not cache.startswith(dockerfile.envs["ICS_DATA_DIR"])  # not in the volume
+
+
+def test_the_compose_files_start_what_the_image_has_with_settings_that_exist(dockerfile: DockerfileParser) -> None:
+    """Both compose files: every ICS_* variable is a setting (validated as the service would),
+    every command is a script the image copies; the scale-out file runs Redis with AOF and
+    noeviction, web-only replicas and workers on that Redis."""
+    copied = " ".join(instructions(dockerfile, "COPY"))
+    for name in ("docker-compose.yml", "docker-compose.scale-out.yml"):
+        compose = yaml.safe_load((ROOT / name).read_text())
+        for service in compose["services"].values():
+            if "build" not in service:
+                continue
+            variables = {
+                key: value for key, value in (service.get("environment") or {}).items() if key.startswith("ICS_")
+            }
+            Settings(**{key.removeprefix("ICS_").lower(): value for key, value in variables.items()})
+            for part in service.get("command", []):
+                if part.endswith(".py"):
+                    assert part in copied, f"{name}: {part} is not in the image"
+    scale_out = yaml.safe_load((ROOT / "docker-compose.scale-out.yml").read_text())["services"]
+    redis_command = " ".join(scale_out["redis"]["command"])
+    assert "--appendonly yes" in redis_command and "--maxmemory-policy noeviction" in redis_command
+    assert scale_out["web"]["environment"]["ICS_WORKERS"] == "0"
+    assert scale_out["web"]["environment"]["ICS_REDIS"] == scale_out["worker"]["environment"]["ICS_REDIS"]
+    assert scale_out["worker"]["command"] == ["python", "run_worker.py"]

@@ -4,6 +4,7 @@ pagination, expiry."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -13,8 +14,9 @@ import pytest
 from pydantic_core import PydanticSerializationError
 
 from service.metrics import Metrics
+from service.tasks.deliveries import payload
 from service.tasks.memory import InMemoryRegistry
-from service.tasks.records import ErrorInfo, ItemStatus, Label, TaskStatus
+from service.tasks.records import ErrorInfo, ItemStatus, Label, TaskStatus, Webhook, WebhookStatus
 from service.tasks.redis_store import RedisRegistry
 from service.tasks.registry import InvalidCursor, TaskRegistry
 from service.tasks.sqlite import SqliteRegistry
@@ -248,3 +250,19 @@ async def test_a_running_tasks_json_follows_every_change(make_registry: MakeRegi
         assert detail is not None
         assert await registry.get_json(task.task_id, owner="a") == detail.model_dump_json().encode()
         assert detail.items[index].status is status
+
+
+async def test_a_finished_task_with_a_callback_hands_over_one_delivery(make_registry: MakeRegistry) -> None:
+    registry = await make_registry()
+    task = await registry.create(["u0"], "m", 1, callback_url="http://hooks.example/done")
+    await registry.update_item(task.task_id, 0, ItemStatus.SUCCEEDED, labels=LABELS)
+    delivery = await asyncio.wait_for(registry.next_delivery(), 5)
+    summary = (await registry.page(None, 1, None)).tasks[0]
+    assert (delivery.task_id, delivery.url, delivery.attempts) == (task.task_id, "http://hooks.example/done", 0)
+    assert delivery.body == payload(summary)
+    delivered = Webhook(url=delivery.url, status=WebhookStatus.DELIVERED, attempts=1)
+    await registry.record_delivery(delivery, delivered, None)
+    done = await registry.get(task.task_id)
+    assert done is not None and done.webhook == delivered
+    with pytest.raises(TimeoutError):  # delivered: nothing more to try
+        await asyncio.wait_for(registry.next_delivery(), 1.5)

@@ -78,8 +78,10 @@ async def submit(http: aiohttp.ClientSession, base: str, urls: list[str], **head
         return str((await response.json())["task_id"])
 
 
-async def task_on(http: aiohttp.ClientSession, base: str, task_id: str) -> dict[str, Any]:
-    async with http.get(f"{base}/tasks/{task_id}") as response:
+async def task_on(
+    http: aiohttp.ClientSession, base: str, task_id: str, headers: dict[str, str] | None = None
+) -> dict[str, Any]:
+    async with http.get(f"{base}/tasks/{task_id}", headers=headers) as response:
         assert response.status == 200, await response.text()
         return dict(await response.json())
 
@@ -100,16 +102,18 @@ async def test_a_task_submitted_on_one_replica_is_watched_and_read_on_the_other(
 ) -> None:
     names = list(PHOTOS) * 4
     urls = [image_server.url(f"/slow/{name}?delay=0.1") for name in names]
+    keys = ("--api-keys", "key-a,key-b")
+    alice, bob = {"Authorization": "Bearer key-a"}, {"Authorization": "Bearer key-b"}
     async with (
-        replica(redis, log=tmp_path / "a.log") as (_, a),
-        replica(redis, log=tmp_path / "b.log") as (_, b),
+        replica(redis, *keys, log=tmp_path / "a.log") as (_, a),
+        replica(redis, *keys, log=tmp_path / "b.log") as (_, b),
         running_worker(redis, tmp_path / "w1.log"),
         running_worker(redis, tmp_path / "w2.log"),
         aiohttp.ClientSession() as http,
     ):
-        task_id = await submit(http, a, urls)
+        task_id = await submit(http, a, urls, **alice, **{"Idempotency-Key": "batch-1"})
         events: list[tuple[str, Any]] = []
-        async with http.get(f"{b}/tasks/{task_id}/events") as stream:  # watched through B
+        async with http.get(f"{b}/tasks/{task_id}/events", headers=alice) as stream:  # watched through B
             assert stream.status == 200
             event = ""
             async for raw in stream.content:
@@ -122,12 +126,19 @@ async def test_a_task_submitted_on_one_replica_is_watched_and_read_on_the_other(
                         break
         assert sorted(data["index"] for kind, data in events if kind == "item") == list(range(len(urls)))
         assert events[-1][1]["status"] == "completed"
-        on_a, on_b = await task_on(http, a, task_id), await task_on(http, b, task_id)
+        on_a, on_b = await task_on(http, a, task_id, alice), await task_on(http, b, task_id, alice)
         assert on_a == on_b
         assert top_labels(on_b) == [PHOTOS[name] for name in names]
-        async with http.get(f"{b}/tasks") as listing:  # and listed on B
+        async with http.get(f"{b}/tasks", headers=alice) as listing:  # and listed on B
             assert task_id in [task["task_id"] for task in (await listing.json())["tasks"]]
-        async with http.get(f"{a}/readyz") as ready, http.get(f"{a}/metrics") as metrics:
+        async with http.get(f"{b}/tasks/{task_id}", headers=bob) as foreign:  # another key's: not there
+            assert foreign.status == 404
+        # The same submit again, on the other replica: the key stands for the same task.
+        async with http.post(
+            f"{b}/submit", json={"urls": urls, "top_k": 1}, headers={**alice, "Idempotency-Key": "batch-1"}
+        ) as again:
+            assert again.status == 202 and (await again.json())["task_id"] == task_id
+        async with http.get(f"{a}/readyz") as ready, http.get(f"{a}/metrics", headers=alice) as metrics:
             assert ready.status == 200 and metrics.status == 200
 
 

@@ -3,9 +3,9 @@ it is atomic however many replicas and workers write at once, and final states s
 
 Keys (P is the prefix, `ics:` by default; one Redis, not a Cluster):
   P task:<id>    hash   the summary: status, times, counts, owner, the replica running it
-  P urls:<id>    hash   item index -> its URL as a JSON string literal
+  P urls:<id>    hash   item index -> its URL as a JSON string literal (until the task is final)
   P items:<id>   hash   item index -> the item's JSON, once final
-  P state:<id>   hash   item index -> its status, once no longer pending
+  P state:<id>   hash   item index -> its status, once no longer pending (until the task is final)
   P done:<id>    list   item indices in the order they became final
   P tasks:<owner> zset  sequence number -> task id, per owner ("-": no API keys)
   P active       zset   sequence number -> task id, tasks not yet final
@@ -43,6 +43,8 @@ local function finish(id, status, now_iso, now_epoch, delivery_id)
   redis.call('HINCRBY', P .. 'counts', old, -1)
   redis.call('HINCRBY', P .. 'counts', status, 1)
   redis.call('ZREM', P .. 'active', id)
+  -- Every item is final and in items:<id> now, with its URL: the rest is not needed any more.
+  redis.call('DEL', P .. 'urls:' .. id, P .. 'state:' .. id)
   -- Strictly increasing scores keep the finish order when the clock does not move.
   local last = redis.call('ZREVRANGE', P .. 'finished', 0, 0, 'WITHSCORES')[2]
   local score = tonumber(now_epoch)

@@ -28,8 +28,9 @@ import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.exceptions import OutOfMemoryError, ReadOnlyError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.typing import StreamIdT
 
 from inference.specs import RunPrecision
 from service.lifetimes import stop_tasks
@@ -56,7 +57,9 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 P = ParamSpec("P")
-UNREACHABLE = (RedisConnectionError, RedisTimeoutError, OSError)
+# Redis away, loading its data, full (noeviction) or a read-only replica after a failover:
+# requests answer 503, background work waits for it.
+UNREACHABLE = (RedisConnectionError, RedisTimeoutError, OSError, OutOfMemoryError, ReadOnlyError)
 LOOK_AGAIN = 1.0  # seconds a watcher waits for a message before it looks for itself
 WEBHOOK_GROUP = "senders"
 
@@ -390,8 +393,6 @@ class RedisRegistry:
                 if entry is not None and retry is None:
                     pipe.xack(self._key("webhooks"), WEBHOOK_GROUP, entry)
                     pipe.xdel(self._key("webhooks"), entry)
-                elif entry is not None:  # still ours: keep it from looking abandoned
-                    pipe.xclaim(self._key("webhooks"), WEBHOOK_GROUP, self.replica, 0, [entry], justid=True)
                 await pipe.execute()
 
         await self.patient(record)
@@ -440,7 +441,12 @@ class RedisRegistry:
         self._healthy = healthy
 
     async def _renew(self) -> None:
+        """The lease, and the webhook deliveries this replica is trying (so that no other
+        replica takes them for abandoned while this one waits to try again)."""
         await self.client.set(self._key("replica:", self.replica), b"1", px=int(self.lease * 1000))
+        if self._receipts:
+            entries: list[StreamIdT] = list(self._receipts.values())
+            await self.client.xclaim(self._key("webhooks"), WEBHOOK_GROUP, self.replica, 0, entries, justid=True)
 
     async def _keep_lease(self) -> None:
         """Renew the lease three times per lease period (a failure also marks Redis away)."""
