@@ -131,8 +131,9 @@ async def tasks_ctx(app: web.Application) -> AsyncIterator[None]:
     source: BatchSource | None
     async with contextlib.AsyncExitStack() as stack:
         if isinstance(registry, RedisRegistry):
-            queue = StreamJobs(registry, settings.max_queued_images)
-            source = None
+            jobs = StreamJobs(registry, settings.max_queued_images)
+            stack.push_async_callback(jobs.close)
+            queue, source = jobs, None
             if pool is not None:
                 batches = StreamBatches(
                     registry,

@@ -20,18 +20,27 @@ from typing import Any, cast
 
 from redis.exceptions import ResponseError
 
+from service.lifetimes import stop_tasks
 from service.tasks.batching import Job
 from service.tasks.records import ErrorInfo, ItemStatus
 from service.tasks.redis_store import RedisRegistry, ensure_group
+from service.tasks.registry import ItemChange
 
 log = logging.getLogger(__name__)
 
 GROUP = "workers"
 FULL_POLL = 0.05  # seconds between looks at a full queue
-READ_BLOCK_MS = 1000  # a worker's wait for new entries, between looks for abandoned ones
+READ_BLOCK_MS = 1000
+GROUP_ADDS = (
+    64  # images added by one pipeline at most  # a worker's wait for new entries, between looks for abandoned ones
+)
 WORKER_CRASHED = ErrorInfo(
     code="worker_crashed", message="the image was handed to workers several times and none of them finished it"
 )
+
+
+Fields = dict[str, str | int | bytes]
+Add = tuple[str, Fields, asyncio.Future[None]]  # an entry to add: its stream, its fields, told when added
 
 
 def stream_of(registry: RedisRegistry, model: str) -> str:
@@ -41,37 +50,69 @@ def stream_of(registry: RedisRegistry, model: str) -> str:
 class StreamJobs:
     """The web side: `put` waits while the model's stream holds `capacity` images or more
     (backpressure reaches the downloads, then `POST /submit` through the 429 of
-    `--max-active-images`)."""
+    `--max-active-images`). Images put at about the same time go in one round trip."""
 
     def __init__(self, registry: RedisRegistry, capacity: int) -> None:
         self._registry = registry
         self._capacity = capacity
         self._length = 0  # the last length seen
+        self._adds: list[Add] = []
+        self._adding: asyncio.Task[None] | None = None
 
     def __len__(self) -> int:
         return self._length
 
     async def put(self, job: Job) -> None:
         stream = stream_of(self._registry, job.model)
-        client = self._registry.client
         while self._length >= self._capacity:
-            self._length = await self._registry.patient(client.xlen, stream)
+            self._length = await self._registry.patient(self._registry.client.xlen, stream)
             if self._length >= self._capacity:
                 await asyncio.sleep(FULL_POLL)
-        fields = {"task": job.task_id, "index": job.index, "top_k": job.top_k, "data": job.data}
-
-        async def add() -> int:
-            async with client.pipeline(transaction=False) as pipe:
-                pipe.xadd(stream, fields)  # type: ignore[arg-type]  # redis-py's type leaves out int values
-                pipe.xlen(stream)
-                _, length = await pipe.execute()
-                return int(length)
-
-        self._length = await self._registry.patient(add)
+        added: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        fields: Fields = {"task": job.task_id, "index": job.index, "top_k": job.top_k, "data": job.data}
+        self._adds.append((stream, fields, added))
+        if self._adding is None or self._adding.done():
+            self._adding = asyncio.create_task(self._add())
+        await added
 
     async def drop_task(self, task_id: str) -> int:
         """Nothing to do here: workers skip the images of tasks that are final."""
         return 0
+
+    async def close(self) -> None:
+        if self._adding is not None:
+            await stop_tasks([self._adding])
+
+    async def _send(self, group: list[Add]) -> int:
+        """One pipeline: the entries, then the length of the streams they went to (the longest)."""
+        streams = sorted({stream for stream, _, _ in group})
+        async with self._registry.client.pipeline(transaction=False) as pipe:
+            for stream, fields, _ in group:
+                pipe.xadd(stream, fields)  # type: ignore[arg-type]  # redis-py's type leaves out ints
+            for stream in streams:
+                pipe.xlen(stream)
+            results = await pipe.execute()
+        return max(int(length) for length in results[len(group) :])
+
+    async def _add(self) -> None:
+        """XADD what has been put, in order, one pipeline per turn of the event loop."""
+        await asyncio.sleep(0)  # the other puts of this turn join
+        while self._adds:
+            group, self._adds = self._adds[:GROUP_ADDS], self._adds[GROUP_ADDS:]
+            try:
+                self._length = await self._registry.patient(self._send, group)
+            except BaseException as exc:
+                for _, _, added in group:
+                    if added.done():
+                        continue
+                    if isinstance(exc, asyncio.CancelledError):
+                        added.cancel()
+                    else:
+                        added.set_exception(exc)
+                raise
+            for _, _, added in group:
+                if not added.done():
+                    added.set_result(None)
 
 
 class StreamBatches:
@@ -212,8 +253,10 @@ class StreamBatches:
             given_up = [job for job in jobs if deliveries[job.receipt] >= self._max_deliveries]
             for job in given_up:
                 log.error("task %s item %d: given up after %d deliveries", job.task_id, job.index, self._max_deliveries)
-                await self._registry.update_item(job.task_id, job.index, ItemStatus.FAILED, error=WORKER_CRASHED)
             if given_up:
+                await self._registry.update_items(
+                    [ItemChange(job.task_id, job.index, ItemStatus.FAILED, error=WORKER_CRASHED) for job in given_up]
+                )
                 await self.finished(given_up)
             batch = await self._skip_final([job for job in jobs if job not in given_up])
             if batch:

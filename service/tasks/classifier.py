@@ -18,7 +18,7 @@ from service.pool import InferencePool, InferenceTimeout, WorkerCrashed
 from service.pool.catalog import ModelCatalog
 from service.tasks.batching import BatchSource, Job
 from service.tasks.records import ErrorInfo, ItemStatus
-from service.tasks.registry import TaskRegistry
+from service.tasks.registry import ItemChange, TaskRegistry
 
 log = logging.getLogger(__name__)
 
@@ -87,17 +87,16 @@ class Classifier:
             log.exception("inference failed for a batch of %d images", len(batch))
             await self._fail_jobs(batch, ErrorInfo(code="inference_error", message="inference failed"))
             return
+        changes = []
         for job, outcome in zip(batch, outcomes, strict=True):
             if isinstance(outcome, Prediction):
-                await self._registry.update_item(
-                    job.task_id, job.index, ItemStatus.SUCCEEDED, labels=list(outcome.labels)
-                )
+                changes.append(ItemChange(job.task_id, job.index, ItemStatus.SUCCEEDED, labels=list(outcome.labels)))
             else:
-                await self._fail_item(job, ErrorInfo(code=outcome.code, message=outcome.message))
+                error = ErrorInfo(code=outcome.code, message=outcome.message)
+                changes.append(ItemChange(job.task_id, job.index, ItemStatus.FAILED, error=error))
+        await self._registry.update_items(changes)  # one write for the batch
 
     async def _fail_jobs(self, jobs: list[Job], error: ErrorInfo) -> None:
-        for job in jobs:
-            await self._fail_item(job, error)
-
-    async def _fail_item(self, job: Job, error: ErrorInfo) -> None:
-        await self._registry.update_item(job.task_id, job.index, ItemStatus.FAILED, error=error)
+        await self._registry.update_items(
+            [ItemChange(job.task_id, job.index, ItemStatus.FAILED, error=error) for job in jobs]
+        )

@@ -29,7 +29,7 @@ from service.tasks.records import (
     TaskStatus,
     Webhook,
 )
-from service.tasks.registry import TaskUpdate, decode_cursor, encode_cursor
+from service.tasks.registry import ItemChange, TaskUpdate, decode_cursor, encode_cursor
 from service.tasks.state import Journal, NoJournal, TaskState, utcnow
 
 log = logging.getLogger(__name__)
@@ -178,6 +178,12 @@ class InMemoryRegistry:
                 self._journal.item_final(record, index)
             record.notify()
         return True
+
+    async def update_items(self, changes: list[ItemChange]) -> list[bool]:
+        return [
+            await self.update_item(change.task_id, change.index, change.status, change.labels, change.error)
+            for change in changes
+        ]
 
     async def fail(self, task_id: str, error: ErrorInfo) -> bool:
         """The task cannot run at all: its unfinished items fail with the task's error."""

@@ -107,33 +107,43 @@ return {seq}
 """
 )
 
-# ARGV: P, id, index, status, final (1/0), tail, now_iso, now_epoch, delivery_id. Returns 1, or 0 if refused.
-UPDATE_ITEM = (
+# Move items on, each as the registry's update_item does (a batch's outcomes in one call).
+# ARGV: P, now_iso, now_epoch, then per item: id, index, status, final (1/0), tail, delivery_id.
+# Returns per item 1, or 0 if refused (its task or the item is final, or the task is gone).
+UPDATE_ITEMS = (
     _COMMON
     + """
-local id, index, status = ARGV[2], ARGV[3], ARGV[4]
-local key = task_key(id)
-local task_status = redis.call('HGET', key, 'status')
-if not task_status or FINAL[task_status] then return 0 end
-local before = redis.call('HGET', P .. 'state:' .. id, index)
-if before and FINAL[before] then return 0 end
-redis.call('HSET', P .. 'state:' .. id, index, status)
-local changed = false
-if task_status == 'queued' then
-  start(id, ARGV[7])
-  changed = true
-end
-if ARGV[5] == '1' then
-  local url = redis.call('HGET', P .. 'urls:' .. id, index)
-  redis.call('HSET', P .. 'items:' .. id, index, '{"index":' .. index .. ',"url":' .. url .. ARGV[6])
-  item_final(id, index, status)
-  if redis.call('LLEN', P .. 'done:' .. id) == tonumber(redis.call('HGET', key, 'total')) then
-    finish(id, 'completed', ARGV[7], ARGV[8], ARGV[9])
+local function update(id, index, status, final, tail, delivery_id)
+  local key = task_key(id)
+  local task_status = redis.call('HGET', key, 'status')
+  if not task_status or FINAL[task_status] then return 0 end
+  local before = redis.call('HGET', P .. 'state:' .. id, index)
+  if before and FINAL[before] then return 0 end
+  redis.call('HSET', P .. 'state:' .. id, index, status)
+  local changed = false
+  if task_status == 'queued' then
+    start(id, ARGV[2])
+    changed = true
   end
-  changed = true
+  if final == '1' then
+    local url = redis.call('HGET', P .. 'urls:' .. id, index)
+    redis.call('HSET', P .. 'items:' .. id, index, '{"index":' .. index .. ',"url":' .. url .. tail)
+    item_final(id, index, status)
+    if redis.call('LLEN', P .. 'done:' .. id) == tonumber(redis.call('HGET', key, 'total')) then
+      finish(id, 'completed', ARGV[2], ARGV[3], delivery_id)
+    end
+    changed = true
+  end
+  if changed then redis.call('PUBLISH', P .. 'changed', id) end
+  return 1
 end
-if changed then redis.call('PUBLISH', P .. 'changed', id) end
-return 1
+
+local results = {}
+for first = 4, #ARGV, 6 do
+  results[#results + 1] = update(ARGV[first], ARGV[first + 1], ARGV[first + 2], ARGV[first + 3],
+    ARGV[first + 4], ARGV[first + 5])
+end
+return results
 """
 )
 

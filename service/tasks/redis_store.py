@@ -50,7 +50,7 @@ from service.tasks.records import (
     TaskSummary,
     Webhook,
 )
-from service.tasks.registry import StoreUnavailable, TaskUpdate, decode_cursor, encode_cursor
+from service.tasks.registry import ItemChange, StoreUnavailable, TaskUpdate, decode_cursor, encode_cursor
 from service.tasks.state import utcnow
 
 log = logging.getLogger(__name__)
@@ -62,6 +62,7 @@ P = ParamSpec("P")
 UNREACHABLE = (RedisConnectionError, RedisTimeoutError, OSError, OutOfMemoryError, ReadOnlyError)
 LOOK_AGAIN = 1.0  # seconds a watcher waits for a message before it looks for itself
 WEBHOOK_GROUP = "senders"
+GROUP_WRITES = 64  # calls of update_items applied by one script call at most
 
 
 class RedisUnreachable(Exception):
@@ -109,9 +110,11 @@ class RedisRegistry:
         self._events: dict[str, asyncio.Event] = {}
         self._receipts: dict[str, bytes] = {}  # webhook delivery id -> its stream entry
         self._background: list[asyncio.Task[None]] = []
+        self._writes: list[tuple[list[str | int | float], asyncio.Future[list[bool]]]] = []  # item changes
+        self._writing: asyncio.Task[None] | None = None
         self._scripts = {
             name: client.register_script(getattr(redis_scripts, name))
-            for name in ("CREATE", "UPDATE_ITEM", "CLOSE", "FORGET", "EXPIRE", "ADOPT")
+            for name in ("CREATE", "UPDATE_ITEMS", "CLOSE", "FORGET", "EXPIRE", "ADOPT")
         }
 
     @classmethod
@@ -147,7 +150,7 @@ class RedisRegistry:
 
     async def close(self) -> None:
         """Stop listening and give up the lease at once: another replica adopts what is left."""
-        await stop_tasks(self._background)
+        await stop_tasks([*self._background, *([self._writing] if self._writing is not None else [])])
         with contextlib.suppress(RedisError, OSError):  # else it expires by itself
             await self.client.delete(self._key("replica:", self.replica))
         await self.client.aclose()
@@ -274,23 +277,51 @@ class RedisRegistry:
         labels: list[Label] | None = None,
         error: ErrorInfo | None = None,
     ) -> bool:
-        tail = _tail(status, labels, error) if status.is_final else ""
-        now = self._clock()
-        args: list[str | int | float] = [
-            self.prefix,
-            task_id,
-            index,
-            status.value,
-            int(status.is_final),
-            tail,
-            utcnow().isoformat(),
-            now,
-            uuid.uuid4().hex,  # the webhook delivery's id, if this completes the task
-        ]
-        changed = bool(await self.patient(self._scripts["UPDATE_ITEM"], args=args))
-        if changed and status.is_final and self._metrics is not None:
-            self._metrics.image_final(status.value, error.code if error is not None else "")
-        return changed
+        return (await self.update_items([ItemChange(task_id, index, status, labels, error)]))[0]
+
+    async def update_items(self, changes: list[ItemChange]) -> list[bool]:
+        """Changes asked for at about the same time (the downloads of many tasks, a batch's
+        outcomes) go to Redis together: one script call per turn of the event loop, as a
+        database commits a group. A change that cannot be serialised raises here, alone."""
+        args: list[str | int | float] = []
+        for change in changes:
+            tail = _tail(change.status, change.labels, change.error) if change.status.is_final else ""
+            # The last: the id of the webhook delivery, if this change completes the task.
+            args += [change.task_id, change.index, change.status.value, int(change.status.is_final), tail]
+            args.append(uuid.uuid4().hex)
+        applied: asyncio.Future[list[bool]] = asyncio.get_running_loop().create_future()
+        self._writes.append((args, applied))
+        if self._writing is None or self._writing.done():
+            self._writing = asyncio.create_task(self._write())
+        results = await applied
+        if self._metrics is not None:
+            for change, done in zip(changes, results, strict=True):
+                if done and change.status.is_final:
+                    self._metrics.image_final(change.status.value, change.error.code if change.error else "")
+        return results
+
+    async def _write(self) -> None:
+        """Apply the queued item changes, as many as have come, in order, until none is left."""
+        await asyncio.sleep(0)  # the other calls of this turn join the group
+        while self._writes:
+            group, self._writes = self._writes[:GROUP_WRITES], self._writes[GROUP_WRITES:]
+            args = [self.prefix, utcnow().isoformat(), self._clock(), *(arg for part, _ in group for arg in part)]
+            try:
+                results = [bool(result) for result in await self.patient(self._scripts["UPDATE_ITEMS"], args=args)]
+            except BaseException as exc:  # a bug, or the registry closing: the callers hear of it
+                for _, applied in group:
+                    if applied.done():
+                        continue
+                    if isinstance(exc, asyncio.CancelledError):
+                        applied.cancel()
+                    else:
+                        applied.set_exception(exc)
+                raise
+            for part, applied in group:
+                count = len(part) // 6
+                if not applied.done():  # its caller may have been cancelled meanwhile
+                    applied.set_result(results[:count])
+                results = results[count:]
 
     async def fail(self, task_id: str, error: ErrorInfo) -> bool:
         return await self.patient(self._close, task_id, ItemStatus.FAILED, TaskStatus.FAILED, error) > 0

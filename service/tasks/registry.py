@@ -44,6 +44,17 @@ class TaskUpdate:
     summary: TaskSummary
 
 
+@dataclass(frozen=True)
+class ItemChange:
+    """One item moved on (see `TaskRegistry.update_item`)."""
+
+    task_id: str
+    index: int
+    status: ItemStatus
+    labels: list[Label] | None = None
+    error: ErrorInfo | None = None
+
+
 class TaskRegistry(Protocol):
     # `owner` identifies the API key that created a task (None without keys); a task is
     # invisible, as if it did not exist, to every other owner.
@@ -94,6 +105,11 @@ class TaskRegistry(Protocol):
         error: ErrorInfo | None = None,
     ) -> bool:
         """Move one item on; False (and no change) if the task or the item is already final."""
+        ...
+
+    async def update_items(self, changes: list[ItemChange]) -> list[bool]:
+        """`update_item` for each change, in order (a batch's outcomes: one write where the
+        store is elsewhere)."""
         ...
 
     async def fail(self, task_id: str, error: ErrorInfo) -> bool:
