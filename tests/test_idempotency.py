@@ -12,9 +12,11 @@ import aiohttp
 import pytest
 
 from service.metrics import Metrics
-from service.tasks.idempotency import IdempotencyKey, SubmissionKeys
+from service.tasks.idempotency import IdempotencyKey, SubmissionExists, SubmissionKeys
+from service.tasks.redis_store import RedisRegistry
 from service.tasks.sqlite import SqliteRegistry
 from tests.conftest import PHOTOS_DIR, ImageServer, ServiceFactory, metric
+from tests.redis_server import RedisServer
 
 KEY = "5f0c6a1e-3c1b-4f7e-9d6a-0b1c2d3e4f50"
 
@@ -145,3 +147,24 @@ def test_keys_in_memory_are_bounded_oldest_first() -> None:
         forgotten += keys.add(None, IdempotencyKey(f"k{n}", "p"), f"t{n}", 1)[1]
     assert len(keys) == 3 and [submission.key for submission in forgotten] == ["k0", "k1"]
     assert keys.get(None, "k0") is None and keys.get(None, "k4") is not None
+
+
+async def test_keys_in_redis_are_shared_bounded_oldest_first_and_taken_once(
+    redis_server: RedisServer, redis_prefix: str
+) -> None:
+    """Two replicas on one Redis: a key one of them took is the other's answer, and a
+    submit racing with it on the other replica is told which task it stands for."""
+    one = await RedisRegistry.open(redis_server.url, 3600, 100, prefix=redis_prefix, max_keys=3)
+    other = await RedisRegistry.open(redis_server.url, 3600, 100, prefix=redis_prefix, max_keys=3)
+    first = await one.create(["u"], "m", 1, owner="alice", idempotency=IdempotencyKey("k0", "p"))
+    stored = await other.find_submission("alice", "k0")
+    assert stored is not None and (stored.task_id, stored.fingerprint, stored.total) == (first.task_id, "p", 1)
+    assert await other.find_submission("bob", "k0") is None
+    with pytest.raises(SubmissionExists) as raced:
+        await other.create(["u"], "m", 1, owner="alice", idempotency=IdempotencyKey("k0", "p"))
+    assert raced.value.submission.task_id == first.task_id
+    for n in range(1, 5):
+        await one.create(["u"], "m", 1, owner="alice", idempotency=IdempotencyKey(f"k{n}", "p"))
+    assert [await other.find_submission("alice", f"k{n}") is not None for n in range(5)] == [False] * 2 + [True] * 3
+    await one.close()
+    await other.close()

@@ -11,6 +11,8 @@ Keys (P is the prefix, `ics:` by default; one Redis, not a Cluster):
   P active       zset   sequence number -> task id, tasks not yet final
   P finished     zset   finish time (epoch s) -> task id, for expiry
   P seq, P unfinished, P counts (status -> tasks)
+  P idem:<owner, key>  string  what an idempotency key stands for (with its TTL)
+  P idem-order   zset   sequence number -> idempotency key, to keep at most so many
 Every change that a watcher may wait for is published on the channel P changed (the task id).
 An item's JSON is spliced here from its URL literal and the rest, which Python made with
 pydantic (`tail`: everything after the URL), so it reads exactly like the in-memory one.
@@ -73,8 +75,9 @@ end
 """
 
 # ARGV: P, id, model, precision, top_k, owner ('' = none), created_at, replica, callback ('' = none),
-# idempotency key ('' = none), its submission JSON, its ttl (s), then each item's URL literal.
-# Returns {seq} for a new task, {0, submission JSON} if the idempotency key is taken already.
+# idempotency key ('' = none), its submission JSON, its ttl (ms), most keys kept, then each
+# item's URL literal. Returns {seq} for a new task, {0, submission JSON} if the idempotency
+# key is taken already. Keys expire by their TTL; beyond the most kept, the oldest go first.
 CREATE = (
     _COMMON
     + """
@@ -83,19 +86,28 @@ local key = task_key(id)
 if redis.call('EXISTS', key) == 1 then  -- a create retried after its answer was lost
   return {tonumber(redis.call('HGET', key, 'seq'))}
 end
+local seq = tonumber(redis.call('GET', P .. 'seq') or '0') + 1
 if ARGV[10] ~= '' then
   if not redis.call('SET', P .. 'idem:' .. ARGV[10], ARGV[11], 'NX', 'PX', ARGV[12]) then
     return {0, redis.call('GET', P .. 'idem:' .. ARGV[10])}
   end
+  redis.call('ZADD', P .. 'idem-order', seq, ARGV[10])
+  local excess = redis.call('ZCARD', P .. 'idem-order') - tonumber(ARGV[13])
+  if excess > 0 then
+    for _, name in ipairs(redis.call('ZRANGE', P .. 'idem-order', 0, excess - 1)) do
+      redis.call('DEL', P .. 'idem:' .. name)
+    end
+    redis.call('ZREMRANGEBYRANK', P .. 'idem-order', 0, excess - 1)
+  end
 end
-local seq = redis.call('INCR', P .. 'seq')
-local total = #ARGV - 12
+redis.call('SET', P .. 'seq', seq)
+local total = #ARGV - 13
 redis.call('HSET', key, 'seq', seq, 'model', ARGV[3], 'precision', ARGV[4], 'top_k', ARGV[5],
   'created_at', ARGV[7], 'status', 'queued', 'total', total, 'replica', ARGV[8])
 if ARGV[6] ~= '' then redis.call('HSET', key, 'owner', ARGV[6]) end
 if ARGV[9] ~= '' then redis.call('HSET', key, 'callback', ARGV[9]) end
-for i = 13, #ARGV do
-  redis.call('HSET', P .. 'urls:' .. id, i - 13, ARGV[i])
+for i = 14, #ARGV do
+  redis.call('HSET', P .. 'urls:' .. id, i - 14, ARGV[i])
 end
 local owner = ARGV[6]
 if owner == '' then owner = '-' end

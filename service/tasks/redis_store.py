@@ -94,8 +94,10 @@ class RedisRegistry:
         clock: Callable[[], float] = time.time,
         idempotency_ttl: float = 86_400.0,
         metrics: Metrics | None = None,
+        max_keys: int = 100_000,
     ) -> None:
         self.client = client
+        self._max_keys = max_keys  # idempotency keys kept at most
         self._metrics = metrics  # counts the images this process made final
         self.prefix = prefix
         self.replica = uuid.uuid4().hex
@@ -129,12 +131,13 @@ class RedisRegistry:
         clock: Callable[[], float] = time.time,
         idempotency_ttl: float = 86_400.0,
         metrics: Metrics | None = None,
+        max_keys: int = 100_000,
         watch: bool = True,
     ) -> RedisRegistry:
         """Connect, take the lease and start listening for changes (`watch`: a worker that
         only writes results needs neither); raises RedisUnreachable."""
         client = connect(url)
-        registry = cls(client, prefix, finished_ttl, max_finished, lease, clock, idempotency_ttl, metrics)
+        registry = cls(client, prefix, finished_ttl, max_finished, lease, clock, idempotency_ttl, metrics, max_keys)
         try:
             await client.ping()
             await registry._renew()
@@ -209,6 +212,7 @@ class RedisRegistry:
                     key,
                     submission,
                     int(self._idempotency_ttl * 1000),
+                    self._max_keys,
                     *(pydantic_core.to_json(item.url) for item in items),
                 ]
             )
