@@ -64,3 +64,24 @@ async def test_a_worker_renews_what_it_holds_so_nobody_claims_it_while_it_works(
     await busy.close()
     await other.close()
     await registry.close()
+
+
+async def test_a_full_stream_holds_puts_back_until_workers_take_images_off(
+    redis_server: RedisServer, redis_prefix: str
+) -> None:
+    registry = await RedisRegistry.open(redis_server.url, 3600, 100, prefix=redis_prefix)
+    task = await registry.create(["u0", "u1", "u2"], "m", 1)
+    jobs = StreamJobs(registry, capacity=2)
+    for index in (0, 1):
+        await jobs.put(Job(task.task_id, index, "m", 1, b"image"))
+    third = asyncio.create_task(jobs.put(Job(task.task_id, 2, "m", 1, b"image")))
+    await asyncio.sleep(0.5)
+    assert not third.done() and await registry.client.xlen(stream_of(registry, "m")) == 2
+    worker = StreamBatches(registry, ["m"], "w", claim_idle=30, max_deliveries=3)
+    await worker.start()
+    await worker.finished(await worker.next_batch(1, 0))  # one classified: its entry and bytes go
+    await asyncio.wait_for(third, 2)
+    assert await registry.client.xlen(stream_of(registry, "m")) == 2
+    await worker.close()
+    await jobs.close()
+    await registry.close()

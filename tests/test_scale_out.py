@@ -65,6 +65,15 @@ async def running_worker(server: RedisServer, log: Path, *flags: str) -> AsyncIt
         kill(process)
 
 
+@asynccontextmanager
+async def together(*contexts: contextlib.AbstractAsyncContextManager[Any]) -> AsyncIterator[list[Any]]:
+    """Enter `contexts` side by side (their processes start at once), exit them all."""
+    async with contextlib.AsyncExitStack() as stack:
+        async with asyncio.TaskGroup() as group:
+            entering = [group.create_task(stack.enter_async_context(context)) for context in contexts]
+        yield [entered.result() for entered in entering]
+
+
 def kill(process: subprocess.Popen[bytes]) -> None:
     """kill -9 of the process and its children (its process group)."""
     with contextlib.suppress(ProcessLookupError):
@@ -105,10 +114,12 @@ async def test_a_task_submitted_on_one_replica_is_watched_and_read_on_the_other(
     keys = ("--api-keys", "key-a,key-b")
     alice, bob = {"Authorization": "Bearer key-a"}, {"Authorization": "Bearer key-b"}
     async with (
-        replica(redis, *keys, log=tmp_path / "a.log") as (_, a),
-        replica(redis, *keys, log=tmp_path / "b.log") as (_, b),
-        running_worker(redis, tmp_path / "w1.log"),
-        running_worker(redis, tmp_path / "w2.log"),
+        together(
+            replica(redis, *keys, log=tmp_path / "a.log"),
+            replica(redis, *keys, log=tmp_path / "b.log"),
+            running_worker(redis, tmp_path / "w1.log"),
+            running_worker(redis, tmp_path / "w2.log"),
+        ) as ((_, a), (_, b), _, _),
         aiohttp.ClientSession() as http,
     ):
         task_id = await submit(http, a, urls, **alice, **{"Idempotency-Key": "batch-1"})
@@ -147,18 +158,22 @@ async def test_a_cancel_through_another_replica_stops_the_owners_downloads(
 ) -> None:
     urls = [image_server.url(f"/slow/coffee?delay=1&n={n}") for n in range(40)]
     async with (
-        replica(redis, "--download-concurrency", "2", log=tmp_path / "a.log") as (_, a),
-        replica(redis, log=tmp_path / "b.log") as (_, b),
-        running_worker(redis, tmp_path / "w.log"),
+        together(
+            replica(redis, "--download-concurrency", "2", log=tmp_path / "a.log"),
+            replica(redis, log=tmp_path / "b.log"),
+            running_worker(redis, tmp_path / "w.log"),
+        ) as ((_, a), (_, b), _),
         aiohttp.ClientSession() as http,
     ):
         task_id = await submit(http, a, urls)
-        await asyncio.sleep(2.5)  # two or three rounds of downloads on A
+        async with asyncio.timeout(10):  # a round or two of downloads on A
+            while image_server.total_hits("/slow/") < 3:
+                await asyncio.sleep(0.05)
         async with http.delete(f"{b}/tasks/{task_id}") as response:
             assert response.status == 200, await response.text()
         await asyncio.sleep(1.5)  # A hears of it within about a second, and stops
         hits = image_server.total_hits("/slow/")
-        await asyncio.sleep(2.5)
+        await asyncio.sleep(2.0)  # two more rounds of downloads, had they gone on
         assert image_server.total_hits("/slow/") == hits < 10
         async with http.get(f"{a}/tasks/{task_id}") as gone:
             assert gone.status == 404
@@ -171,8 +186,10 @@ async def test_a_worker_killed_mid_task_leaves_its_batch_to_another(
     urls = [image_server.url(f"/photos/{name}") for name in names]
     client = aioredis.Redis.from_url(redis.url)
     async with (
-        replica(redis, log=tmp_path / "a.log") as (_, a),
-        running_worker(redis, tmp_path / "w1.log") as first,
+        together(replica(redis, log=tmp_path / "a.log"), running_worker(redis, tmp_path / "w1.log")) as (
+            (_, a),
+            first,
+        ),
         aiohttp.ClientSession() as http,
     ):
         # The first worker is stopped (SIGSTOP) while it holds a batch, then killed.
@@ -198,16 +215,18 @@ async def test_a_replica_killed_mid_task_has_its_task_adopted(
     names = list(PHOTOS) * 5
     urls = [image_server.url(f"/slow/{name}?delay=0.4") for name in names]
     async with (
-        replica(redis, "--download-concurrency", "1", log=tmp_path / "b.log") as (_, b),
-        running_worker(redis, tmp_path / "w.log"),
+        together(
+            replica(redis, "--download-concurrency", "1", log=tmp_path / "b.log"),
+            replica(redis, "--download-concurrency", "1", log=tmp_path / "a.log"),
+            running_worker(redis, tmp_path / "w.log"),
+        ) as ((_, b), (doomed, a), _),
         aiohttp.ClientSession() as http,
     ):
-        async with replica(redis, "--download-concurrency", "1", log=tmp_path / "a.log") as (doomed, a):
-            task_id = await submit(http, a, urls)
-            async with asyncio.timeout(30):
-                while (await task_on(http, a, task_id))["progress"]["done"] < 3:
-                    await asyncio.sleep(0.05)
-            kill(doomed)
+        task_id = await submit(http, a, urls)
+        async with asyncio.timeout(30):
+            while (await task_on(http, a, task_id))["progress"]["done"] < 3:
+                await asyncio.sleep(0.05)
+        kill(doomed)  # A dies mid-task
         before = await task_on(http, b, task_id)
         done_before = {item["index"]: item for item in before["items"] if item["status"] == "succeeded"}
         assert 3 <= len(done_before) < len(urls)
@@ -225,8 +244,10 @@ async def test_redis_restarted_mid_task_loses_nothing_accepted(
     names = list(PHOTOS) * 4
     urls = [image_server.url(f"/slow/{name}?delay=0.3") for name in names]
     async with (
-        replica(redis, "--download-concurrency", "2", log=tmp_path / "a.log") as (_, a),
-        running_worker(redis, tmp_path / "w.log"),
+        together(
+            replica(redis, "--download-concurrency", "2", log=tmp_path / "a.log"),
+            running_worker(redis, tmp_path / "w.log"),
+        ) as ((_, a), _),
         aiohttp.ClientSession() as http,
     ):
         task_id = await submit(http, a, urls)

@@ -101,15 +101,16 @@ class StreamJobs:
             group, self._adds = self._adds[:GROUP_ADDS], self._adds[GROUP_ADDS:]
             try:
                 self._length = await self._registry.patient(self._send, group)
-            except BaseException as exc:
-                for _, _, added in group:
-                    if added.done():
-                        continue
-                    if isinstance(exc, asyncio.CancelledError):
-                        added.cancel()
-                    else:
-                        added.set_exception(exc)
+            except asyncio.CancelledError:  # closing: nothing more is added
+                for _, _, added in [*group, *self._adds]:
+                    added.cancel()
+                self._adds = []
                 raise
+            except Exception as exc:  # a bug: these callers hear of it, the next group goes on
+                for _, _, added in group:
+                    if not added.done():
+                        added.set_exception(exc)
+                continue
             for _, _, added in group:
                 if not added.done():
                     added.set_result(None)
@@ -137,9 +138,12 @@ class StreamBatches:
         self._renewing: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
+        await self._ensure_groups()
+        self._renewing = asyncio.create_task(self._renew())
+
+    async def _ensure_groups(self) -> None:
         for stream in self._streams:
             await self._registry.patient(ensure_group, self._registry.client, stream, GROUP)
-        self._renewing = asyncio.create_task(self._renew())
 
     async def close(self) -> None:
         if self._renewing is not None:
@@ -181,7 +185,7 @@ class StreamBatches:
         read = await self._xreadgroup(dict.fromkeys(self._streams, ">"), max_size, READ_BLOCK_MS)
         if not read:
             return []
-        batches = [self._jobs(stream, entries) for stream, entries in read if entries]
+        batches = [jobs for stream, entries in read if (jobs := self._jobs(stream, entries))]
         if not batches:
             return []
         first, rest = batches[0], batches[1:]
@@ -201,7 +205,7 @@ class StreamBatches:
             if "NOGROUP" not in str(exc):
                 raise
             log.warning("the job streams' consumer group is gone (Redis lost its data?); making it again")
-            await self.start()
+            await self._ensure_groups()
             return None
 
     def _jobs(self, stream: str | bytes, entries: Any) -> list[Job]:
@@ -270,7 +274,11 @@ class StreamBatches:
         while True:
             await asyncio.sleep(self._claim_idle_ms / 3000)
             for stream, receipts in self._working.items():
-                if receipts:
+                if not receipts:
+                    continue
+                try:
                     await self._registry.patient(
                         client.xclaim, stream, GROUP, self._consumer, 0, list(receipts), justid=True
                     )
+                except Exception:  # a bug here must not end the renewals
+                    log.exception("renewing %d entries of %s failed", len(receipts), stream)

@@ -231,7 +231,13 @@ class RedisRegistry:
             progress=Progress(total=len(urls), done=0, succeeded=0, failed=0, cancelled=0),
             webhook=Webhook(url=callback_url) if callback_url else None,
         )
-        log.info("task %s created: %d images, model %s", task_id, len(urls), model, extra={"task_id": task_id})
+        log.info(
+            "task %s created: %d images, model %s",
+            task_id,
+            len(urls),
+            model,
+            extra={"task_id": task_id, "owner": owner},
+        )
         return TaskDetail(**dict(summary), items=items)
 
     async def find_submission(self, owner: str | None, key: str) -> Submission | None:
@@ -312,15 +318,16 @@ class RedisRegistry:
             args = [self.prefix, utcnow().isoformat(), self._clock(), *(arg for part, _ in group for arg in part)]
             try:
                 results = [bool(result) for result in await self.patient(self._scripts["UPDATE_ITEMS"], args=args)]
-            except BaseException as exc:  # a bug, or the registry closing: the callers hear of it
-                for _, applied in group:
-                    if applied.done():
-                        continue
-                    if isinstance(exc, asyncio.CancelledError):
-                        applied.cancel()
-                    else:
-                        applied.set_exception(exc)
+            except asyncio.CancelledError:  # the registry closes: nothing more is written
+                for _, applied in [*group, *self._writes]:
+                    applied.cancel()
+                self._writes = []
                 raise
+            except Exception as exc:  # a bug: these callers hear of it, the next group goes on
+                for _, applied in group:
+                    if not applied.done():
+                        applied.set_exception(exc)
+                continue
             for part, applied in group:
                 count = len(part) // 6
                 if not applied.done():  # its caller may have been cancelled meanwhile
@@ -486,7 +493,10 @@ class RedisRegistry:
     async def _keep_lease(self) -> None:
         """Renew the lease three times per lease period (a failure also marks Redis away)."""
         while True:
-            await self.patient(self._renew)
+            try:
+                await self.patient(self._renew)
+            except Exception:  # a bug here must not let the lease lapse for good
+                log.exception("renewing the lease failed")
             await asyncio.sleep(self.lease / 3)
 
     async def _listen(self) -> None:
@@ -501,6 +511,9 @@ class RedisRegistry:
                         if message is not None and (event := self._events.pop(message["data"].decode(), None)):
                             event.set()
             except UNREACHABLE:
+                await asyncio.sleep(LOOK_AGAIN)
+            except Exception:  # a bug: watchers still look every second; listen again
+                log.exception("listening for task changes failed")
                 await asyncio.sleep(LOOK_AGAIN)
 
     def _watch(self, task_id: str) -> asyncio.Event:
