@@ -25,7 +25,7 @@ from service.logs import configure_logging
 from service.pool import DefaultModelError
 from service.settings import Settings, load_settings
 from service.tasks.journal import StoreError
-from service.tasks.redis_store import RedisUnreachable
+from service.tasks.redis_link import RedisUnreachable
 
 log = logging.getLogger("service")
 

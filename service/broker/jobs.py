@@ -23,7 +23,8 @@ from redis.exceptions import ResponseError
 from service.lifetimes import stop_tasks
 from service.tasks.batching import Job
 from service.tasks.records import ErrorInfo, ItemStatus
-from service.tasks.redis_store import RedisRegistry, ensure_group
+from service.tasks.redis_link import ensure_group
+from service.tasks.redis_store import RedisRegistry
 from service.tasks.registry import ItemChange
 
 log = logging.getLogger(__name__)

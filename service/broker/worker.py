@@ -28,7 +28,8 @@ from service.pool import DefaultModelError
 from service.pool.setup import build_catalog, make_pool
 from service.settings import Settings, load_settings, usage_error
 from service.tasks.classifier import Classifier
-from service.tasks.redis_store import RedisRegistry, RedisUnreachable
+from service.tasks.redis_link import RedisUnreachable
+from service.tasks.redis_store import RedisRegistry
 
 log = logging.getLogger("service.worker")
 

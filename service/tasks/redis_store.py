@@ -16,27 +16,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterable
-from typing import Any, ParamSpec, TypeVar, cast
+from collections.abc import Callable, Iterable
+from typing import Any, cast
 
 import pydantic_core
 import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialWithJitterBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import OutOfMemoryError, ReadOnlyError, RedisError
-from redis.exceptions import TimeoutError as RedisTimeoutError
-from redis.typing import StreamIdT
+from redis.exceptions import RedisError
 
 from inference.specs import RunPrecision
 from service.lifetimes import stop_tasks
 from service.metrics import Metrics
 from service.tasks import redis_scripts
-from service.tasks.deliveries import Delivery, payload
+from service.tasks.deliveries import Delivery
 from service.tasks.idempotency import IdempotencyKey, Submission, SubmissionExists
 from service.tasks.records import (
     ErrorInfo,
@@ -50,35 +44,24 @@ from service.tasks.records import (
     TaskSummary,
     Webhook,
 )
-from service.tasks.registry import ItemChange, StoreUnavailable, TaskUpdate, decode_cursor, encode_cursor
+from service.tasks.redis_link import UNREACHABLE, RedisLink, RedisUnreachable, safe_url
+from service.tasks.redis_outbox import RedisOutbox
+from service.tasks.redis_records import (
+    as_bytes,
+    idempotency_name,
+    item_tail,
+    owner_of,
+    submission_json,
+    submission_of,
+    summary_of,
+)
+from service.tasks.registry import ItemChange, TaskUpdate, decode_cursor, encode_cursor
 from service.tasks.state import utcnow
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
-P = ParamSpec("P")
-# Redis away, loading its data, full (noeviction) or a read-only replica after a failover:
-# requests answer 503, background work waits for it.
-UNREACHABLE = (RedisConnectionError, RedisTimeoutError, OSError, OutOfMemoryError, ReadOnlyError)
 LOOK_AGAIN = 1.0  # seconds a watcher waits for a message before it looks for itself
-WEBHOOK_GROUP = "senders"
 GROUP_WRITES = 64  # calls of update_items applied by one script call at most
-
-
-class RedisUnreachable(Exception):
-    """Redis did not answer at start-up (the message says where and why)."""
-
-
-def connect(url: str) -> aioredis.Redis:
-    """A client that gives up on an unreachable Redis within seconds (callers decide whether
-    to wait for it); `socket_timeout` bounds a Redis that stopped answering."""
-    return aioredis.Redis.from_url(
-        url,
-        socket_connect_timeout=2.0,
-        socket_timeout=10.0,
-        retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), 2),
-        health_check_interval=15,
-    )
 
 
 class RedisRegistry:
@@ -86,7 +69,7 @@ class RedisRegistry:
 
     def __init__(
         self,
-        client: aioredis.Redis,
+        link: RedisLink,
         prefix: str,
         finished_ttl: float,
         max_finished: int,
@@ -96,9 +79,8 @@ class RedisRegistry:
         metrics: Metrics | None = None,
         max_keys: int = 100_000,
     ) -> None:
-        self.client = client
-        self._max_keys = max_keys  # idempotency keys kept at most
-        self._metrics = metrics  # counts the images this process made final
+        self.link = link
+        self.patient = link.patient  # background work waits for Redis; requests use `link.fast`
         self.prefix = prefix
         self.replica = uuid.uuid4().hex
         self.lease = lease
@@ -106,16 +88,16 @@ class RedisRegistry:
         self._max_finished = max_finished
         self._clock = clock
         self._idempotency_ttl = idempotency_ttl
-        self._healthy = True
-        self._healthy_since = time.monotonic() - lease  # a new replica adopts at once
+        self._max_keys = max_keys  # idempotency keys kept at most
+        self._metrics = metrics  # counts the images this process made final
         self._expired_at = 0.0
         self._events: dict[str, asyncio.Event] = {}
-        self._receipts: dict[str, bytes] = {}  # webhook delivery id -> its stream entry
+        self._outbox = RedisOutbox(link, prefix, self.replica, abandoned_after=3 * lease)
         self._background: list[asyncio.Task[None]] = []
         self._writes: list[tuple[list[str | int | float], asyncio.Future[list[bool]]]] = []  # item changes
         self._writing: asyncio.Task[None] | None = None
         self._scripts = {
-            name: client.register_script(getattr(redis_scripts, name))
+            name: link.client.register_script(getattr(redis_scripts, name))
             for name in ("CREATE", "UPDATE_ITEMS", "CLOSE", "FORGET", "EXPIRE", "ADOPT")
         }
 
@@ -136,14 +118,13 @@ class RedisRegistry:
     ) -> RedisRegistry:
         """Connect, take the lease and start listening for changes (`watch`: a worker that
         only writes results needs neither); raises RedisUnreachable."""
-        client = connect(url)
-        registry = cls(client, prefix, finished_ttl, max_finished, lease, clock, idempotency_ttl, metrics, max_keys)
+        link = await RedisLink.open(url)
+        registry = cls(link, prefix, finished_ttl, max_finished, lease, clock, idempotency_ttl, metrics, max_keys)
         try:
-            await client.ping()
             await registry._renew()
         except (RedisError, OSError) as exc:
-            await client.aclose()
-            raise RedisUnreachable(f"cannot reach Redis at {_safe(url)}: {exc}") from None
+            await link.close()
+            raise RedisUnreachable(f"cannot reach Redis at {safe_url(url)}: {exc}") from None
         if watch:
             registry._background = [
                 asyncio.create_task(registry._listen()),
@@ -156,17 +137,18 @@ class RedisRegistry:
         await stop_tasks([*self._background, *([self._writing] if self._writing is not None else [])])
         with contextlib.suppress(RedisError, OSError):  # else it expires by itself
             await self.client.delete(self._key("replica:", self.replica))
-        await self.client.aclose()
+        await self.link.close()
 
     def healthy(self) -> bool:
-        """As of the last call to Redis (`check` makes one)."""
-        return self._healthy
+        return self.link.healthy()
 
     async def check(self) -> bool:
-        """Ask Redis now (readiness probes do): it answers, or it is away."""
-        with contextlib.suppress(StoreUnavailable):
-            await self._fast(self.client.ping())
-        return self._healthy
+        """Ask Redis now (readiness probes do)."""
+        return await self.link.check()
+
+    @property
+    def client(self) -> aioredis.Redis:
+        return self.link.client
 
     @property
     def adopt_every(self) -> float:
@@ -192,12 +174,12 @@ class RedisRegistry:
         created = utcnow()
         key = submission = ""
         if idempotency is not None:
-            key = _idempotency_key(owner, idempotency.key)
-            submission = json.dumps(
-                [owner, idempotency.key, idempotency.fingerprint, task_id, len(urls), self._clock()]
+            key = idempotency_name(owner, idempotency.key)
+            submission = submission_json(
+                owner, idempotency.key, idempotency.fingerprint, task_id, len(urls), self._clock()
             )
         await self._maybe_expire(always=True)
-        result = await self._fast(
+        result = await self.link.fast(
             self._scripts["CREATE"](
                 args=[
                     self.prefix,
@@ -218,7 +200,7 @@ class RedisRegistry:
             )
         )
         if result[0] == 0:  # another replica took the key a moment ago
-            raise SubmissionExists(_submission(result[1]))
+            raise SubmissionExists(submission_of(result[1]))
         summary = TaskSummary(
             task_id=task_id,
             status=TaskStatus.QUEUED,
@@ -241,8 +223,8 @@ class RedisRegistry:
         return TaskDetail(**dict(summary), items=items)
 
     async def find_submission(self, owner: str | None, key: str) -> Submission | None:
-        stored = await self._fast(self.client.get(self._key("idem:", _idempotency_key(owner, key))))
-        return None if stored is None else _submission(_bytes(stored))
+        stored = await self.link.fast(self.client.get(self._key("idem:", idempotency_name(owner, key))))
+        return None if stored is None else submission_of(as_bytes(stored))
 
     async def get(self, task_id: str, owner: str | None = None) -> TaskDetail | None:
         data = await self.get_json(task_id, owner)
@@ -250,32 +232,34 @@ class RedisRegistry:
 
     async def get_json(self, task_id: str, owner: str | None = None) -> bytes | None:
         await self._maybe_expire()
-        return await self._fast(self._detail_json(task_id, owner))
+        return await self.link.fast(self._detail_json(task_id, owner))
 
     async def page(
         self, status: TaskStatus | None, limit: int, cursor: str | None, owner: str | None = None
     ) -> TaskPage:
         before = decode_cursor(cursor) if cursor else None
         await self._maybe_expire(always=True)
-        return await self._fast(self._page(status, limit, before, owner))
+        return await self.link.fast(self._page(status, limit, before, owner))
 
     async def cancel(self, task_id: str, owner: str | None = None) -> TaskDetail | None:
-        changed = await self._fast(self._close(task_id, ItemStatus.CANCELLED, TaskStatus.CANCELLED, None, owner or "-"))
+        changed = await self.link.fast(
+            self._close(task_id, ItemStatus.CANCELLED, TaskStatus.CANCELLED, None, owner or "-")
+        )
         return None if changed < 0 else await self.get(task_id, owner)
 
     async def remove(self, task_id: str, owner: str | None = None) -> TaskDetail | None:
         snapshot = await self.cancel(task_id, owner)
         if snapshot is not None:
-            await self._fast(self._scripts["FORGET"](args=[self.prefix, task_id]))
+            await self.link.fast(self._scripts["FORGET"](args=[self.prefix, task_id]))
         return snapshot
 
     async def status_counts(self) -> dict[TaskStatus, int]:
         await self._maybe_expire(always=True)
-        counts = await self._fast(self.client.hgetall(self._key("counts")))
+        counts = await self.link.fast(self.client.hgetall(self._key("counts")))
         return {status: int(counts.get(status.value.encode(), 0)) for status in TaskStatus}
 
     async def unfinished_images(self) -> int:
-        return int(await self._fast(self.client.get(self._key("unfinished"))) or 0)
+        return int(await self.link.fast(self.client.get(self._key("unfinished"))) or 0)
 
     # -- the work: it waits for Redis to come back --
 
@@ -295,7 +279,7 @@ class RedisRegistry:
         database commits a group. A change that cannot be serialised raises here, alone."""
         args: list[str | int | float] = []
         for change in changes:
-            tail = _tail(change.status, change.labels, change.error) if change.status.is_final else ""
+            tail = item_tail(change.status, change.labels, change.error) if change.status.is_final else ""
             # The last: the id of the webhook delivery, if this change completes the task.
             args += [change.task_id, change.index, change.status.value, int(change.status.is_final), tail]
             args.append(uuid.uuid4().hex)
@@ -379,7 +363,7 @@ class RedisRegistry:
         while True:
             changed = self._watch(task_id)
             status = await self.patient(self.client.hget, key, "status")
-            if status is None or TaskStatus(_bytes(status).decode()).is_final:
+            if status is None or TaskStatus(as_bytes(status).decode()).is_final:
                 return
             await _wait(changed, LOOK_AGAIN)
 
@@ -388,14 +372,14 @@ class RedisRegistry:
         replica that stopped; later, those of one that died), with their owners. Items
         that are not final start again from their download: some may be classified twice,
         and the first result wins."""
-        if time.monotonic() - self._healthy_since < self.lease:
+        if self.link.healthy_for() < self.lease:
             return []  # just (re)connected: give live replicas time to renew their leases
         ids = await self.patient(self._scripts["ADOPT"], args=[self.prefix, self.replica, 100])
         adopted = []
         for raw in ids:
             task_id = raw.decode()
             stored = await self.patient(self.client.hget, self._key("task:", task_id), "owner")
-            owner = None if stored is None else _bytes(stored).decode()
+            owner = None if stored is None else as_bytes(stored).decode()
             detail = await self.patient(self._detail_json, task_id, owner)
             if detail is not None:
                 adopted.append((TaskDetail.model_validate_json(detail), owner))
@@ -407,39 +391,11 @@ class RedisRegistry:
 
     async def next_delivery(self) -> Delivery:
         """The next completion webhook to try: new ones, and those a replica that died was
-        trying (idle longer than the lease)."""
-        stream = self._key("webhooks")
-        await self.patient(ensure_group, self.client, stream, WEBHOOK_GROUP)
-        while True:
-            found = await self.patient(
-                self.client.xautoclaim, stream, WEBHOOK_GROUP, self.replica, int(self.lease * 3000), count=10
-            )
-            claimed = _entries(found[1]) if found else []
-            if not claimed:
-                read = await self.patient(
-                    self.client.xreadgroup, WEBHOOK_GROUP, self.replica, {stream: ">"}, count=1, block=1000
-                )
-                claimed = [entry for _, messages in cast(Any, read) or [] for entry in _entries(messages)]
-            for entry_id, fields in claimed:
-                delivery = await self._delivery(entry_id, fields)
-                if delivery is not None:
-                    return delivery
+        trying (idle for three leases)."""
+        return await self._outbox.next()
 
     async def record_delivery(self, delivery: Delivery, webhook: Webhook, retry: Delivery | None) -> None:
-        key = self._key("task:", delivery.task_id)
-        entry = self._receipts.get(delivery.delivery_id)
-
-        async def record() -> None:
-            async with self.client.pipeline(transaction=True) as pipe:
-                pipe.eval(_SET_IF_EXISTS, 1, key, "webhook", webhook.model_dump_json())
-                if entry is not None and retry is None:
-                    pipe.xack(self._key("webhooks"), WEBHOOK_GROUP, entry)
-                    pipe.xdel(self._key("webhooks"), entry)
-                await pipe.execute()
-
-        await self.patient(record)
-        if retry is None:
-            self._receipts.pop(delivery.delivery_id, None)
+        await self._outbox.record(delivery, webhook, retry)
         await self.patient(self.client.publish, self._key("changed"), delivery.task_id)
 
     # -- inside --
@@ -447,48 +403,11 @@ class RedisRegistry:
     def _key(self, kind: str, name: str = "") -> str:
         return f"{self.prefix}{kind}{name}"
 
-    async def _fast(self, call: Awaitable[T]) -> T:
-        """A request's call: StoreUnavailable (503) if Redis is away."""
-        try:
-            result = await call
-        except UNREACHABLE as exc:
-            self._set_healthy(False, exc)
-            raise StoreUnavailable(f"Redis is unreachable: {exc}") from None
-        self._set_healthy(True)
-        return result
-
-    async def patient(self, call: Callable[P, Awaitable[T]], *args: P.args, **kwargs: P.kwargs) -> T:
-        """Background work's call, `call(*args, **kwargs)`: tried until Redis answers (or the
-        caller is cancelled). A script that ran but whose answer was lost runs again: every
-        script is safe to repeat."""
-        backoff = ExponentialWithJitterBackoff(base=0.1, cap=2.0)
-        failures = 0
-        while True:
-            try:
-                result = await call(*args, **kwargs)
-            except UNREACHABLE as exc:
-                self._set_healthy(False, exc)
-                failures += 1
-                await asyncio.sleep(backoff.compute(failures))
-                continue
-            self._set_healthy(True)
-            return result
-
-    def _set_healthy(self, healthy: bool, exc: BaseException | None = None) -> None:
-        if healthy and not self._healthy:
-            log.warning("Redis is reachable again")
-            self._healthy_since = time.monotonic()
-        elif not healthy and self._healthy:
-            log.error("Redis is unreachable: %s", exc)
-        self._healthy = healthy
-
     async def _renew(self) -> None:
         """The lease, and the webhook deliveries this replica is trying (so that no other
         replica takes them for abandoned while this one waits to try again)."""
         await self.client.set(self._key("replica:", self.replica), b"1", px=int(self.lease * 1000))
-        if self._receipts:
-            entries: list[StreamIdT] = list(self._receipts.values())
-            await self.client.xclaim(self._key("webhooks"), WEBHOOK_GROUP, self.replica, 0, entries, justid=True)
+        await self._outbox.renew()
 
     async def _keep_lease(self) -> None:
         """Renew the lease three times per lease period (a failure also marks Redis away)."""
@@ -528,7 +447,7 @@ class RedisRegistry:
             return
         self._expired_at = now
         deadline = now - self._finished_ttl
-        await self._fast(self._scripts["EXPIRE"](args=[self.prefix, deadline, self._max_finished]))
+        await self.link.fast(self._scripts["EXPIRE"](args=[self.prefix, deadline, self._max_finished]))
 
     async def _close(
         self,
@@ -546,7 +465,7 @@ class RedisRegistry:
                     self.prefix,
                     task_id,
                     item_status.value,
-                    _tail(item_status, None, error),
+                    item_tail(item_status, None, error),
                     task_status.value,
                     error.model_dump_json() if error is not None else "",
                     utcnow().isoformat(),
@@ -568,7 +487,7 @@ class RedisRegistry:
             pipe.hgetall(self._key("items:", task_id))
             pipe.hgetall(self._key("state:", task_id))
             fields, urls, items, states = await pipe.execute()
-        if not fields or _owner(fields.get(b"owner")) != owner:
+        if not fields or owner_of(fields) != owner:
             return None
         pieces = []
         for index in range(int(fields[b"total"])):
@@ -578,7 +497,7 @@ class RedisRegistry:
                 state = states.get(name, b"pending")
                 piece = b'{"index":%d,"url":%s,"status":"%s","labels":null,"error":null}' % (index, urls[name], state)
             pieces.append(piece)
-        head = _summary(task_id, fields).model_dump_json().encode()
+        head = summary_of(task_id, fields).model_dump_json().encode()
         return head[:-1] + b',"items":[' + b",".join(pieces) + b"]}"
 
     async def _update(self, task_id: str, seen: int | None, owner: str | None) -> TaskUpdate | None:
@@ -586,9 +505,9 @@ class RedisRegistry:
             pipe.hgetall(self._key("task:", task_id))
             pipe.lrange(self._key("done:", task_id), 0 if seen is None else seen, -1)
             fields, done = await pipe.execute()
-        if not fields or _owner(fields.get(b"owner")) != owner:
+        if not fields or owner_of(fields) != owner:
             return None
-        summary = _summary(task_id, fields)
+        summary = summary_of(task_id, fields)
         if seen is None:
             return TaskUpdate(items=[], summary=summary)
         pieces = await self.client.hmget(self._key("items:", task_id), done) if done else []
@@ -613,7 +532,7 @@ class RedisRegistry:
                 rows = await pipe.execute()
             for (task_id, seq), fields in zip(ids, rows, strict=True):
                 if fields and (status is None or fields[b"status"].decode() == status.value):
-                    found.append((int(seq), _summary(task_id.decode(), fields)))
+                    found.append((int(seq), summary_of(task_id.decode(), fields)))
             top = f"({int(ids[-1][1])}"
             if len(ids) < chunk:
                 break
@@ -623,123 +542,7 @@ class RedisRegistry:
             tasks=[summary for _, summary in page], next_cursor=encode_cursor(page[-1][0]) if more else None
         )
 
-    async def _delivery(self, entry_id: bytes, fields: dict[bytes, bytes]) -> Delivery | None:
-        """The delivery an entry of the webhook stream stands for; None (and the entry gone)
-        if its task was forgotten meanwhile."""
-        task_id = fields[b"task"].decode()
-        task = cast(dict[bytes, bytes], await self.patient(self.client.hgetall, self._key("task:", task_id)))
-        if not task:
-            stream = self._key("webhooks")
-
-            async def drop() -> None:
-                async with self.client.pipeline(transaction=True) as pipe:
-                    pipe.xack(stream, WEBHOOK_GROUP, entry_id)
-                    pipe.xdel(stream, entry_id)
-                    await pipe.execute()
-
-            await self.patient(drop)
-            return None
-        webhook = _summary(task_id, task).webhook
-        delivery = Delivery(
-            delivery_id=fields[b"delivery"].decode(),
-            task_id=task_id,
-            url=fields[b"url"].decode(),
-            body=payload(_summary(task_id, task)),
-            finished=float(fields[b"finished"]),
-            attempts=webhook.attempts if webhook is not None else 0,
-        )
-        self._receipts[delivery.delivery_id] = entry_id
-        return delivery
-
-
-# Set a hash field only if the hash still exists (a forgotten task stays forgotten).
-_SET_IF_EXISTS = """
-if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) end
-"""
-
-
-async def ensure_group(client: aioredis.Redis, stream: str, group: str) -> None:
-    """The consumer group, made with the stream if need be (existing entries included)."""
-    try:
-        await client.xgroup_create(stream, group, id="0", mkstream=True)
-    except RedisError as exc:
-        if "BUSYGROUP" not in str(exc):
-            raise
-
 
 async def _wait(event: asyncio.Event, timeout: float) -> None:
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(event.wait(), timeout)
-
-
-def _tail(status: ItemStatus, labels: list[Label] | None, error: ErrorInfo | None) -> str:
-    """An item's JSON after its URL (see `redis_scripts`), made by pydantic; raises if the
-    labels or the error cannot be serialised, before anything changes."""
-    text = Item(index=0, url="", status=status, labels=labels, error=error).model_dump_json()
-    head = '{"index":0,"url":""'
-    assert text.startswith(head)
-    return text[len(head) :]
-
-
-def _bytes(value: object) -> bytes:
-    """A reply as the client gives it (it never decodes; redis-py's types allow for both)."""
-    assert isinstance(value, bytes), value
-    return value
-
-
-def _entries(raw: Any) -> list[tuple[bytes, dict[bytes, bytes]]]:
-    """Stream entries, as XREADGROUP and XCLAIM give them."""
-    return [(entry_id, fields) for entry_id, fields in raw]
-
-
-def _owner(raw: bytes | None) -> str | None:
-    return None if raw is None else raw.decode()
-
-
-def _idempotency_key(owner: str | None, key: str) -> str:
-    return json.dumps([owner, key])
-
-
-def _submission(raw: bytes) -> Submission:
-    owner, key, fingerprint, task_id, total, created = json.loads(raw)
-    return Submission(owner, key, fingerprint, task_id, total, created)
-
-
-def _summary(task_id: str, fields: dict[bytes, bytes]) -> TaskSummary:
-    def text(name: str) -> str | None:
-        raw = fields.get(name.encode())
-        return None if raw is None else raw.decode()
-
-    counts = {status: int(fields.get(status.value.encode(), 0)) for status in ItemStatus if status.is_final}
-    error = text("error")
-    webhook = text("webhook")
-    callback = text("callback")
-    return TaskSummary.model_validate(
-        {
-            "task_id": task_id,
-            "status": text("status"),
-            "model": text("model"),
-            "precision": text("precision"),
-            "top_k": int(fields[b"top_k"]),
-            "created_at": text("created_at"),
-            "started_at": text("started_at"),
-            "finished_at": text("finished_at"),
-            "progress": {
-                "total": int(fields[b"total"]),
-                "done": sum(counts.values()),
-                "succeeded": counts[ItemStatus.SUCCEEDED],
-                "failed": counts[ItemStatus.FAILED],
-                "cancelled": counts[ItemStatus.CANCELLED],
-            },
-            "error": json.loads(error) if error else None,
-            "webhook": json.loads(webhook) if webhook else ({"url": callback} if callback else None),
-        }
-    )
-
-
-def _safe(url: str) -> str:
-    """A Redis URL without its password, for messages."""
-    scheme, sep, rest = url.partition("://")
-    if "@" in rest:
-        rest = "***@" + rest.split("@", 1)[1]
-    return f"{scheme}{sep}{rest}"
