@@ -55,11 +55,16 @@ def classify_batch(model: ModelInfo, images: list[bytes], top_k: list[int]) -> l
     return _current().classify(model, images, top_k)
 
 
+def needs_torch(declared: list[ModelSpec]) -> bool:
+    """Whether `model_infos` imports torch: for torchvision models, declared or in the cache."""
+    return any(spec.source == "torchvision" for spec in declared) or _hub_checkpoints()
+
+
 def model_infos(declared: list[ModelSpec]) -> list[ModelInfo]:
     """Facts about the declared models, then about torchvision weights found in the cache.
 
     Raises inference.specs.CatalogError for a declaration that can never work."""
-    if not any(spec.source == "torchvision" for spec in declared) and not _hub_checkpoints():
+    if not needs_torch(declared):
         return [local_info(spec) for spec in declared]
     from inference import zoo  # imports torch
 

@@ -32,9 +32,11 @@ SILENT_SECONDS = 5.0  # a worker without a heartbeat this long is frozen: the wo
 
 
 async def describe_models(specs: list[ModelSpec]) -> list[ModelInfo]:
-    """Facts about `specs` and the torchvision weights in the cache, found out in a process of
-    its own that then exits: it imports torch when torchvision is involved, and neither the
-    web process nor a worker should carry that (~1 GB)."""
+    """Facts about `specs` and the torchvision weights in the cache. When torchvision is
+    involved, found out in a process of its own that then exits: it imports torch, and neither
+    the web process nor a worker should carry that (~1 GB); otherwise read here, at once."""
+    if not worker.needs_torch(specs):
+        return worker.model_infos(specs)
     executor = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
     try:
         return await asyncio.get_running_loop().run_in_executor(executor, worker.model_infos, specs)
