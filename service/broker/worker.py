@@ -28,7 +28,7 @@ from service.pool import DefaultModelError
 from service.pool.setup import build_catalog, make_pool
 from service.settings import Settings, load_settings, usage_error
 from service.tasks.classifier import Classifier
-from service.tasks.redis_link import RedisUnreachable
+from service.tasks.redis_link import RedisUnreachable, safe_url
 from service.tasks.redis_store import RedisRegistry
 
 log = logging.getLogger("service.worker")
@@ -62,7 +62,7 @@ async def work(settings: Settings) -> None:
                 registry, pool, catalog, batches, Metrics(), settings.batch_size, settings.batch_wait_ms / 1000
             )
             consumers = [asyncio.create_task(classifier.consume()) for _ in range(pool.workers)]
-            where = settings.redis.rsplit("@", 1)[-1]  # without a password
+            where = safe_url(settings.redis)
             log.info("worker %s: %d processes classify %s at %s", consumer, pool.workers, ", ".join(models), where)
             await stop.wait()
             log.info("stopping")
