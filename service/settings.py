@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Annotated, Literal, NoReturn
 
 from pydantic import Field, PrivateAttr, ValidationError, model_validator
-from pydantic_settings import BaseSettings, CliApp, SettingsConfigDict, SettingsError
+from pydantic_settings import BaseSettings, CliApp, CliSettingsSource, SettingsConfigDict, SettingsError
 
 from inference.onnx_cache import default_cache_dir
 from inference.specs import (
@@ -282,7 +282,9 @@ def load_settings(argv: Sequence[str] | None = None, program: str = PROGRAM) -> 
     value exits with a usage error (status 2), as argparse does."""
     args = list(sys.argv[1:] if argv is None else argv)
     try:
-        return CliApp.run(Settings, cli_args=args)
+        return CliApp.run(
+            Settings, cli_args=args, cli_settings_source=CliSettingsSource(Settings, cli_prog_name=program)
+        )
     except ValidationError as exc:
         problems = [_problem(error["loc"], error["msg"]) for error in exc.errors(include_url=False)]
         usage_error("; ".join(problems), program)

@@ -177,3 +177,11 @@ def test_a_models_file_may_set_a_precision(tmp_path: Path) -> None:
     assert exited.value.code == 2
     models.write_text('[models.a]\nformat = "torchscript"\npath = "a.pt"\nlabels = "labels.txt"\nprecision = "fp32"\n')
     assert load_settings(["--models-file", str(models)]).model_specs()[1].precision == "fp32"
+
+
+def test_the_worker_names_itself_and_needs_redis() -> None:
+    shown = subprocess.run([sys.executable, "run_worker.py", "--help"], cwd=ROOT, capture_output=True, text=True)
+    assert shown.returncode == 0 and shown.stdout.startswith("usage: run_worker.py"), shown.stdout[:200]
+    refused = subprocess.run([sys.executable, "run_worker.py"], cwd=ROOT, capture_output=True, text=True)
+    assert refused.returncode == 2
+    assert "run_worker.py: error: --redis is required" in refused.stderr and "Traceback" not in refused.stderr
