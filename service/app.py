@@ -12,8 +12,6 @@ import asyncio
 import contextlib
 import gc
 import logging
-import os
-import socket
 from collections.abc import AsyncIterator
 
 from aiohttp import web
@@ -42,7 +40,7 @@ from service.api.keys import (
 )
 from service.api.page import add_page
 from service.api.schemas import SubmitForm, SubmitRequest
-from service.broker.jobs import StreamBatches, StreamJobs
+from service.broker.jobs import StreamBatches, StreamJobs, consumer_name
 from service.fetch.fetcher import FetchLimits, make_session
 from service.metrics import Metrics
 from service.pool.setup import build_catalog, make_pool
@@ -138,7 +136,7 @@ async def tasks_ctx(app: web.Application) -> AsyncIterator[None]:
                 batches = StreamBatches(
                     registry,
                     [info.name for info in app[CATALOG].infos()],
-                    f"{socket.gethostname()}-{os.getpid()}",
+                    consumer_name(),
                     settings.claim_idle,
                     settings.max_deliveries,
                 )

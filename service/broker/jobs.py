@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
 import time
 from collections import deque
 from typing import Any, cast
@@ -42,6 +44,12 @@ WORKER_CRASHED = ErrorInfo(
 
 Fields = dict[str, str | int | bytes]
 Add = tuple[str, Fields, asyncio.Future[None]]  # an entry to add: its stream, its fields, told when added
+
+
+def consumer_name() -> str:
+    """This process's name in the consumer groups: a worker that dies leaves its entries
+    under it, for others to claim."""
+    return f"{socket.gethostname()}-{os.getpid()}"
 
 
 def stream_of(registry: RedisRegistry, model: str) -> str:

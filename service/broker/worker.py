@@ -13,14 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import signal
-import socket
 
 import uvloop
 
 from inference.specs import CatalogError
-from service.broker.jobs import StreamBatches
+from service.broker.jobs import StreamBatches, consumer_name
 from service.lifetimes import stop_tasks
 from service.logs import configure_logging
 from service.metrics import Metrics
@@ -55,7 +53,7 @@ async def work(settings: Settings) -> None:
         pool = make_pool(settings, catalog)
         try:
             await pool.start()
-            consumer = f"{socket.gethostname()}-{os.getpid()}"
+            consumer = consumer_name()
             batches = StreamBatches(registry, models, consumer, settings.claim_idle, settings.max_deliveries)
             await batches.start()
             classifier = Classifier(
