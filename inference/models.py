@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class LoadedModel:
     info: ModelInfo
-    run: Runner  # float batch -> logits
+    run: Runner  # uint8 pixels (N, H, W, 3) -> logits
     categories: tuple[str, ...]
     precision: RunPrecision  # what it really runs at
 
@@ -102,7 +102,7 @@ def load_model(
         size = info.preprocessing.input_size
         sizes = batch_sizes(max(warm_batch, 1))
         for warm in sizes[1:]:
-            run(np.zeros((warm, 3, size, size), dtype=np.float32))
+            run(np.zeros((warm, size, size, 3), dtype=np.uint8))
         run = padded(run, sizes)
         if exact is not None:  # a few images at a time: the sizes warm up on first use
             run = refined(run, padded(exact, sizes), refine_margin)
@@ -118,18 +118,18 @@ def _from_cache(
 ) -> tuple[Runner, tuple[str, ...]]:
     entry = onnx_cache.ensure(info, cache_dir)
     try:
-        return onnx_runner(entry.onnx, runtime, threads, precision), entry.categories()
+        return onnx_runner(entry.onnx, runtime, threads, precision, info.preprocessing), entry.categories()
     except ModelLoadError:
         raise
     except Exception as exc:  # a damaged cache file: not fatal, it is made again
         log.warning("the cached export %s is unusable (%s); exporting it again", entry.onnx, exc)
         entry.remove()
         entry = onnx_cache.ensure(info, cache_dir)
-        return onnx_runner(entry.onnx, runtime, threads, precision), entry.categories()
+        return onnx_runner(entry.onnx, runtime, threads, precision, info.preprocessing), entry.categories()
 
 
 def _check_outputs(run: Runner, info: ModelInfo, num_labels: int) -> None:
     size = info.preprocessing.input_size
-    outputs = run(np.zeros((1, 3, size, size), dtype=np.float32)).shape[-1]
+    outputs = run(np.zeros((1, size, size, 3), dtype=np.uint8)).shape[-1]
     if outputs != num_labels:
         raise ModelLoadError(f"model {info.name!r} has {outputs} outputs but {num_labels} labels")

@@ -10,10 +10,12 @@ import contextlib
 import io
 import warnings
 
+import numpy as np
 import torch
 from torchvision.models import EfficientNet_B0_Weights, get_model
 
 from inference.onnx_runtimes import Runner
+from inference.preprocess import normalize
 from inference.runtimes import build_runner, graph_runner
 from inference.specs import ModelInfo, ModelSpec, read_labels
 from inference.zoo import weights_of
@@ -56,6 +58,9 @@ def load_module(spec: ModelSpec) -> tuple[torch.nn.Module, tuple[str, ...]]:
 def torch_runner(info: ModelInfo, runtime: str, threads: int) -> tuple[Runner, tuple[str, ...]]:
     torch.set_num_threads(threads)
     module, categories = load_module(info.spec)
-    if info.spec.is_graph:
-        return graph_runner(module), categories
-    return build_runner(module, runtime, info.preprocessing.input_size), categories
+    run = graph_runner(module) if info.spec.is_graph else build_runner(module, runtime, info.preprocessing.input_size)
+
+    def run_pixels(pixels: np.ndarray) -> np.ndarray:
+        return run(normalize(pixels, info.preprocessing))
+
+    return run_pixels, categories

@@ -46,6 +46,7 @@ from service.metrics import Metrics
 from service.pool.setup import build_catalog, make_pool
 from service.settings import Settings
 from service.tasks.batching import BatchQueue, BatchSource, JobQueue
+from service.tasks.classifier import CONSUMERS_PER_WORKER
 from service.tasks.memory import InMemoryRegistry
 from service.tasks.redis_store import RedisRegistry
 from service.tasks.service import TaskService
@@ -159,7 +160,7 @@ async def tasks_ctx(app: web.Application) -> AsyncIterator[None]:
                 download_concurrency=settings.download_concurrency,
                 batch_size=settings.batch_size,
                 batch_wait=settings.batch_wait_ms / 1000,
-                consumers=settings.resolved_workers(),
+                consumers=CONSUMERS_PER_WORKER * settings.resolved_workers(),
                 pool=pool,
                 source=source,
                 adopt_every=registry.adopt_every if isinstance(registry, RedisRegistry) else None,

@@ -157,7 +157,9 @@ class Settings(BaseSettings):
     )
     allowed_networks: str = Field("", description="comma-separated CIDRs downloads may reach even though not public")
     batch_timeout: Seconds = Field(
-        120.0, description="seconds a batch may run before its worker is recycled and its images fail"
+        120.0,
+        description="seconds a batch may take once handed to the workers (one other batch may run first) "
+        "before they are recycled and its images fail",
     )
     store: Literal["sqlite", "memory"] = Field(
         "sqlite", description="where tasks are kept: sqlite (in --data-dir; they survive restarts) or memory"

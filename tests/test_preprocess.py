@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
-from inference.preprocess import ImageRejected, decode_image, preprocess, to_input
+from inference.preprocess import ImageRejected, decode_image, normalize, preprocess, to_input
 from inference.specs import EMBEDDED
 
 INFO = EMBEDDED.preprocessing
@@ -24,18 +24,22 @@ def encode(image: Image.Image, fmt: str, **options: object) -> bytes:
     return buffer.getvalue()
 
 
-def test_photo_becomes_a_normalised_input_array(photos: dict[str, bytes]) -> None:
-    array = preprocess(photos["coffee"], INFO, MAX_PIXELS)
-    assert array.shape == (3, 224, 224)
+def test_photo_becomes_input_pixels_then_a_normalised_array(photos: dict[str, bytes]) -> None:
+    pixels = preprocess(photos["coffee"], INFO, MAX_PIXELS)
+    assert pixels.shape == (224, 224, 3)
+    assert pixels.dtype == np.uint8
+    array = normalize(pixels[np.newaxis], INFO)
+    assert array.shape == (1, 3, 224, 224)
     assert array.dtype == np.float32
+    assert array.flags.c_contiguous
     # TF-Lite normalisation maps 0..255 to about -0.99..1.0
     assert -1.0 <= float(array.min()) < 0 < float(array.max()) <= 1.0
 
 
 @pytest.mark.parametrize("size", [(640, 480), (480, 640), (300, 256), (1024, 1024)])
 def test_resize_crop_and_normalise_match_torchvision(photos: dict[str, bytes], size: tuple[int, int]) -> None:
-    """The numpy path gives torchvision's Resize(antialias) / CenterCrop / Normalize result,
-    up to the rounding of a resampled pixel (one step of 255)."""
+    """The Pillow/numpy path gives torchvision's Resize(antialias) / CenterCrop / Normalize
+    result, up to the rounding of a resampled pixel (one step of 255)."""
     image = Image.open(io.BytesIO(photos["rocket"])).convert("RGB").resize(size)
     expected = v2.Compose(
         [
@@ -46,7 +50,7 @@ def test_resize_crop_and_normalise_match_torchvision(photos: dict[str, bytes], s
             v2.Normalize(mean=list(INFO.mean), std=list(INFO.std)),
         ]
     )(image)
-    difference = np.abs(to_input(image, INFO) - expected.numpy())
+    difference = np.abs(normalize(to_input(image, INFO)[np.newaxis], INFO)[0] - expected.numpy())
     one_step = 1 / (255 * min(INFO.std))
     assert difference.max() <= one_step + 1e-5
     assert difference.mean() < one_step / 4

@@ -25,7 +25,7 @@ from service.metrics import Metrics
 from service.pool import DefaultModelError
 from service.pool.setup import build_catalog, make_pool
 from service.settings import Settings, load_settings, usage_error
-from service.tasks.classifier import Classifier
+from service.tasks.classifier import CONSUMERS_PER_WORKER, Classifier
 from service.tasks.redis_link import RedisUnreachable, safe_url
 from service.tasks.redis_store import RedisRegistry
 
@@ -59,7 +59,7 @@ async def work(settings: Settings) -> None:
             classifier = Classifier(
                 registry, pool, catalog, batches, Metrics(), settings.batch_size, settings.batch_wait_ms / 1000
             )
-            consumers = [asyncio.create_task(classifier.consume()) for _ in range(pool.workers)]
+            consumers = [asyncio.create_task(classifier.consume()) for _ in range(CONSUMERS_PER_WORKER * pool.workers)]
             where = safe_url(settings.redis)
             log.info("worker %s: %d processes classify %s at %s", consumer, pool.workers, ", ".join(models), where)
             await stop.wait()

@@ -2,8 +2,10 @@
 the inference pool, outcomes into the registry, then the batch is confirmed to its source.
 This is where inference failures become error codes.
 
-One consumer per worker process keeps every worker busy while work waits. A result for a
-task that is final by now (cancelled, say) is refused by the registry and dropped. A
+Two consumers per worker process (`CONSUMERS_PER_WORKER`): while one records its batch's
+outcomes and takes and sends the next batch, the other's batch already waits at the pool,
+so a worker goes from one batch straight to the next. A result for a task that is final by
+now (cancelled, say) is refused by the registry and dropped. A
 consumer stopped mid-batch confirms nothing: a stream hands that batch to another worker.
 """
 
@@ -23,6 +25,10 @@ from service.tasks.registry import ItemChange, TaskRegistry
 log = logging.getLogger(__name__)
 
 INTERNAL_ERROR = ErrorInfo(code="internal_error", message="internal error")
+
+# Measured with one per worker: a worker waited a median 12 ms between batches of about
+# 200 ms (outcomes recorded, next batch taken and sent); with two, 3-7 ms.
+CONSUMERS_PER_WORKER = 2
 
 
 class Classifier:
