@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from datetime import datetime
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
@@ -57,8 +58,19 @@ def free_port() -> int:
 
 
 def _serve_images(directory: str, port: int) -> None:
+    """The images from memory: it stands in for image hosts elsewhere, and shares the 2
+    cores with the service, so it should cost little (files through aiohttp's static
+    handler cost about 0.6 ms of CPU per image, nearly as much as the service's web process)."""
+    images = {path.name: path.read_bytes() for path in Path(directory).iterdir()}
+
+    async def image(request: web.Request) -> web.Response:
+        body = images.get(request.match_info["name"])
+        if body is None:
+            raise web.HTTPNotFound()
+        return web.Response(body=body, content_type="image/jpeg")
+
     app = web.Application()
-    app.router.add_static("/img", directory)
+    app.router.add_get("/img/{name}", image)
     web.run_app(app, host="127.0.0.1", port=port, print=None, access_log=None)
 
 
@@ -129,11 +141,13 @@ async def submit(http: aiohttp.ClientSession, base: str, urls: list[str]) -> str
         return str(body["task_id"])
 
 
-async def wait_all_done(http: aiohttp.ClientSession, base: str, task_ids: set[str]) -> None:
-    """Poll the task list (summaries only) until every task in `task_ids` is final. They are
-    the newest tasks, so the page holds them and little else: a page of hundreds of finished
-    tasks every 0.1 s would be the bench's load on the web process, not the work measured."""
+async def wait_all_done(http: aiohttp.ClientSession, base: str, task_ids: set[str]) -> float:
+    """Poll the task list (summaries only) until every task in `task_ids` is final; the
+    latest `finished_at` among them (Unix time). They are the newest tasks, so the page holds
+    them and little else: a page of hundreds of finished tasks every 0.1 s would be the
+    bench's load on the web process, not the work measured."""
     pending = set(task_ids)
+    finished = 0.0
     limit = str(min(500, len(task_ids) + 20))
     while pending:
         async with http.get(f"{base}/tasks", params={"limit": limit}) as response:
@@ -143,22 +157,28 @@ async def wait_all_done(http: aiohttp.ClientSession, base: str, task_ids: set[st
                 if task["status"] != "completed" or task["progress"]["failed"]:
                     raise RuntimeError(f"task {task['task_id']} ended {task['status']}: {task['progress']}")
                 pending.discard(task["task_id"])
-        await asyncio.sleep(0.1)  # coarse enough not to steal CPU from the service
+                finished = max(finished, datetime.fromisoformat(task["finished_at"]).timestamp())
+        if pending:
+            await asyncio.sleep(0.1)  # coarse enough not to steal CPU from the service
+    return finished
+
+
+# Throughput is timed from just before the first POST to the service's `finished_at` of the
+# last task, both read off this machine's clock: the 0.1 s between polls would otherwise add
+# up to 5% to a 2-second task at random (seen as one task in three running slower).
 
 
 async def one_big_task(http: aiohttp.ClientSession, base: str, urls: list[str]) -> float:
-    started = time.perf_counter()
+    started = time.time()
     task_id = await submit(http, base, urls)
-    await wait_all_done(http, base, {task_id})
-    return len(urls) / (time.perf_counter() - started)
+    return len(urls) / (await wait_all_done(http, base, {task_id}) - started)
 
 
 async def many_small_tasks(http: aiohttp.ClientSession, base: str, urls: list[str], tasks: int) -> float:
     size = len(urls) // tasks
-    started = time.perf_counter()
+    started = time.time()
     task_ids = await asyncio.gather(*(submit(http, base, urls[n * size : (n + 1) * size]) for n in range(tasks)))
-    await wait_all_done(http, base, set(task_ids))
-    return size * tasks / (time.perf_counter() - started)
+    return size * tasks / (await wait_all_done(http, base, set(task_ids)) - started)
 
 
 async def latency_under_load(http: aiohttp.ClientSession, base: str, urls: list[str]) -> dict[str, list[float]]:
@@ -279,10 +299,17 @@ async def service_run(
                     figures["ready_s"] = await service.ready(http)
                     # No warm-up: the first task after start-up is measured too. The same 300
                     # URLs each time, so that only the service can make one task slower.
-                    figures["first_tasks"] = [
-                        await one_big_task(http, service.base, urls[:300]) for _ in range(args.first_tasks)
-                    ]
-                others = [psutil.Process(image_server_pid), psutil.Process()]
+                    figures["first_tasks"], figures["first_tasks_worker_ms"] = [], []
+                    first_urls = urls[:300]
+                    for _ in range(args.first_tasks):
+                        workers = service.workers()
+                        before_task = cpu_seconds(workers)
+                        figures["first_tasks"].append(await one_big_task(http, service.base, first_urls))
+                        # The same images each time: a task whose workers needed more CPU per
+                        # image was slowed by the machine, not by the service.
+                        worker_ms = (cpu_seconds(workers) - before_task) / len(first_urls) * 1000
+                        figures["first_tasks_worker_ms"].append(worker_ms)
+                image_server = psutil.Process(image_server_pid)
                 for round_number in range(args.repeat):
                     print(
                         f"round {round_number + 1}/{args.repeat}: reference; per store 1 big task, "
@@ -297,16 +324,14 @@ async def service_run(
                         figures = result["stores"][service.store]
                         workers = service.workers()
                         processes = [service.memory.process]
-                        before = [cpu_seconds(processes), cpu_seconds(workers), *(cpu_seconds([p]) for p in others)]
+                        before = [cpu_seconds(processes), cpu_seconds(workers), cpu_seconds([image_server])]
                         started = time.perf_counter()
                         figures["big"].append(await one_big_task(http, service.base, urls))
                         if round_number == 0:  # where the CPU goes during one 1,000-URL task
                             elapsed = time.perf_counter() - started
                             figures["web_cpu"] = (cpu_seconds(processes) - before[0]) / len(urls)
                             figures["worker_busy"] = (cpu_seconds(workers) - before[1]) / elapsed / len(workers)
-                            figures["other_cpu"] = [
-                                (cpu_seconds([p]) - b) / elapsed for p, b in zip(others, before[2:], strict=True)
-                            ]
+                            figures["image_server_cpu"] = (cpu_seconds([image_server]) - before[2]) / len(urls)
                         figures["small"].append(await many_small_tasks(http, service.base, urls, args.small_tasks))
                     for service in order:  # every round, so p99 stands on a few hundred requests
                         latency = result["stores"][service.store]["latency"]
@@ -394,6 +419,10 @@ def main() -> None:
                 f"[{store}] 300-URL tasks right after start-up",
                 f"{', '.join(f'{value:.1f}' for value in first)} images/s; worst / best {min(first) / max(first):.0%}",
             ),
+            (
+                f"[{store}] their workers' CPU per image",
+                ", ".join(f"{value:.2f}" for value in figures["first_tasks_worker_ms"]) + " ms",
+            ),
             (f"[{store}] 1 task x 1,000 URLs", f"{median(figures['big']):.1f} images/s" + runs(figures["big"])),
             (
                 f"[{store}] {args.small_tasks} tasks x {len(images) // args.small_tasks} URLs",
@@ -412,6 +441,7 @@ def main() -> None:
             ),
             (f"[{store}] web process CPU per image", f"{figures['web_cpu'] * 1000:.2f} ms"),
             (f"[{store}] worker CPU busy, 1,000-URL task", f"{figures['worker_busy']:.0%} of each worker's wall time"),
+            (f"[{store}] the bench's image server, CPU per image", f"{figures['image_server_cpu'] * 1000:.2f} ms"),
             (
                 f"[{store}] peak memory",
                 f"RSS total {mib(memory.peak['total_rss'])} (service {mib(memory.peak['main_rss'])}, workers "
@@ -421,6 +451,7 @@ def main() -> None:
         report[store] = {
             "ready_s": figures["ready_s"],
             "first_tasks_images_per_s": first,
+            "first_tasks_worker_cpu_ms_per_image": figures["first_tasks_worker_ms"],
             "big_task_images_per_s": figures["big"],
             "small_tasks_images_per_s": figures["small"],
             "get_p99_s": percentile(get, 0.99),
