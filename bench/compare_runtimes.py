@@ -2,7 +2,8 @@
 
     .venv/bin/python -m bench.compare_runtimes [--threads 1] [--batch 16] [--images 300]
 
-For each runtime and precision this machine can run: images/s on pre-decoded inputs, its
+For each runtime and precision this machine can run: images/s on pre-decoded pixels (the
+normalisation is the runtime's: inside the model for OpenVINO, numpy for the others), its
 set-up time (export, tracing or compiling, and a first pass over the photos), its top-1
 agreement with eager PyTorch fp32 on the test photos plus `--images` benchmark photos, and
 its largest probability difference.
