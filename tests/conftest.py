@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gzip
 import os
 import signal
 import socket
@@ -110,6 +111,8 @@ class ImageServer:
                 web.get("/text", self._text),
                 web.get("/big", self._big),
                 web.get("/big-stream", self._big_stream),
+                web.get("/gzip-bomb", self._gzip_bomb),
+                web.get("/gzip/{name}", self._gzip_photo),
                 web.get("/hang", self._hang),
                 web.get("/loop", self._loop),
                 web.get("/redirect", self._redirect),
@@ -162,6 +165,17 @@ class ImageServer:
             await response.write(b"\xff" * 65_536)
         await response.write_eof()
         return response
+
+    async def _gzip_bomb(self, request: web.Request) -> web.Response:
+        """A few kilobytes on the wire (Content-Length says so) that inflate to 2 MB."""
+        self.hits[request.path] += 1
+        body = gzip.compress(b"\xff" * 2_000_000)
+        return web.Response(body=body, headers={"Content-Type": "image/jpeg", "Content-Encoding": "gzip"})
+
+    async def _gzip_photo(self, request: web.Request) -> web.Response:
+        self.hits[request.path] += 1
+        body = gzip.compress(self.photos[request.match_info["name"]])
+        return web.Response(body=body, headers={"Content-Type": "image/jpeg", "Content-Encoding": "gzip"})
 
     async def _hang(self, request: web.Request) -> web.Response:
         self.hits[request.path] += 1

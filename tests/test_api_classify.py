@@ -90,15 +90,17 @@ async def test_item_failures_have_codes_and_the_task_still_completes(
         image_server.url("/text"): ("failed", "not_an_image"),
         image_server.url("/big"): ("failed", "download_too_large"),
         image_server.url("/big-stream"): ("failed", "download_too_large"),
+        image_server.url("/gzip-bomb"): ("failed", "download_too_large"),
         image_server.url("/hang"): ("failed", "timeout"),
         image_server.url("/loop"): ("failed", "too_many_redirects"),
+        image_server.url("/gzip/coffee"): ("succeeded", None),  # compressed on the wire
     }
     accepted = await submit(client, list(cases))
     task = await wait_for_task(client, accepted["task_id"])
 
     assert task["status"] == "completed"
     assert task["error"] is None
-    assert task["progress"] == {"total": 10, "done": 10, "succeeded": 1, "failed": 9, "cancelled": 0}
+    assert task["progress"] == {"total": 12, "done": 12, "succeeded": 2, "failed": 10, "cancelled": 0}
     for item, (url, (status, code)) in zip(task["items"], cases.items(), strict=True):
         assert item["url"] == url
         assert item["status"] == status, item
