@@ -108,7 +108,7 @@ def load_model(
             # It gets a few images of a batch at a time: the small sizes are warmed here (a
             # first pass at 1, 2 and 4 images measured 20-30 ms slower than the next ones),
             # larger ones are rare enough (about 1 unsure image per 16) to warm on first use.
-            few = [size for size in sizes if size <= max(1, sizes[-1] // 4)]
+            few = [count for count in sizes if count <= max(1, sizes[-1] // 4)]
             for warm in few:
                 exact(np.zeros((warm, size, size, 3), dtype=np.uint8))
             run = refined(run, padded(exact, sizes), refine_margin)
