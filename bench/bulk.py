@@ -19,8 +19,8 @@ from pathlib import Path
 
 import aiohttp
 
+from bench.harness import ROOT, cpu_model, free_port, start_image_server, wait_ready
 from bench.images import make_images
-from bench.run_bench import ROOT, cpu_model, free_port, start_image_server, wait_ready
 
 
 async def direct_task(base: str, urls: list[str]) -> float:

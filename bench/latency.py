@@ -16,8 +16,8 @@ from pathlib import Path
 
 import aiohttp
 
+from bench.harness import Service, client_connector, cpu_model, latency_under_load, percentile, start_image_server
 from bench.images import make_images
-from bench.run_bench import Service, client_connector, cpu_model, latency_under_load, percentile, start_image_server
 from service.settings import Settings
 
 

@@ -26,8 +26,8 @@ from pathlib import Path
 import redis
 
 from bench.bulk import direct_task
+from bench.harness import ROOT, cpu_model, free_port, start_image_server, wait_ready
 from bench.images import make_images
-from bench.run_bench import ROOT, cpu_model, free_port, start_image_server, wait_ready
 from service.broker.jobs import StreamBatches, StreamJobs
 from service.tasks.batching import Job
 from service.tasks.records import ItemStatus, Label

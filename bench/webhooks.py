@@ -22,8 +22,8 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
+from bench.harness import ROOT, cpu_model, free_port, percentile, start_image_server, wait_ready
 from bench.images import make_images
-from bench.run_bench import ROOT, cpu_model, free_port, percentile, start_image_server, wait_ready
 from service.webhooks import signing
 
 SECRET = "bench-secret"
