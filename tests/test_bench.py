@@ -10,6 +10,7 @@ from pathlib import Path
 from bench import reference
 from bench.images import make_images
 from bench.run_bench import reference_limit
+from bench.workers_offline import workers_images_per_second
 from inference import onnx_cache
 from inference.engine import Engine
 from inference.protocol import Prediction, WorkerConfig
@@ -21,6 +22,11 @@ from tests.conftest import ROOT
 def test_the_reference_pipeline_runs(model_cache: Path) -> None:
     images = make_images(8)
     assert reference_limit(images, Settings(workers=1, threads_per_worker=1, model_cache_dir=model_cache)) > 0
+
+
+def test_the_workers_offline_bench_runs(model_cache: Path) -> None:
+    config = WorkerConfig(local_info(EMBEDDED), "openvino", 1, 10**8, model_cache)
+    assert workers_images_per_second(make_images(20), config, processes=1) > 0
 
 
 def test_the_reference_classifies_as_the_service_does(photos: dict[str, bytes], model_cache: Path) -> None:

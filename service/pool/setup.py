@@ -33,9 +33,9 @@ async def build_catalog(settings: Settings) -> ModelCatalog:
     return catalog
 
 
-def make_pool(settings: Settings, catalog: ModelCatalog) -> ProcessInferencePool:
-    """The workers (not started yet), with the default model to load in each."""
-    config = WorkerConfig(
+def worker_config(settings: Settings, catalog: ModelCatalog) -> WorkerConfig:
+    """What each worker process is started with, the default model to load among it."""
+    return WorkerConfig(
         default_model=catalog.info(settings.default_model),
         runtime=settings.resolved_runtime(),
         threads=settings.resolved_threads(),
@@ -47,4 +47,8 @@ def make_pool(settings: Settings, catalog: ModelCatalog) -> ProcessInferencePool
         max_loaded_models=settings.max_loaded_models,
         refine_margin=settings.refine_margin,
     )
-    return ProcessInferencePool(settings.resolved_workers(), config, settings.batch_timeout)
+
+
+def make_pool(settings: Settings, catalog: ModelCatalog) -> ProcessInferencePool:
+    """The workers (not started yet)."""
+    return ProcessInferencePool(settings.resolved_workers(), worker_config(settings, catalog), settings.batch_timeout)

@@ -1,0 +1,74 @@
+"""The service's worker code alone against the fixed reference: the ceiling of `run_bench`.
+
+    .venv/bin/python -m bench.workers_offline [--images 640] [--rounds 2]
+
+One process per core runs `inference.worker` exactly as the service's pool does (started
+with the settings' worker configuration, fed batches of 16 image files as bytes: decode,
+preprocessing, the model), next to `bench.reference` on the same bytes, in the same rounds.
+No HTTP, no registry, no web process: what is left between this ratio and the end-to-end
+one of `bench.run_bench` is the service's own cost and the image server's. Also run with
+`--refine-margin 0` (pure bf16), so the price of refining is measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import multiprocessing
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import replace
+
+from bench.harness import cpu_model
+from bench.images import make_images
+from bench.reference import reference_images_per_second
+from inference import onnx_cache, worker
+from inference.protocol import WorkerConfig
+from service.pool.setup import build_catalog, worker_config
+from service.settings import Settings
+
+BATCH = 16
+
+
+def workers_images_per_second(images: list[bytes], config: WorkerConfig, processes: int) -> float:
+    """Images/s of `processes` workers, all busy (after a warm-up), as `run_bench` feeds them."""
+    batches = [images[start : start + BATCH] for start in range(0, len(images), BATCH)]
+    context = multiprocessing.get_context("spawn")
+    info = config.default_model
+    with ProcessPoolExecutor(processes, context, worker.init_worker, (config,)) as pool:
+        warm = [pool.submit(worker.classify_batch, info, batches[0], [5] * len(batches[0])) for _ in range(processes)]
+        for future in warm:
+            future.result()
+        started = time.perf_counter()
+        futures = [pool.submit(worker.classify_batch, info, batch, [5] * len(batch)) for batch in batches]
+        done = sum(len(future.result()) for future in futures)
+        return done / (time.perf_counter() - started)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=640)
+    parser.add_argument("--rounds", type=int, default=2)
+    args = parser.parse_args()
+    settings = Settings()
+    catalog = asyncio.run(build_catalog(settings))
+    config = replace(worker_config(settings, catalog), parent_pid=0, nice=0)
+    processes = settings.resolved_workers()
+    entry = onnx_cache.ensure(config.default_model, settings.model_cache_dir)
+    images = make_images(args.images)
+    print(f"{cpu_model()}; {processes} processes; {config.runtime} {config.default_model.precision}", flush=True)
+    print("| round | reference (ORT fp32) | workers | ratio | workers, --refine-margin 0 | ratio |")
+    print("|---|---|---|---|---|---|")
+    for round_number in range(args.rounds):
+        reference = reference_images_per_second(images, entry.onnx, processes)
+        refined = workers_images_per_second(images, config, processes)
+        pure = workers_images_per_second(images, replace(config, refine_margin=0.0), processes)
+        print(
+            f"| {round_number + 1} | {reference:.1f} | {refined:.1f} | {refined / reference:.2f}x "
+            f"| {pure:.1f} | {pure / reference:.2f}x |",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()
