@@ -34,7 +34,7 @@ async def build_catalog(settings: Settings) -> ModelCatalog:
 
 
 def worker_config(settings: Settings, catalog: ModelCatalog) -> WorkerConfig:
-    """What each worker process is started with, the default model to load among it."""
+    """What each worker process is started with, the default model it loads included."""
     return WorkerConfig(
         default_model=catalog.info(settings.default_model),
         runtime=settings.resolved_runtime(),

@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 INTERNAL_ERROR = ErrorInfo(code="internal_error", message="internal error")
 
 # Measured with one per worker: a worker waited a median 12 ms between batches of about
-# 200 ms (outcomes recorded, next batch taken and sent); with two, 3-7 ms.
+# 200 ms (outcomes recorded, next batch taken and sent); with two, 2-7 ms.
 CONSUMERS_PER_WORKER = 2
 
 
