@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from inference.handover import SharedBatch, images_of
 from inference.lifetime import Heartbeat, die_with_parent
 from inference.onnx_cache import cache_home
 from inference.protocol import ModelLoadError, Outcome, WorkerConfig
@@ -20,7 +21,8 @@ from inference.specs import ModelInfo, ModelSpec, local_info
 if TYPE_CHECKING:
     from inference.engine import Engine
 
-# The per-process model cache: the only module-level mutable state in the project.
+# The per-process model cache (module-level mutable state exists only in worker processes:
+# this, and `inference.handover`'s open batch files).
 _engine: Engine | None = None
 
 
@@ -50,9 +52,10 @@ def worker_info() -> tuple[int, tuple[str, ...], str]:
     return os.getpid(), tuple(engine.models), engine.startup_error
 
 
-def classify_batch(model: ModelInfo, images: list[bytes], top_k: list[int]) -> list[Outcome]:
-    """Raises inference.protocol.ModelLoadError when the model cannot be loaded."""
-    return _current().classify(model, images, top_k)
+def classify_batch(model: ModelInfo, images: list[bytes] | SharedBatch, top_k: list[int]) -> list[Outcome]:
+    """The images as they are, or where the web process put them (`inference.handover`).
+    Raises inference.protocol.ModelLoadError when the model cannot be loaded."""
+    return _current().classify(model, images_of(images), top_k)
 
 
 def needs_torch(declared: list[ModelSpec]) -> bool:

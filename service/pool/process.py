@@ -18,12 +18,14 @@ import os
 import signal
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
 
 from inference import worker
 from inference.lifetime import Heartbeat
 from inference.protocol import Outcome, WorkerConfig
 from inference.specs import ModelInfo, ModelSpec
 from service.pool import DefaultModelError, InferenceTimeout, WorkerCrashed
+from service.pool.handover import BatchFiles
 
 log = logging.getLogger(__name__)
 
@@ -136,11 +138,18 @@ class ProcessInferencePool:
         self._batch_timeout = batch_timeout
         self._closing = False
         self._watch: asyncio.Task[None] | None = None
+        self._files = BatchFiles.on_shared_memory()
         self._current = self._start_workers()
 
     @property
     def restarts(self) -> int:
         return self._restarts
+
+    @property
+    def batch_directory(self) -> Path | None:
+        """Where batches are handed to the workers (`service.pool.handover`); None: they go
+        through the executor's pipe."""
+        return self._files.directory if self._files is not None else None
 
     def _start_workers(self) -> _Workers:
         workers = _Workers(self.workers, self._config)
@@ -184,8 +193,15 @@ class ProcessInferencePool:
         loop = asyncio.get_running_loop()
         try:
             await asyncio.shield(workers.ready)  # fresh workers: their start-up is not the batch's time
-            call = loop.run_in_executor(workers.executor, worker.classify_batch, model, images, top_k)
-            return await asyncio.wait_for(call, self._batch_timeout)
+            shared = self._files.put(images) if self._files is not None else None
+            call: asyncio.Future[list[Outcome]] | None = None
+            try:
+                call = loop.run_in_executor(workers.executor, worker.classify_batch, model, shared or images, top_k)
+                return await asyncio.wait_for(call, self._batch_timeout)
+            finally:
+                if shared is not None and self._files is not None:
+                    # A call given up on (timed out, cancelled) may still be read by a worker.
+                    self._files.release(shared, reuse=call is None or (call.done() and not call.cancelled()))
         except BrokenProcessPool:
             self._replace(workers, reason="an inference worker died")
             raise WorkerCrashed("an inference worker died during the batch") from None
@@ -211,3 +227,5 @@ class ProcessInferencePool:
         if self._watch is not None:
             self._watch.cancel()
         await self._current.close(timeout)
+        if self._files is not None:
+            self._files.close()
