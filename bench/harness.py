@@ -25,6 +25,7 @@ from aiohttp import web
 from inference.specs import cpu_flags
 
 ROOT = Path(__file__).resolve().parent.parent
+POLL_SECONDS = 0.25  # how often the bench asks whether its tasks are done
 
 
 def free_port() -> int:
@@ -130,7 +131,10 @@ async def wait_all_done(http: aiohttp.ClientSession, base: str, task_ids: set[st
                 pending.discard(task["task_id"])
                 finished = max(finished, datetime.fromisoformat(task["finished_at"]).timestamp())
         if pending:
-            await asyncio.sleep(0.1)  # coarse enough not to steal CPU from the service
+            # Each poll costs the web process about 0.7 ms of CPU (SQLite; 0.4 in memory):
+            # every 0.1 s that was 0.045 ms per image of a 1,000-URL task's web CPU figure.
+            # Throughput does not depend on it: it is timed to `finished_at`.
+            await asyncio.sleep(POLL_SECONDS)
     return finished
 
 
