@@ -17,6 +17,11 @@ from dataclasses import dataclass
 _open_files: dict[str, int] = {}
 
 
+class BatchFileUnreadable(Exception):
+    """A batch file is gone or shorter than its batch: removed by someone else, or dropped
+    by the web process for a call it gave up on."""
+
+
 @dataclass(frozen=True)
 class SharedBatch:
     """Where a batch's images are: one file, `(offset, length)` per image, in order."""
@@ -25,14 +30,16 @@ class SharedBatch:
     spans: tuple[tuple[int, int], ...]
 
     def read(self) -> list[bytes]:
-        """The images (in a worker process). Raises OSError if the file is gone: the web
-        process drops the file of a batch it stopped waiting for."""
+        """The images (in a worker process); raises BatchFileUnreadable."""
         descriptor = _open_files.get(self.path)
         if descriptor is None:
-            descriptor = _open_files[self.path] = os.open(self.path, os.O_RDONLY)
+            try:
+                descriptor = _open_files[self.path] = os.open(self.path, os.O_RDONLY)
+            except FileNotFoundError:
+                raise BatchFileUnreadable(f"batch file {self.path} is gone") from None
         images = [os.pread(descriptor, length, offset) for offset, length in self.spans]
         if any(len(image) != length for image, (_, length) in zip(images, self.spans, strict=True)):
-            raise OSError(f"batch file {self.path} is shorter than its batch")
+            raise BatchFileUnreadable(f"batch file {self.path} is shorter than its batch")
         return images
 
 

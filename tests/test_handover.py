@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
 import os
+import shutil
+import signal
 import subprocess
 import sys
 import textwrap
@@ -11,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from inference.handover import SharedBatch, images_of
+from inference.handover import BatchFileUnreadable, SharedBatch, images_of
 from service.api.keys import POOL
 from service.pool.handover import KEEP_BYTES, LOCK, PREFIX, BatchFiles
 from tests.conftest import ImageServer, ServiceFactory, submit, wait_for_task
@@ -51,7 +54,7 @@ def test_an_abandoned_batch_file_is_dropped(files: BatchFiles) -> None:
     assert shared is not None
     files.release(shared, reuse=False)
     assert not Path(shared.path).exists()
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(BatchFileUnreadable):
         SharedBatch(shared.path, shared.spans).read()
     assert files.put([b"next"]) is not None
 
@@ -79,6 +82,11 @@ def test_directories_of_ended_services_are_removed_and_live_ones_kept(tmp_path: 
     assert live.directory.exists() and unrelated.exists()
     with open(live.directory / LOCK) as lock, pytest.raises(BlockingIOError):
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # still held by its owner
+
+
+def test_no_file_can_be_made_falls_back_to_the_pipe(files: BatchFiles) -> None:
+    shutil.rmtree(files.directory)  # removed by someone else
+    assert files.put([b"image"]) is None
 
 
 def test_a_failed_write_falls_back_to_the_pipe(tmp_path: Path) -> None:
@@ -115,3 +123,26 @@ async def test_the_service_hands_batches_over_in_shared_memory(
     assert [item["labels"][0]["label"] for item in task["items"]] == ["espresso", "missile"] * 3
     written = [path for path in directory.iterdir() if path.name != LOCK]
     assert written and all(path.stat().st_size > 0 for path in written)  # kept for the next batches
+
+
+async def test_batch_files_removed_under_the_service_turn_it_to_the_pipe(
+    make_service: ServiceFactory, image_server: ImageServer
+) -> None:
+    """A cleaner of /dev/shm that removes the files: fresh workers cannot open them, and the
+    batch is sent again through the pipe, as every later one."""
+    client = await make_service(batch_size=2)
+    pool = client.server.app[POOL]
+    urls = [image_server.url("/photos/coffee"), image_server.url("/photos/rocket")]
+    await wait_for_task(client, (await submit(client, urls))["task_id"])
+    directory = pool.batch_directory
+    assert directory is not None
+    shutil.rmtree(directory)
+    (victim,) = pool.worker_pids()
+    os.kill(victim, signal.SIGKILL)  # its successor has not opened the files yet
+    async with asyncio.timeout(60):
+        while pool.restarts == 0 or not pool.check_ready():
+            await asyncio.sleep(0.05)
+
+    task = await wait_for_task(client, (await submit(client, urls * 2))["task_id"])
+    assert [item["labels"][0]["label"] for item in task["items"]] == ["espresso", "missile"] * 2
+    assert pool.batch_directory is None

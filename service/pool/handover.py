@@ -1,10 +1,10 @@
 """The sending side of `inference.handover`: a few files in a private directory on a RAM
 file system, one per batch in flight, reused from batch to batch.
 
-A batch goes through the executor's pipe as before when there is no such file system, when
-a write fails (a full `/dev/shm`: Docker's is 64 MB unless `--shm-size` says more), or when
-its file was dropped. Files are only written and read, never mapped, so a full file system is
-an error to fall back from, not a crash. A file that grew past `KEEP_BYTES` for a batch of
+A batch goes through the executor's pipe as before when there is no such file system or
+when a file cannot be made or written (a full `/dev/shm`: Docker's is 64 MB unless
+`--shm-size` says more). Files are only written and read, never mapped, so a full file
+system is an error to fall back from, not a crash. A file that grew past `KEEP_BYTES` for a batch of
 large images is emptied afterwards, so shared memory stays at a few MB per worker.
 """
 
@@ -60,7 +60,11 @@ class BatchFiles:
 
     def put(self, images: list[bytes]) -> SharedBatch | None:
         """The images written to a free file; None if that failed (send them as they are)."""
-        file = self._free.pop() if self._free else self._new_file()
+        try:
+            file = self._free.pop() if self._free else self._new_file()
+        except OSError as exc:
+            self._fell_back(exc)
+            return None
         spans = []
         offset = 0
         try:
@@ -70,9 +74,7 @@ class BatchFiles:
                 spans.append((offset, len(image)))
                 offset += len(image)
         except OSError as exc:
-            if not self._warned:  # once: a full /dev/shm would say it for every batch
-                log.warning("a batch goes to its worker through the pipe: %s", exc)
-                self._warned = True
+            self._fell_back(exc)
             self._empty(file)
             self._free.append(file)
             return None
@@ -83,7 +85,9 @@ class BatchFiles:
     def release(self, batch: SharedBatch, reuse: bool) -> None:
         """The batch's file is free again. Without `reuse` (its call was abandoned, so a
         worker may still read it) the file is dropped instead."""
-        file = self._lent.pop(batch.path)
+        file = self._lent.pop(batch.path, None)
+        if file is None:  # closed meanwhile
+            return
         if not reuse:
             self._drop(file)
             return
@@ -98,6 +102,11 @@ class BatchFiles:
         self._lent.clear()
         shutil.rmtree(self.directory, ignore_errors=True)
         os.close(self._lock)
+
+    def _fell_back(self, error: OSError) -> None:
+        if not self._warned:  # once: a full /dev/shm would say it for every batch
+            log.warning("a batch goes to its worker through the pipe: %s", error)
+            self._warned = True
 
     def _new_file(self) -> _File:
         self._count += 1

@@ -21,6 +21,7 @@ from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 from inference import worker
+from inference.handover import BatchFileUnreadable
 from inference.lifetime import Heartbeat
 from inference.protocol import Outcome, WorkerConfig
 from inference.specs import ModelInfo, ModelSpec
@@ -190,24 +191,37 @@ class ProcessInferencePool:
 
     async def classify(self, model: ModelInfo, images: list[bytes], top_k: list[int]) -> list[Outcome]:
         workers = self._current
-        loop = asyncio.get_running_loop()
         try:
             await asyncio.shield(workers.ready)  # fresh workers: their start-up is not the batch's time
-            shared = self._files.put(images) if self._files is not None else None
-            call: asyncio.Future[list[Outcome]] | None = None
             try:
-                call = loop.run_in_executor(workers.executor, worker.classify_batch, model, shared or images, top_k)
-                return await asyncio.wait_for(call, self._batch_timeout)
-            finally:
-                if shared is not None and self._files is not None:
-                    # A call given up on (timed out, cancelled) may still be read by a worker.
-                    self._files.release(shared, reuse=call is None or (call.done() and not call.cancelled()))
+                return await self._run(workers, model, images, top_k)
+            except BatchFileUnreadable as exc:  # a cleaner of /dev/shm removed them, say
+                if self._files is not None:
+                    log.warning("%s; batches go to the workers through the pipe from now on", exc)
+                    self._files.close()
+                    self._files = None
+                return await self._run(workers, model, images, top_k)
         except BrokenProcessPool:
             self._replace(workers, reason="an inference worker died")
             raise WorkerCrashed("an inference worker died during the batch") from None
         except TimeoutError:
             self._replace(workers, reason=f"a batch ran over {self._batch_timeout:g}s", kill=True)
             raise InferenceTimeout(f"the batch ran over {self._batch_timeout:g}s") from None
+
+    async def _run(self, workers: _Workers, model: ModelInfo, images: list[bytes], top_k: list[int]) -> list[Outcome]:
+        """One batch on `workers`, its images in a batch file where there is one."""
+        files = self._files
+        shared = files.put(images) if files is not None else None
+        call: asyncio.Future[list[Outcome]] | None = None
+        try:
+            call = asyncio.get_running_loop().run_in_executor(
+                workers.executor, worker.classify_batch, model, shared or images, top_k
+            )
+            return await asyncio.wait_for(call, self._batch_timeout)
+        finally:
+            if files is not None and shared is not None:
+                # A call given up on (timed out, cancelled) may still be read by a worker.
+                files.release(shared, reuse=call is None or (call.done() and not call.cancelled()))
 
     def _replace(self, workers: _Workers, reason: str, kill: bool = False) -> None:
         """Swap in fresh workers, once per broken set (every caller that saw it break ends here)."""
