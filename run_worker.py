@@ -1,9 +1,10 @@
 """Start an inference worker that takes images from the service's Redis (`--redis`):
 `python run_worker.py --redis redis://HOST:6379/0`; `--help` lists the settings.
 
-The same as the `ics-worker` console script (see `service.broker.worker`)."""
+The same as the `ics-worker` console script (see `service.broker.worker`; why this file
+imports so little: `service.entry`)."""
 
-from service.broker.worker import main
+from service.entry import worker
 
 if __name__ == "__main__":
-    main()
+    worker()

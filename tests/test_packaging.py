@@ -63,6 +63,15 @@ def test_pip_install_gives_the_console_scripts(tmp_path: Path) -> None:
     )
     assert service.returncode == 0, service.stderr
     assert "--max-urls-per-task" in service.stdout
+    for script in ("ics-service", "ics-worker"):  # as spawn runs it in a worker: see service.entry
+        check = (
+            f"import runpy, sys; runpy.run_path({str(fresh / 'bin' / script)!r}, run_name='__mp_main__'); "
+            "print('aiohttp' in sys.modules)"
+        )
+        result = subprocess.run(
+            [fresh / "bin" / "python", "-c", check], cwd=elsewhere, env=env, capture_output=True, text=True
+        )
+        assert result.stdout.strip() == "False", (script, result.stdout, result.stderr)
     where = subprocess.run(
         [fresh / "bin" / "python", "-c", "import service; print(service.__file__)"],
         cwd=elsewhere,

@@ -8,12 +8,15 @@ import asyncio
 import json
 import signal
 import socket
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import psutil
 
-from tests.conftest import ImageServer, running_service
+from tests.conftest import ROOT, ImageServer, running_service
 
 
 async def submit(http: aiohttp.ClientSession, base: str, urls: list[str]) -> str:
@@ -34,6 +37,11 @@ async def test_run_service_classifies_a_photo_and_stops_on_sigint(image_server: 
             while (task := await get_task(http, base, task_id))["status"] != "completed":
                 await asyncio.sleep(0.1)
         assert task["items"][0]["labels"][0]["label"] == "espresso"
+        workers = [child for child in psutil.Process(process.pid).children() if "spawn_main" in child.cmdline()[-2]]
+        assert workers
+        for worker in workers:  # the web stack's compiled modules are not loaded in a worker
+            libraries = Path(f"/proc/{worker.pid}/maps").read_text()
+            assert "openvino" in libraries and "aiohttp" not in libraries and "pydantic_core" not in libraries
         process.send_signal(signal.SIGINT)
         output = process.communicate(timeout=60)[0].decode()
         assert process.returncode == 0, output
@@ -67,3 +75,18 @@ async def test_sigterm_with_the_memory_store_cancels_after_the_grace_period_and_
         assert hits < 10  # the rest of the 30 slow downloads never started
     _, alive = psutil.wait_procs(workers, timeout=10)
     assert not alive, f"orphaned worker processes: {alive}"
+
+
+def test_worker_processes_do_not_import_the_web_stack_through_the_launchers() -> None:
+    """multiprocessing's spawn runs the launching script again in each worker, as
+    `__mp_main__`: a launcher that imports the service at its top made every worker import
+    aiohttp, pydantic and the rest (0.7 s and ~40 MiB each). The console scripts call
+    `service.entry` too (`tests/test_packaging.py` runs the installed ones)."""
+    for script in ("run_service.py", "run_worker.py"):
+        web_stack = {"aiohttp", "pydantic", "redis", "service.main", "service.broker.worker"}
+        check = (
+            f"import runpy, sys; runpy.run_path({script!r}, run_name='__mp_main__'); "
+            f"print(sorted({web_stack!r} & set(sys.modules)))"
+        )
+        result = subprocess.run([sys.executable, "-c", check], cwd=ROOT, capture_output=True, text=True, check=True)
+        assert result.stdout.strip() == "[]", (script, result.stdout)
