@@ -166,8 +166,9 @@ def cpu_seconds(processes: list[psutil.Process]) -> float:
     return sum(sum(process.cpu_times()[:2]) for process in processes)
 
 
-async def wait_ready(base: str) -> None:
-    """Until the service at `base` answers `/readyz` with 200."""
+async def wait_ready(base: str, process: subprocess.Popen[bytes] | None = None) -> None:
+    """Until the service at `base` answers `/readyz` with 200; raises if its `process`
+    exits first."""
     async with aiohttp.ClientSession() as http:
         while True:
             try:
@@ -176,7 +177,9 @@ async def wait_ready(base: str) -> None:
                         return
             except aiohttp.ClientConnectionError:
                 pass
-            await asyncio.sleep(0.1)
+            if process is not None and process.poll() is not None:
+                raise RuntimeError(f"the service at {base} exited with status {process.returncode}")
+            await asyncio.sleep(0.05)
 
 
 def client_connector() -> aiohttp.TCPConnector:
@@ -213,18 +216,10 @@ class Service:
         self.process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.memory = MemoryWatch(self.process.pid)
 
-    async def ready(self, http: aiohttp.ClientSession) -> float:
+    async def ready(self) -> float:
         """Seconds from the process start to `/readyz` answering 200."""
-        while True:
-            try:
-                async with http.get(f"{self.base}/readyz") as response:
-                    if response.status == 200:
-                        return time.perf_counter() - self.started
-            except aiohttp.ClientConnectionError:
-                pass
-            if self.process.poll() is not None:
-                raise RuntimeError(f"the {self.store} service exited with status {self.process.returncode}")
-            await asyncio.sleep(0.05)
+        await wait_ready(self.base, self.process)
+        return time.perf_counter() - self.started
 
     def workers(self) -> list[psutil.Process]:
         return [child for child in self.memory.process.children() if "spawn_main" in " ".join(child.cmdline())]

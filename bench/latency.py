@@ -28,7 +28,7 @@ async def measure(args: argparse.Namespace, urls: list[str]) -> dict[str, dict[s
         try:
             async with aiohttp.ClientSession(connector=client_connector()) as http:
                 for service in services:
-                    await service.ready(http)
+                    await service.ready()
                     timings[service.store] = {"get": [], "submit": []}
                 for round_number in range(args.rounds):
                     print(f"round {round_number + 1}/{args.rounds}", flush=True)

@@ -104,7 +104,7 @@ async def service_run(
                         "image_server_cpu": [],
                     }
                     result["stores"][store] = figures
-                    figures["ready_s"] = await service.ready(http)
+                    figures["ready_s"] = await service.ready()
                     # No warm-up: the first task after start-up is measured too. The same 300
                     # URLs each time, so that only the service can make one task slower.
                     figures["first_tasks"], figures["first_tasks_worker_ms"] = [], []
