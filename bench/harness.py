@@ -116,7 +116,7 @@ async def submit(http: aiohttp.ClientSession, base: str, urls: list[str]) -> str
 async def wait_all_done(http: aiohttp.ClientSession, base: str, task_ids: set[str]) -> float:
     """Poll the task list (summaries only) until every task in `task_ids` is final; the
     latest `finished_at` among them (Unix time). They are the newest tasks, so the page holds
-    them and little else: a page of hundreds of finished tasks every 0.1 s would be the
+    them and little else: a page of hundreds of finished tasks at every poll would be the
     bench's load on the web process, not the work measured."""
     pending = set(task_ids)
     finished = 0.0

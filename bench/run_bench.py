@@ -61,8 +61,9 @@ def reference_limit(images: list[bytes], settings: Settings) -> float:
 
 
 # Throughput is timed from just before the first POST to the service's `finished_at` of the
-# last task, both read off this machine's clock: the 0.1 s between polls would otherwise add
-# up to 5% to a 2-second task at random (seen as one task in three running slower).
+# last task, both read off this machine's clock: the time between polls (`POLL_SECONDS`)
+# would otherwise add to a task's time at random (at 0.1 s, up to 5% of a 2-second task:
+# seen as one task in three running slower).
 
 
 async def one_big_task(http: aiohttp.ClientSession, base: str, urls: list[str]) -> float:
