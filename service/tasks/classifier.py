@@ -5,8 +5,8 @@ This is where inference failures become error codes.
 Two consumers per worker process (`CONSUMERS_PER_WORKER`): while one records its batch's
 outcomes and takes and sends the next batch, the other's batch already waits at the pool,
 so a worker goes from one batch straight to the next. A result for a task that is final by
-now (cancelled, say) is refused by the registry and dropped. A
-consumer stopped mid-batch confirms nothing: a stream hands that batch to another worker.
+now (cancelled, say) is refused by the registry and dropped. A consumer stopped mid-batch
+confirms nothing: a stream hands that batch to another worker.
 """
 
 from __future__ import annotations
