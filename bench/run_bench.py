@@ -10,9 +10,11 @@ the same bytes, no HTTP; (3) starts `run_service.py` as a subprocess, times it t
 included; (4) times one 1,000-URL task and 100 concurrent 10-URL tasks from the first POST
 to the last item done, in rounds interleaved with (2) so each ratio compares figures taken
 minutes apart; (5) measures GET /tasks/<id> and POST /submit latency while the service is
-saturated; (6) reports peak memory of the service and its workers. It does (3)-(6) for each
-task store (`--stores`, default both: one service each, rounds interleaved) and prints a
-table with the ratios, sqlite / memory included.
+saturated; (6) reports peak memory of the service and its workers, and the web process's
+CPU per image next to its floor, `bench.download_floor` (the download client alone, at the
+pace the service kept). It does (3)-(6) for each task store (`--stores`, default both: one
+service each, rounds interleaved) and prints a table with the ratios, sqlite / memory
+included.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from typing import Any
 import aiohttp
 import psutil
 
+from bench.download_floor import floor_per_image
 from bench.harness import (
     MemoryWatch,
     Service,
@@ -103,6 +106,7 @@ async def service_run(
                         "web_cpu": [],
                         "worker_busy": [],
                         "image_server_cpu": [],
+                        "download_floor": [],
                     }
                     result["stores"][store] = figures
                     figures["ready_s"] = await service.ready()
@@ -142,6 +146,10 @@ async def service_run(
                         figures["web_cpu"].append((cpu_seconds(processes) - before[0]) / len(urls))
                         figures["worker_busy"].append((cpu_seconds(workers) - before[1]) / elapsed / len(workers))
                         figures["image_server_cpu"].append((cpu_seconds([image_server]) - before[2]) / len(urls))
+                        # The part of that web CPU which is the download client's own, at the
+                        # pace the service just kept (bench.download_floor, its own process).
+                        floor = await asyncio.to_thread(floor_per_image, image_port, len(urls), figures["big"][-1])
+                        figures["download_floor"].append(floor)
                         figures["small"].append(await many_small_tasks(http, service.base, urls, args.small_tasks))
                     for service in order:  # every round, so p99 stands on a few hundred requests
                         latency = result["stores"][service.store]["latency"]
@@ -256,6 +264,16 @@ def main() -> None:
             ),
             (f"[{store}] web process CPU per image, 1,000-URL task", milliseconds(figures["web_cpu"])),
             (
+                f"[{store}] of which the download client alone (same pace)",
+                milliseconds(figures["download_floor"]),
+            ),
+            (
+                f"[{store}] web CPU less the download client, same round",
+                milliseconds(
+                    [web - floor for web, floor in zip(figures["web_cpu"], figures["download_floor"], strict=True)]
+                ),
+            ),
+            (
                 f"[{store}] worker CPU busy, 1,000-URL task",
                 f"{median(figures['worker_busy']):.0%} of each worker's wall time"
                 + f" ({', '.join(f'{value:.0%}' for value in figures['worker_busy'])})",
@@ -276,6 +294,7 @@ def main() -> None:
             "get_p99_s": percentile(get, 0.99),
             "submit_p99_s": percentile(post, 0.99),
             "web_cpu_s_per_image": figures["web_cpu"],
+            "download_client_cpu_s_per_image": figures["download_floor"],
             "peak_memory_bytes": memory.peak,
         }
     stores = result["stores"]

@@ -7,7 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from bench import reference
+from bench.download_floor import floor_per_image
+from bench.harness import start_image_server
 from bench.images import make_images
 from bench.run_bench import reference_limit
 from bench.workers_offline import workers_images_per_second
@@ -48,3 +52,17 @@ def test_the_webhook_bench_runs() -> None:
     run = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     assert "3 webhooks, 3 tasks of 2 images submitted at once: latency after the task's end p50" in run.stdout
+
+
+def test_the_download_floor_bench_runs(tmp_path: Path) -> None:
+    """It downloads through the service's own client; a download that fails fails it."""
+    for number, data in enumerate(make_images(12)):
+        (tmp_path / f"{number}.jpg").write_bytes(data)
+    server, port = start_image_server(str(tmp_path))
+    try:
+        assert floor_per_image(port, 12, rate=1000.0) > 0
+        with pytest.raises(subprocess.CalledProcessError):
+            floor_per_image(port, 13, rate=1000.0)  # /img/12.jpg is not there: HTTP 404
+    finally:
+        server.terminate()
+        server.join()
