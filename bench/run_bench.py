@@ -1,6 +1,6 @@
 """Throughput and latency benchmark: a fixed reference pipeline vs the real service end to end.
 
-    .venv/bin/python -m bench.run_bench            # ~6 minutes on 2 cores
+    .venv/bin/python -m bench.run_bench            # ~8 minutes on 2 cores
 
 In one run it (1) makes >= 1,000 realistic JPEGs and serves them from a loopback image
 server in its own process; (2) measures the reference: `bench.reference`, a fixed offline
