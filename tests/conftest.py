@@ -278,7 +278,9 @@ def make_image_server(
 
     async def make(host: str) -> ImageServer:
         images = ImageServer(photos)
-        images.server = await aiohttp_server(images.app, host=host)
+        # A response still in flight when the test ends (a slow image a task was left
+        # downloading) is cancelled after 0.5 s, not waited for: up to 10 s per test.
+        images.server = await aiohttp_server(images.app, host=host, shutdown_timeout=0.5)
         return images
 
     return make
