@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import psutil
 import pytest
 import requests
 from aiohttp import web
@@ -236,11 +237,42 @@ async def running_service(*flags: str, log: Path | None = None) -> AsyncIterator
                 await asyncio.sleep(0.2)
         yield process, base
     finally:
-        with contextlib.suppress(ProcessLookupError):  # the web process may be gone, its group not
-            os.killpg(process.pid, signal.SIGKILL)
+        kill_group(process.pid)  # the web process may be gone, its group not
         process.wait()
         if log is not None:
             sink.close()  # type: ignore[union-attr]
+
+
+def running(process: psutil.Process) -> bool:
+    """Alive; a dead process nobody has reaped yet (a zombie) is not."""
+    try:
+        return process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def kill_group(group: int) -> None:
+    """kill -9 of a process group (a service started in a session of its own: its web
+    process, its workers...), all at once but for multiprocessing's resource tracker. That
+    one goes last: once the others are gone it removes the named semaphores they left in
+    /dev/shm; killed with them it would leave them there for good (8 per service)."""
+    members, trackers = [], []
+    for process in psutil.process_iter(["cmdline"]):
+        with contextlib.suppress(OSError, psutil.Error):  # gone meanwhile
+            if os.getpgid(process.pid) == group:
+                tracker = "resource_tracker" in " ".join(process.info["cmdline"] or ())
+                (trackers if tracker else members).append(process)
+    for process in members:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()
+    for process in trackers:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.resume()  # the group may have been stopped (SIGSTOP)
+    deadline = time.monotonic() + 5
+    while any(running(process) for process in trackers) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    with contextlib.suppress(ProcessLookupError):  # anything that started meanwhile
+        os.killpg(group, signal.SIGKILL)
 
 
 @contextmanager

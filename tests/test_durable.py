@@ -24,7 +24,16 @@ from service.tasks.records import ItemStatus, Label, TaskStatus
 from service.tasks.rows import page_query
 from service.tasks.schema import SCHEMA
 from service.tasks.sqlite import SqliteRegistry
-from tests.conftest import PHOTOS_DIR, ROOT, ImageServer, ServiceFactory, running_service, service_command, submit
+from tests.conftest import (
+    PHOTOS_DIR,
+    ROOT,
+    ImageServer,
+    ServiceFactory,
+    kill_group,
+    running_service,
+    service_command,
+    submit,
+)
 
 FINAL = ("completed", "failed", "cancelled")
 
@@ -78,7 +87,7 @@ async def test_a_kill_9_and_a_sigterm_lose_nothing_a_client_was_told(image_serve
             big = await post(http, base, data=upload_form("rocket.jpg", urls=slow))
             before_crash = final_items(await wait_for(http, base, big, done=6))
             workers = psutil.Process(process.pid).children(recursive=True)
-            os.killpg(process.pid, signal.SIGKILL)  # the web process and its workers, all at once
+            kill_group(process.pid)  # the web process and its workers, all at once
             process.wait()
             psutil.wait_procs(workers, timeout=10)
 

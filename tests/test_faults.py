@@ -12,7 +12,7 @@ from aiohttp.test_utils import TestClient
 from PIL import Image
 
 from service.api.keys import POOL
-from tests.conftest import ImageServer, ServiceFactory, running_service, submit, wait_for_task
+from tests.conftest import ImageServer, ServiceFactory, running, running_service, submit, wait_for_task
 
 
 def heavy_png(photo: bytes) -> bytes:
@@ -102,11 +102,3 @@ async def test_workers_end_with_a_killed_web_process() -> None:
             while alive := [worker.pid for worker in workers if running(worker)]:
                 await asyncio.sleep(0.1)
         assert alive == []
-
-
-def running(process: psutil.Process) -> bool:
-    """Alive; a dead process nobody has reaped yet (a zombie) is not."""
-    try:
-        return process.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False

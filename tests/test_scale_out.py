@@ -22,7 +22,7 @@ import aiohttp
 import pytest
 import redis.asyncio as aioredis
 
-from tests.conftest import ROOT, ImageServer, free_port, running_service
+from tests.conftest import ROOT, ImageServer, free_port, kill_group, running_service
 from tests.redis_server import RedisServer
 
 PHOTOS = {"chelsea": "Egyptian cat", "coffee": "espresso", "rocket": "missile"}
@@ -76,8 +76,7 @@ async def together(*contexts: contextlib.AbstractAsyncContextManager[Any]) -> As
 
 def kill(process: subprocess.Popen[bytes]) -> None:
     """kill -9 of the process and its children (its process group)."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGKILL)
+    kill_group(process.pid)
     process.wait()
 
 

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import signal
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -21,7 +19,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from service.webhooks import signing
 from service.webhooks.sender import backoff
-from tests.conftest import ImageServer, ServiceFactory, running_service, scrape, submit, wait_for_task
+from tests.conftest import ImageServer, ServiceFactory, kill_group, running_service, scrape, submit, wait_for_task
 
 SECRET = "test-secret"
 # The receiver is on loopback: allowed for it alone, as a user would allow an internal receiver.
@@ -206,7 +204,7 @@ async def test_a_pending_delivery_survives_a_kill_9_and_is_delivered_once_after(
                 task_id = (await response.json())["task_id"]
             await receiver.wait_calls(1)
             await asyncio.sleep(0.2)  # the attempt's outcome is on disk (written within 20 ms)
-            os.killpg(process.pid, signal.SIGKILL)
+            kill_group(process.pid)
             process.wait()
         failed_attempts = len(receiver.calls)
         assert 1 <= failed_attempts <= 3
