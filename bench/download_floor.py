@@ -18,23 +18,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import resource
 import subprocess
 import sys
 from pathlib import Path
 
 import uvloop
 
+from bench.harness import own_cpu_seconds
 from service.fetch.fetcher import FetchLimits, fetch, make_session
 from service.settings import Settings
 
 WARM_UP = 100  # downloads before the clock starts: the connections are opened then
-
-
-def own_cpu_seconds() -> float:
-    """This process's CPU time, to the microsecond (psutil's counts in clock ticks)."""
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
 
 
 async def paced_downloads(urls: list[str], rate: float, settings: Settings) -> float:

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import resource
 import statistics
 import tempfile
 from pathlib import Path
 
+from bench.harness import own_cpu_seconds
 from inference.protocol import Label
 from service.metrics import Metrics
 from service.tasks.memory import InMemoryRegistry
@@ -27,11 +27,6 @@ IMAGES = 1000
 BATCH = 16
 
 
-def cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
 async def cost_per_image(store: str, tasks: int) -> float:
     with tempfile.TemporaryDirectory() as data_dir:
         registry = (
@@ -40,7 +35,7 @@ async def cost_per_image(store: str, tasks: int) -> float:
             else await SqliteRegistry.open(Path(data_dir), 3600, 10_000, Metrics())
         )
         labels = [Label(label=f"label {n}", class_index=n, score=0.1) for n in range(5)]
-        started = cpu_seconds()
+        started = own_cpu_seconds()
         for _ in range(tasks):
             task = await registry.create([f"http://example.com/{n}.jpg" for n in range(IMAGES)], "m", 5)
             for first in range(0, IMAGES, BATCH):
@@ -53,7 +48,7 @@ async def cost_per_image(store: str, tasks: int) -> float:
                 await asyncio.sleep(0.003)
         if isinstance(registry, SqliteRegistry):
             await registry.journal.flush()
-        spent = cpu_seconds() - started
+        spent = own_cpu_seconds() - started
         if isinstance(registry, SqliteRegistry):
             await registry.close()
     return spent / (tasks * IMAGES)
