@@ -4,8 +4,8 @@ file system, one per batch in flight, reused from batch to batch.
 A batch goes through the executor's pipe as before when there is no such file system or
 when a file cannot be made or written (a full `/dev/shm`: Docker's is 64 MB unless
 `--shm-size` says more). Files are only written and read, never mapped, so a full file
-system is an error to fall back from, not a crash. A file that grew past `KEEP_BYTES` for a batch of
-large images is emptied afterwards, so shared memory stays at a few MB per worker.
+system is an error to fall back from, not a crash. A file that grew past `KEEP_BYTES` for a
+batch of large images is emptied afterwards, so shared memory stays at a few MB per worker.
 """
 
 from __future__ import annotations
