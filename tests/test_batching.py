@@ -62,3 +62,30 @@ async def test_put_waits_while_full_and_drop_task_frees_room() -> None:
     await asyncio.wait_for(blocked, 1)
     batch = await queue.next_batch(max_size=4, max_wait=0)
     assert [j.task_id for j in batch] == ["b"]
+
+
+async def test_a_put_cancelled_while_waiting_leaves_its_room_to_the_next() -> None:
+    queue = BatchQueue(capacity=1)
+    await queue.put(job("a", 0))
+    cancelled = asyncio.create_task(queue.put(job("b", 0)))
+    waiting = asyncio.create_task(queue.put(job("c", 0)))
+    await asyncio.sleep(0.01)
+    cancelled.cancel()
+    assert [j.task_id for j in await queue.next_batch(max_size=4, max_wait=0)] == ["a"]
+    await asyncio.wait_for(waiting, 1)
+    assert cancelled.cancelled()
+    assert [j.task_id for j in await queue.next_batch(max_size=4, max_wait=0)] == ["c"]
+
+
+async def test_a_batch_taken_lets_in_as_many_waiting_puts_as_it_made_room_for() -> None:
+    queue = BatchQueue(capacity=3)
+    for n in range(3):
+        await queue.put(job("a", n))
+    waiting = [asyncio.create_task(queue.put(job("b", n))) for n in range(3)]
+    await asyncio.sleep(0.01)
+    await queue.next_batch(max_size=2, max_wait=0)
+    await asyncio.sleep(0.01)
+    assert [task.done() for task in waiting] == [True, True, False]
+    assert len(queue) == 3
+    await queue.next_batch(max_size=1, max_wait=0)
+    await asyncio.wait_for(waiting[2], 1)

@@ -13,7 +13,8 @@ The capacity bounds memory: a full queue makes `put` wait, which stalls new down
 from __future__ import annotations
 
 import asyncio
-from collections import deque
+import contextlib
+from collections import Counter, deque
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -53,55 +54,56 @@ class BatchSource(Protocol):
 
 
 class BatchQueue:
+    """Room is a semaphore with one permit per free place, so a batch taken wakes only as
+    many waiting downloads as it made room for; consumers wait on a condition that each new
+    image notifies. (With one condition for both, every image put or taken woke every
+    waiting download: with 256 download slots and the queue full, a benchmark of the queue
+    spent 53-55 us of CPU per image instead of 34-41; with the default 32, the same.)"""
+
     def __init__(self, capacity: int) -> None:
-        self._capacity = capacity
         self._jobs: deque[Job] = deque()
-        self._changed = asyncio.Condition()
+        self._per_model: Counter[str] = Counter()
+        self._room = asyncio.Semaphore(capacity)
+        self._arrived = asyncio.Condition()
 
     def __len__(self) -> int:
         return len(self._jobs)
 
     async def put(self, job: Job) -> None:
-        async with self._changed:
-            await self._changed.wait_for(lambda: len(self._jobs) < self._capacity)
-            self._jobs.append(job)
-            self._changed.notify_all()
+        await self._room.acquire()
+        self._jobs.append(job)
+        self._per_model[job.model] += 1
+        async with self._arrived:
+            self._arrived.notify_all()
 
     async def next_batch(self, max_size: int, max_wait: float) -> list[Job]:
         """Up to `max_size` jobs for one model, oldest first."""
-        loop = asyncio.get_running_loop()
-        async with self._changed:
+        async with self._arrived:
             while True:
-                await self._changed.wait_for(lambda: bool(self._jobs))
-                model = self._jobs[0].model
-                deadline = loop.time() + max_wait
-                while self._jobs and self._count(model) < max_size:
-                    remaining = deadline - loop.time()
-                    if remaining <= 0:
-                        break
-                    try:
-                        await asyncio.wait_for(self._changed.wait(), remaining)
-                    except TimeoutError:
-                        break
+                await self._arrived.wait_for(lambda: bool(self._jobs))
+                await self._fill(self._jobs[0].model, max_size, max_wait)
                 if self._jobs:  # another consumer or a cancel may have emptied it meanwhile
-                    batch = self._take(self._jobs[0].model, max_size)
-                    self._changed.notify_all()
-                    return batch
+                    return self._take(self._jobs[0].model, max_size)
 
     async def finished(self, batch: list[Job]) -> None:
         """Nothing to confirm: a batch taken from memory is gone from it."""
 
     async def drop_task(self, task_id: str) -> int:
         """Forget the queued images of a cancelled task; how many were dropped."""
-        async with self._changed:
-            kept = deque(job for job in self._jobs if job.task_id != task_id)
-            dropped = len(self._jobs) - len(kept)
-            self._jobs = kept
-            self._changed.notify_all()
-            return dropped
+        dropped = [job for job in self._jobs if job.task_id == task_id]
+        if dropped:
+            self._jobs = deque(job for job in self._jobs if job.task_id != task_id)
+            self._forget(dropped)
+            async with self._arrived:
+                self._arrived.notify_all()  # a consumer filling a batch may have lost its images
+        return len(dropped)
 
-    def _count(self, model: str) -> int:
-        return sum(1 for job in self._jobs if job.model == model)
+    async def _fill(self, model: str, max_size: int, max_wait: float) -> None:
+        """Wait (holding `_arrived`) until `max_size` images of `model` are queued, the queue
+        is empty, or `max_wait` has passed."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(max_wait):
+                await self._arrived.wait_for(lambda: not self._jobs or self._per_model[model] >= max_size)
 
     def _take(self, model: str, max_size: int) -> list[Job]:
         batch: list[Job] = []
@@ -112,4 +114,10 @@ class BatchQueue:
             else:
                 rest.append(job)
         self._jobs = rest
+        self._forget(batch)
         return batch
+
+    def _forget(self, jobs: list[Job]) -> None:
+        for job in jobs:
+            self._per_model[job.model] -= 1
+            self._room.release()
