@@ -4,13 +4,13 @@
 
 The service's own `fetch`, on the session the service makes (aiodns, the address policy,
 every timeout), with its download slots (`download_concurrency`), each download holding its
-slot until the image is queued, and the queue (`max_queued_images`) emptied `batch_size`
-images at a time at `--rate` images/s, as the workers empty it. So the event loop sees the
-downloads in the rhythm it sees them in the service (flat out they cost less per image: more
-sockets are ready at each wake-up). Nothing else runs in the process: no registry, no
-journal, no pool, no API. `bench.run_bench` runs it each round at the rate the service just
-reached; the service's web CPU per image less this floor is what the service itself adds.
-Only CPU is measured: the images come from the bench's loopback image server.
+slot until the image is queued, and its `BatchQueue` (`max_queued_images`) emptied
+`batch_size` images at a time at `--rate` images/s, as the workers empty it. So the event
+loop sees the downloads in the rhythm it sees them in the service (flat out they cost less
+per image: more sockets are ready at each wake-up). Nothing else runs in the process: no
+registry, no journal, no pool, no API. `bench.run_bench` runs it each round at the rate the
+service just reached; the service's web CPU per image less this floor is what the service
+itself adds. Only CPU is measured: the images come from the bench's loopback image server.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import uvloop
 from bench.harness import own_cpu_seconds
 from service.fetch.fetcher import FetchLimits, fetch, make_session
 from service.settings import Settings
+from service.tasks.batching import BatchQueue, Job
 
 WARM_UP = 100  # downloads before the clock starts: the connections are opened then
 
@@ -35,32 +36,25 @@ async def paced_downloads(urls: list[str], rate: float, settings: Settings) -> f
     """CPU seconds per image of downloading `urls` (after a warm-up) at `rate` images/s."""
     limits = FetchLimits.from_settings(settings)
     slots = asyncio.Semaphore(settings.download_concurrency)
-    room = asyncio.Semaphore(settings.max_queued_images)
-    queued = 0  # images in the queue: the workers take at most these
+    queue = BatchQueue(settings.max_queued_images)
 
     async def workers() -> None:
-        nonlocal queued
         while True:
             await asyncio.sleep(settings.batch_size / rate)
-            taken = min(queued, settings.batch_size)
-            queued -= taken
-            for _ in range(taken):
-                room.release()
+            await queue.next_batch(settings.batch_size, 0)
 
     async with make_session(settings) as session:
 
-        async def download(url: str) -> None:
-            nonlocal queued
+        async def download(index: int, url: str) -> None:
             async with slots:
-                await fetch(session, url, limits)
-                await room.acquire()
-                queued += 1
+                data = await fetch(session, url, limits)
+                await queue.put(Job("floor", index, "model", 1, data))
 
         emptying = asyncio.create_task(workers())
         try:
-            await asyncio.gather(*(download(url) for url in urls[:WARM_UP]))
+            await asyncio.gather(*(download(index, url) for index, url in enumerate(urls[:WARM_UP])))
             before = own_cpu_seconds()
-            await asyncio.gather(*(download(url) for url in urls))
+            await asyncio.gather(*(download(index, url) for index, url in enumerate(urls)))
             return (own_cpu_seconds() - before) / len(urls)
         finally:
             emptying.cancel()
