@@ -40,7 +40,7 @@ class Call:
 @dataclass
 class Receiver:
     """Records every POST; answers each with the next of `answers` (an HTTP status, or "hang"),
-    then 200."""
+    then 200, and sets a cookie that the sender must never send back."""
 
     answers: list[int | str] = field(default_factory=list)
     calls: list[Call] = field(default_factory=list)
@@ -51,12 +51,20 @@ class Receiver:
         self.calls.append(Call(dict(request.headers), await request.read(), answer))
         if answer == "hang":
             await asyncio.sleep(60)
-        return web.Response(status=int(answer) if answer != "hang" else 200)
+        response = web.Response(status=int(answer) if answer != "hang" else 200)
+        response.set_cookie("receiver-session", "secret", path="/")
+        return response
 
     @property
     def url(self) -> str:
         assert self.server is not None
         return str(self.server.make_url("/hook?token=abc"))
+
+    @property
+    def url_by_name(self) -> str:
+        """`url` with the host as a name (aiohttp's default jar keeps no cookie from an IP)."""
+        assert self.server is not None
+        return str(self.server.make_url("/hook?token=abc").with_host("localhost"))
 
     async def wait_calls(self, count: int, timeout: float = 20) -> list[Call]:
         async with asyncio.timeout(timeout):
@@ -121,11 +129,12 @@ async def test_a_receiver_that_fails_first_gets_exactly_two_attempts(
 ) -> None:
     receiver.answers = [500]
     client = await make_service(**WEBHOOK_SETTINGS)
-    created = await submit(client, [image_server.url("/photos/coffee")], callback_url=receiver.url)
+    created = await submit(client, [image_server.url("/photos/coffee")], callback_url=receiver.url_by_name)
     first, second = await receiver.wait_calls(2)
     assert first.body == second.body  # the same bytes, so the same signature, on every attempt
     assert first.headers[signing.DELIVERY] == second.headers[signing.DELIVERY]
     assert [first.headers[signing.ATTEMPT], second.headers[signing.ATTEMPT]] == ["1", "2"]
+    assert "Cookie" not in second.headers  # the first answer's cookie was not kept
     webhook = await webhook_of(client, created["task_id"], "delivered")
     assert webhook["attempts"] == 2 and webhook["last_error"] is None
     await asyncio.sleep(2)

@@ -41,7 +41,8 @@ class FetchLimits:
 
 def make_session(settings: Settings) -> aiohttp.ClientSession:
     """The one shared client: aiodns resolution behind the address policy, bounded
-    connections, every timeout set, no proxies or credentials from the environment."""
+    connections, every timeout set, no proxies or credentials from the environment, and no
+    cookies: one an image host sets for one user's download must not go out with another's."""
     policy = settings.address_policy()
     connector = policy_connector(policy, PolicyResolver(aiohttp.AsyncResolver(), policy), settings.download_concurrency)
     timeout = aiohttp.ClientTimeout(
@@ -55,6 +56,7 @@ def make_session(settings: Settings) -> aiohttp.ClientSession:
         connector=connector,
         timeout=timeout,
         trust_env=False,
+        cookie_jar=aiohttp.DummyCookieJar(),
         headers={"User-Agent": "image-classification-service/1.0", "Accept": "image/*"},
     )
 

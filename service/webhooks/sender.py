@@ -75,7 +75,9 @@ class WebhookSender:
         self._policy = policy
         self._resolver = PolicyResolver(aiohttp.AsyncResolver(), policy)
         self._session = aiohttp.ClientSession(
-            connector=policy_connector(policy, self._resolver, CONCURRENCY), trust_env=False
+            connector=policy_connector(policy, self._resolver, CONCURRENCY),
+            trust_env=False,
+            cookie_jar=aiohttp.DummyCookieJar(),  # a receiver's cookie must not reach another's
         )
         self._secret = secret
         self._timeout = aiohttp.ClientTimeout(total=timeout)
