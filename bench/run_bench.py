@@ -12,9 +12,9 @@ to the last item done, in rounds interleaved with (2) so each ratio compares fig
 minutes apart; (5) measures GET /tasks/<id> and POST /submit latency while the service is
 saturated; (6) reports peak memory of the service and its workers, and the web process's
 CPU per image next to its floor, `bench.download_floor` (the download client alone, at the
-pace the service kept). It does (3)-(6) for each task store (`--stores`, default both: one
-service each, rounds interleaved) and prints a table with the ratios, sqlite / memory
-included.
+pace the service kept, and a bare client that any HTTP client would cost at least). It
+does (3)-(6) for each task store (`--stores`, default both: one service each, rounds
+interleaved) and prints a table with the ratios, sqlite / memory included.
 """
 
 from __future__ import annotations
@@ -107,6 +107,7 @@ async def service_run(
                         "worker_busy": [],
                         "image_server_cpu": [],
                         "download_floor": [],
+                        "bare_floor": [],
                     }
                     result["stores"][store] = figures
                     figures["ready_s"] = await service.ready()
@@ -148,8 +149,11 @@ async def service_run(
                         figures["image_server_cpu"].append((cpu_seconds([image_server]) - before[2]) / len(urls))
                         # The part of that web CPU which is the download client's own, at the
                         # pace the service just kept (bench.download_floor, its own process).
-                        floor = await asyncio.to_thread(floor_per_image, image_port, len(urls), figures["big"][-1])
+                        pace = figures["big"][-1]
+                        floor = await asyncio.to_thread(floor_per_image, image_port, len(urls), pace)
                         figures["download_floor"].append(floor)
+                        bare = await asyncio.to_thread(floor_per_image, image_port, len(urls), pace, "bare")
+                        figures["bare_floor"].append(bare)
                         figures["small"].append(await many_small_tasks(http, service.base, urls, args.small_tasks))
                     for service in order:  # every round, so p99 stands on a few hundred requests
                         latency = result["stores"][service.store]["latency"]
@@ -268,6 +272,10 @@ def main() -> None:
                 milliseconds(figures["download_floor"]),
             ),
             (
+                f"[{store}] a bare client instead (keep-alive GETs, nothing else; same pace)",
+                milliseconds(figures["bare_floor"]),
+            ),
+            (
                 f"[{store}] web CPU less the download client, same round",
                 milliseconds(
                     [web - floor for web, floor in zip(figures["web_cpu"], figures["download_floor"], strict=True)]
@@ -295,6 +303,7 @@ def main() -> None:
             "submit_p99_s": percentile(post, 0.99),
             "web_cpu_s_per_image": figures["web_cpu"],
             "download_client_cpu_s_per_image": figures["download_floor"],
+            "bare_client_cpu_s_per_image": figures["bare_floor"],
             "peak_memory_bytes": memory.peak,
         }
     stores = result["stores"]

@@ -54,15 +54,17 @@ def test_the_webhook_bench_runs() -> None:
     assert "3 webhooks, 3 tasks of 2 images submitted at once: latency after the task's end p50" in run.stdout
 
 
-def test_the_download_floor_bench_runs(tmp_path: Path) -> None:
-    """It downloads through the service's own client; a download that fails fails it."""
+@pytest.mark.parametrize("client", ["service", "bare"])
+def test_the_download_floor_bench_runs(tmp_path: Path, client: str) -> None:
+    """It downloads through the service's own client or the bare one; a download that fails
+    fails it."""
     for number, data in enumerate(make_images(12)):
         (tmp_path / f"{number}.jpg").write_bytes(data)
     server, port = start_image_server(str(tmp_path))
     try:
-        assert floor_per_image(port, 12, rate=1000.0) > 0
+        assert floor_per_image(port, 12, rate=1000.0, client=client) > 0
         with pytest.raises(subprocess.CalledProcessError):
-            floor_per_image(port, 13, rate=1000.0)  # /img/12.jpg is not there: HTTP 404
+            floor_per_image(port, 13, rate=1000.0, client=client)  # /img/12.jpg is not there: HTTP 404
     finally:
         server.terminate()
         server.join()
