@@ -28,6 +28,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.app import create_app
+from service.pool.handover import SHARED_MEMORY, remove_orphans
 from service.settings import Settings
 from tests.redis_server import RedisServer
 
@@ -78,6 +79,15 @@ def empty_torch_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]
         torch_home = tmp_path_factory.mktemp("torch_home")
         patch.setenv("TORCH_HOME", str(torch_home))
         yield torch_home
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_batch_directories_left() -> Iterator[None]:
+    """Services and workers killed with -9 (on purpose) leave their batch directories in
+    /dev/shm, for the next start on the machine to remove; the run removes them itself."""
+    yield
+    if SHARED_MEMORY.is_dir():
+        remove_orphans(SHARED_MEMORY)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -40,7 +40,7 @@ class BatchFiles:
     """Batch files in `directory` (created, private to this process, removed by `close`)."""
 
     def __init__(self, root: Path) -> None:
-        _remove_orphans(root)
+        remove_orphans(root)
         self.directory = Path(tempfile.mkdtemp(prefix=PREFIX, dir=root))
         self._lock = os.open(self.directory / LOCK, os.O_RDWR | os.O_CREAT, 0o600)
         fcntl.flock(self._lock, fcntl.LOCK_EX)
@@ -127,7 +127,7 @@ class BatchFiles:
             os.unlink(file.path)
 
 
-def _remove_orphans(root: Path) -> None:
+def remove_orphans(root: Path) -> None:
     """Directories left by services that were killed: nobody holds their lock any more."""
     for directory in root.glob(f"{PREFIX}*"):
         try:
