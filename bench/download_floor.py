@@ -143,7 +143,8 @@ class BareConnections:
 
     def __init__(self, host: str, port: int, connections: list[BareConnection]) -> None:
         self._host = f"{host}:{port}".encode()
-        self._free = connections
+        self._all = connections
+        self._free = list(connections)
 
     @classmethod
     async def open(cls, host: str, port: int, count: int) -> BareConnections:
@@ -160,7 +161,7 @@ class BareConnections:
             self._free.append(connection)
 
     def close(self) -> None:
-        for connection in self._free:
+        for connection in self._all:
             if connection.transport is not None:
                 connection.transport.close()
 
