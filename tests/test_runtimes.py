@@ -140,7 +140,7 @@ def test_unknown_runtime_is_a_load_error(model_cache: Path) -> None:
 
 def test_the_export_is_made_once_and_reused(model_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # The run's shared cache: made by the first test that needed it (or here), as the first
-    # start on a machine makes it. That a missing file is made is the next test's point.
+    # start on a machine makes it. Exports made afresh: the damaged-export and install tests.
     entry = onnx_cache.ensure(INFO, model_cache)
     assert entry.onnx.is_file() and len(entry.categories()) == 1000
     made = entry.onnx.stat().st_mtime_ns
