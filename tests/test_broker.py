@@ -1,5 +1,6 @@
-"""The job streams on a real Redis, without processes: workers that take images and vanish
-(stop renewing, never confirm), and what the next workers make of that."""
+"""The consumer groups on a real Redis, without processes: workers that take images and
+vanish (stop renewing, never confirm), and what the next workers make of that; consumers
+that are gone for good; a Redis that lost its streams (the job streams', the webhooks')."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ import asyncio
 
 import pytest
 
-from service.broker.jobs import StreamBatches, StreamJobs, stream_of
+from inference.protocol import Label
+from service.broker.jobs import GROUP, StreamBatches, StreamJobs, stream_of
 from service.tasks.batching import Job
 from service.tasks.records import ItemStatus
 from service.tasks.redis_store import RedisRegistry
@@ -84,4 +86,72 @@ async def test_a_full_stream_holds_puts_back_until_workers_take_images_off(
     assert await registry.client.xlen(stream_of(registry, "m")) == 2
     await worker.close()
     await jobs.close()
+    await registry.close()
+
+
+async def consumer_names(registry: RedisRegistry, stream: str, group: str = GROUP) -> set[str]:
+    return {consumer["name"].decode() for consumer in await registry.client.xinfo_consumers(stream, group)}
+
+
+async def test_consumers_gone_for_good_are_forgotten_once_they_hold_nothing(
+    redis_server: RedisServer, redis_prefix: str
+) -> None:
+    registry = await RedisRegistry.open(redis_server.url, 3600, 100, prefix=redis_prefix)
+    task = await registry.create(["u0", "u1"], "m", 1)
+    jobs, stream, client = StreamJobs(registry, 10), stream_of(registry, "m"), registry.client
+    sweeper = StreamBatches(registry, ["m"], "sweeper", claim_idle=0.2, max_deliveries=3)  # forgets after 2 s
+    await sweeper.start()
+    # Two workers killed with -9, as Redis sees them: one had confirmed its image, one holds its image.
+    await jobs.put(Job(task.task_id, 0, "m", 1, b"image"))
+    [[_, [(confirmed, _)]]] = await client.xreadgroup(GROUP, "gone-idle", {stream: ">"}, count=1)
+    await client.xack(stream, GROUP, confirmed)
+    await jobs.put(Job(task.task_id, 1, "m", 1, b"image"))
+    await client.xreadgroup(GROUP, "gone-holding", {stream: ">"}, count=1)
+    await asyncio.sleep(2.2)
+
+    # The sweeper's first look forgets the one that holds nothing and claims the other's image.
+    batch = await asyncio.wait_for(sweeper.next_batch(4, 0), 5)
+    assert [job.index for job in batch] == [1]
+    assert await consumer_names(registry, stream) == {"gone-holding", "sweeper"}
+    await sweeper.finished(batch)
+    # Now that one holds nothing either: the next look forgets it; the sweeper, live, stays.
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(sweeper.next_batch(4, 0), 1.5)
+    assert await consumer_names(registry, stream) == {"sweeper"}
+    await sweeper.close()
+    await jobs.close()
+    await registry.close()
+
+
+async def test_a_worker_makes_its_group_again_when_redis_lost_the_stream(
+    redis_server: RedisServer, redis_prefix: str
+) -> None:
+    registry = await RedisRegistry.open(redis_server.url, 3600, 100, prefix=redis_prefix)
+    task = await registry.create(["u0"], "m", 1)
+    stream = stream_of(registry, "m")
+    worker = StreamBatches(registry, ["m"], "w", claim_idle=0.2, max_deliveries=3)
+    await worker.start()
+    await registry.client.delete(stream)  # what a Redis restarted without its append-only file lost
+    taking = asyncio.create_task(worker.next_batch(4, 0))  # its first look for abandoned images: NOGROUP
+    await asyncio.sleep(0.5)
+    await registry.client.delete(stream)  # lost again while the worker waits on it: UNBLOCKED
+    await asyncio.sleep(0.5)
+    await StreamJobs(registry, 10).put(Job(task.task_id, 0, "m", 1, b"image"))
+    batch = await asyncio.wait_for(taking, 5)
+    assert [job.index for job in batch] == [0]
+    await worker.close()
+    await registry.close()
+
+
+async def test_the_webhook_outbox_makes_its_group_again_when_redis_lost_the_stream(
+    redis_server: RedisServer, redis_prefix: str
+) -> None:
+    registry = await RedisRegistry.open(redis_server.url, 3600, 100, prefix=redis_prefix)
+    waiting = asyncio.create_task(registry.next_delivery())
+    await asyncio.sleep(0.5)
+    await registry.client.delete(f"{redis_prefix}webhooks")  # lost while the sender waits on it
+    task = await registry.create(["u0"], "m", 1, callback_url="http://hooks.example/done")
+    await registry.update_item(task.task_id, 0, ItemStatus.SUCCEEDED, labels=[Label("cat", 281, 0.9)])
+    delivery = await asyncio.wait_for(waiting, 5)
+    assert delivery.task_id == task.task_id
     await registry.close()

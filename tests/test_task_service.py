@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from redis.exceptions import ResponseError
 
 from inference.protocol import ModelLoadError
 from inference.specs import EMBEDDED, ModelSpec
@@ -23,7 +24,8 @@ from service.fetch.fetcher import FetchLimits, make_session
 from service.metrics import Metrics
 from service.pool import InferenceTimeout, WorkerCrashed
 from service.pool.catalog import ModelCatalog
-from service.tasks.batching import BatchQueue, BatchSource, JobQueue
+from service.tasks.batching import BatchQueue, BatchSource, Job, JobQueue
+from service.tasks.classifier import Classifier
 from service.tasks.memory import InMemoryRegistry
 from service.tasks.records import ItemStatus, TaskDetail, TaskStatus
 from service.tasks.redis_store import RedisRegistry
@@ -333,3 +335,32 @@ async def test_with_redis_workers_skip_the_queued_images_of_a_cancelled_task(
                 await asyncio.sleep(0.01)
         assert len(pool.batches) == 1
         assert await registry.get(task.task_id) == cancelled
+
+
+class RefusingQueue(BatchQueue):
+    """A batch source that fails its first `refusals` calls, as a Redis that refuses a write
+    (out of disk for its snapshots, say) fails the worker's."""
+
+    refusals = 1
+
+    async def next_batch(self, max_size: int, max_wait: float) -> list[Job]:
+        if self.refusals:
+            self.refusals -= 1
+            raise ResponseError("MISCONF Redis is unable to persist to disk")
+        return await super().next_batch(max_size, max_wait)
+
+
+async def test_a_consumer_whose_source_fails_goes_on_with_the_next_batch() -> None:
+    registry = InMemoryRegistry(metrics=Metrics())
+    queue = RefusingQueue(16)
+    catalog = ModelCatalog(infos([EMBEDDED]), EMBEDDED.name)
+    classifier = Classifier(registry, FakePool(), catalog, queue, Metrics(), batch_size=16, batch_wait=0.0)
+    consuming = asyncio.create_task(classifier.consume())
+    task = await registry.create(["u0"], EMBEDDED.name, 1)
+    await registry.update_item(task.task_id, 0, ItemStatus.CLASSIFYING)
+    await queue.put(Job(task.task_id, 0, EMBEDDED.name, 1, image("cat")))
+    await asyncio.wait_for(registry.wait_final(task.task_id), 5)
+    done = await registry.get(task.task_id)
+    assert done is not None and labels(done) == ["cat"] and queue.refusals == 0
+    consuming.cancel()
+    await asyncio.gather(consuming, return_exceptions=True)

@@ -16,9 +16,16 @@ import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
+from redis.exceptions import ResponseError
 
+from inference.protocol import Label
+from service.fetch.policy import AddressPolicy
+from service.metrics import Metrics
+from service.tasks.deliveries import Delivery
+from service.tasks.memory import InMemoryRegistry
+from service.tasks.records import ItemStatus
 from service.webhooks import signing
-from service.webhooks.sender import backoff
+from service.webhooks.sender import WebhookSender, backoff
 from tests.conftest import ImageServer, ServiceFactory, kill_group, running_service, scrape, submit, wait_for_task
 
 SECRET = "test-secret"
@@ -234,3 +241,29 @@ async def test_a_pending_delivery_survives_a_kill_9_and_is_delivered_once_after(
     assert {call.headers[signing.DELIVERY] for call in calls} == {delivered[0].headers[signing.DELIVERY]}
     assert task["webhook"]["attempts"] == len(receiver.calls)
     assert json.loads(delivered[0].body)["task_id"] == task_id
+
+
+class RefusingRegistry(InMemoryRegistry):
+    """Fails its first `refusals` hand-overs, as a Redis that refuses a call fails them."""
+
+    refusals = 1
+
+    async def next_delivery(self) -> Delivery:
+        if self.refusals:
+            self.refusals -= 1
+            raise ResponseError("MISCONF Redis is unable to persist to disk")
+        return await super().next_delivery()
+
+
+async def test_the_sender_goes_on_after_its_store_failed_to_hand_over_a_delivery(receiver: Receiver) -> None:
+    registry = RefusingRegistry(metrics=Metrics())
+    policy = AddressPolicy.from_strings(False, ["127.0.0.1/32"])
+    sender = WebhookSender(registry, policy, SECRET, timeout=5, retry_for=60, metrics=Metrics())
+    running = asyncio.create_task(sender.run())
+    task = await registry.create(["u0"], "m", 1, callback_url=receiver.url)
+    await registry.update_item(task.task_id, 0, ItemStatus.SUCCEEDED, labels=[Label("cat", 281, 0.9)])
+    calls = await receiver.wait_calls(1, timeout=10)
+    assert json.loads(calls[0].body)["task_id"] == task.task_id and registry.refusals == 0
+    running.cancel()
+    await asyncio.gather(running, return_exceptions=True)
+    await sender.close()

@@ -25,18 +25,17 @@ from redis.exceptions import ResponseError
 from service.lifetimes import stop_tasks
 from service.tasks.batching import Job
 from service.tasks.records import ErrorInfo, ItemStatus
-from service.tasks.redis_link import ensure_group
+from service.tasks.redis_link import ensure_group, forget_idle_consumers, group_gone
 from service.tasks.redis_store import RedisRegistry
 from service.tasks.registry import ItemChange
 
 log = logging.getLogger(__name__)
 
 GROUP = "workers"
+FORGET_AFTER_CLAIMS = 10  # a consumer holding nothing is forgotten after this many claim periods without a read
 FULL_POLL = 0.05  # seconds between looks at a full queue
-READ_BLOCK_MS = 1000
-GROUP_ADDS = (
-    64  # images added by one pipeline at most  # a worker's wait for new entries, between looks for abandoned ones
-)
+READ_BLOCK_MS = 1000  # a worker's wait for new entries, between looks for abandoned ones
+GROUP_ADDS = 64  # images added by one pipeline at most
 WORKER_CRASHED = ErrorInfo(
     code="worker_crashed", message="the image was handed to workers several times and none of them finished it"
 )
@@ -161,13 +160,20 @@ class StreamBatches:
 
     async def next_batch(self, max_size: int, max_wait: float) -> list[Job]:
         while True:
-            if self._held:
-                batch = await self._skip_final(self._held.popleft())
-            elif time.monotonic() - self._claimed_at >= self._claim_idle_ms / 2000:
-                self._claimed_at = time.monotonic()
-                batch = await self._claim(max_size)
-            else:
-                batch = await self._read(max_size, max_wait)
+            try:
+                if self._held:
+                    batch = await self._skip_final(self._held.popleft())
+                elif time.monotonic() - self._claimed_at >= self._claim_idle_ms / 2000:
+                    self._claimed_at = time.monotonic()
+                    batch = await self._claim(max_size)
+                else:
+                    batch = await self._read(max_size, max_wait)
+            except ResponseError as exc:
+                if not group_gone(exc):
+                    raise
+                log.warning("the job streams' consumer group is gone (Redis lost its data?); making it again")
+                await self._ensure_groups()
+                continue
             if batch:
                 return batch
 
@@ -208,14 +214,7 @@ class StreamBatches:
 
     async def _xreadgroup(self, streams: dict[str, str], count: int, block: int | None) -> Any:
         client = self._registry.client
-        try:
-            return await self._registry.patient(client.xreadgroup, GROUP, self._consumer, streams, count, block)  # type: ignore[arg-type]
-        except ResponseError as exc:
-            if "NOGROUP" not in str(exc):
-                raise
-            log.warning("the job streams' consumer group is gone (Redis lost its data?); making it again")
-            await self._ensure_groups()
-            return None
+        return await self._registry.patient(client.xreadgroup, GROUP, self._consumer, streams, count, block)  # type: ignore[arg-type]
 
     def _jobs(self, stream: str | bytes, entries: Any) -> list[Job]:
         """Jobs from stream entries as XREADGROUP and XCLAIM give them: (id, fields) pairs."""
@@ -249,9 +248,14 @@ class StreamBatches:
 
     async def _claim(self, max_size: int) -> list[Job]:
         """Entries a gone worker held longer than `claim_idle`: the next batch, but those
-        delivered `max_deliveries` times already fail."""
+        delivered `max_deliveries` times already fail. Consumers gone for good are forgotten."""
         client = self._registry.client
         for stream in self._streams:
+            forgotten = await self._registry.patient(
+                forget_idle_consumers, client, stream, GROUP, FORGET_AFTER_CLAIMS * self._claim_idle_ms / 1000
+            )
+            if forgotten:
+                log.info("forgot the idle consumers %s of %s: they held nothing", ", ".join(forgotten), stream)
             pending = await self._registry.patient(
                 client.xpending_range, stream, GROUP, min="-", max="+", count=max_size, idle=self._claim_idle_ms
             )

@@ -29,6 +29,7 @@ INTERNAL_ERROR = ErrorInfo(code="internal_error", message="internal error")
 # Measured with one per worker: a worker waited a median 12 ms between batches of about
 # 200 ms (outcomes recorded, next batch taken and sent); with two, 2-7 ms.
 CONSUMERS_PER_WORKER = 2
+PAUSE_SECONDS = 1.0  # after a consumer's turn failed, before the next
 
 
 class Classifier:
@@ -51,15 +52,24 @@ class Classifier:
         self._batch_wait = batch_wait
 
     async def consume(self) -> None:
-        """Classify batches until cancelled."""
+        """Classify batches until cancelled. Whatever fails is logged and the consumer goes
+        on: one that stopped would stall every task (a Redis that refuses a call, say)."""
         while True:
-            batch = await self._source.next_batch(self._batch_size, self._batch_wait)
             try:
-                await self._classify(batch)
-            except Exception:  # a bug must not kill the consumer and stall every task
-                log.exception("handling a batch of %d images failed", len(batch))
-                await self._fail_jobs(batch, INTERNAL_ERROR)
-            await self._source.finished(batch)
+                await self._next()
+            except Exception:
+                log.exception("a consumer failed to take or finish a batch; going on in %gs", PAUSE_SECONDS)
+                await asyncio.sleep(PAUSE_SECONDS)
+
+    async def _next(self) -> None:
+        batch = await self._source.next_batch(self._batch_size, self._batch_wait)
+        try:
+            await self._classify(batch)
+        except Exception:  # a bug: the batch fails, the consumer goes on
+            log.exception("handling a batch of %d images failed", len(batch))
+            await self._fail_jobs(batch, INTERNAL_ERROR)
+        # Not reached if the outcomes could not be recorded: a stream hands the batch out again.
+        await self._source.finished(batch)
 
     async def _classify(self, batch: list[Job], retried: bool = False) -> None:
         model = batch[0].model

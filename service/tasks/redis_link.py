@@ -1,7 +1,8 @@
 """One connection to Redis, and what callers do while Redis is away: a request's call fails
 at once with `StoreUnavailable` (the API answers 503 `store_unavailable`), background work
 waits for Redis to come back (`patient`). Either way `healthy` says how the last call went,
-which `/readyz` reports."""
+which `/readyz` reports. Beside it, what the consumer groups of the job streams and of the
+webhook stream share: making a group, knowing it lost, forgetting consumers gone for good."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import OutOfMemoryError, ReadOnlyError, RedisError
+from redis.exceptions import OutOfMemoryError, ReadOnlyError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from service.tasks.registry import StoreUnavailable
@@ -121,6 +122,39 @@ async def ensure_group(client: aioredis.Redis, stream: str, group: str) -> None:
     except RedisError as exc:
         if "BUSYGROUP" not in str(exc):
             raise
+
+
+def group_gone(exc: ResponseError) -> bool:
+    """What Redis answers once it has lost a stream and its group (restarted without its
+    append-only file, or flushed), or, to a read blocked on it, when it lost it meanwhile:
+    the group is made again and work goes on."""
+    return str(exc).startswith(("NOGROUP", "UNBLOCKED"))
+
+
+# Checked and deleted in one script, so that nothing reaches a consumer in between.
+_FORGET_IDLE_CONSUMERS = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return {} end
+local forgotten = {}
+for _, fields in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])) do
+  local consumer = {}
+  for i = 1, #fields, 2 do consumer[fields[i]] = fields[i + 1] end
+  if consumer.pending == 0 and consumer.idle >= tonumber(ARGV[2]) then
+    redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], consumer.name)
+    table.insert(forgotten, consumer.name)
+  end
+end
+return forgotten
+"""
+
+
+async def forget_idle_consumers(client: aioredis.Redis, stream: str, group: str, idle: float) -> list[str]:
+    """Delete the consumers of `group` that hold nothing and have not read for `idle`
+    seconds; their names. Every process that reads joins under a name of its own and Redis
+    keeps it until told, so without this each restart of a worker or replica would leave
+    one behind for good. A consumer that holds nothing loses nothing, and one that is alive
+    after all is made again by its next read."""
+    names = await client.eval(_FORGET_IDLE_CONSUMERS, 1, stream, group, round(idle * 1000))
+    return [name.decode() for name in names]
 
 
 def safe_url(url: str) -> str:

@@ -4,21 +4,28 @@ The script that makes a task final adds its delivery to the stream `<prefix>webh
 replica's webhook sender reads from it through one consumer group, so each delivery goes to
 one replica, which holds it (pending) until it is delivered or given up. The replica renews
 what it holds with its lease (`renew`); a delivery idle for three leases belongs to a replica
-that is gone, and the next replica that looks takes it over (XAUTOCLAIM).
+that is gone, and the next replica that looks takes it over (XAUTOCLAIM). Replicas gone for
+good are forgotten by the group, and a group Redis lost is made again.
 """
 
 from __future__ import annotations
 
+import logging
+import time
 from typing import Any, cast
 
+from redis.exceptions import ResponseError
 from redis.typing import StreamIdT
 
 from service.tasks.deliveries import Delivery, payload
 from service.tasks.records import Webhook
-from service.tasks.redis_link import RedisLink, ensure_group
+from service.tasks.redis_link import RedisLink, ensure_group, forget_idle_consumers, group_gone
 from service.tasks.redis_records import entries_of, summary_of
 
+log = logging.getLogger(__name__)
+
 GROUP = "senders"
+FORGET_AFTER = 10  # a consumer holding nothing is forgotten after this many `abandoned_after` without a read
 
 # Set a hash field only if the hash still exists (a forgotten task stays forgotten).
 SET_IF_EXISTS = """
@@ -34,25 +41,43 @@ class RedisOutbox:
         self._consumer = consumer
         self._abandoned_ms = int(abandoned_after * 1000)
         self._held: dict[str, bytes] = {}  # delivery id -> its stream entry, while this replica tries it
+        self._swept = 0.0  # when idle consumers were last forgotten (monotonic)
 
     async def next(self) -> Delivery:
         """The next delivery to try: one a gone replica held, else a new one."""
         client = self._link.client
         await self._link.patient(ensure_group, client, self._stream, GROUP)
         while True:
-            found = await self._link.patient(
-                client.xautoclaim, self._stream, GROUP, self._consumer, self._abandoned_ms, count=10
-            )
-            entries = entries_of(found[1]) if found else []
-            if not entries:
-                read = await self._link.patient(
-                    client.xreadgroup, GROUP, self._consumer, {self._stream: ">"}, count=1, block=1000
-                )
-                entries = [entry for _, messages in cast(Any, read) or [] for entry in entries_of(messages)]
+            try:
+                entries = await self._entries()
+            except ResponseError as exc:
+                if not group_gone(exc):
+                    raise
+                log.warning("the webhook stream's consumer group is gone (Redis lost its data?); making it again")
+                await self._link.patient(ensure_group, client, self._stream, GROUP)
+                continue
             for entry_id, fields in entries:
                 delivery = await self._delivery(entry_id, fields)
                 if delivery is not None:
                     return delivery
+
+    async def _entries(self) -> list[tuple[bytes, dict[bytes, bytes]]]:
+        """Deliveries a gone replica held, else up to one new one (waiting a second for it)."""
+        client = self._link.client
+        if time.monotonic() - self._swept >= self._abandoned_ms / 1000:
+            self._swept = time.monotonic()
+            idle = FORGET_AFTER * self._abandoned_ms / 1000
+            await self._link.patient(forget_idle_consumers, client, self._stream, GROUP, idle)
+        found = await self._link.patient(
+            client.xautoclaim, self._stream, GROUP, self._consumer, self._abandoned_ms, count=10
+        )
+        entries = entries_of(found[1]) if found else []
+        if not entries:
+            read = await self._link.patient(
+                client.xreadgroup, GROUP, self._consumer, {self._stream: ">"}, count=1, block=1000
+            )
+            entries = [entry for _, messages in cast(Any, read) or [] for entry in entries_of(messages)]
+        return entries
 
     async def record(self, delivery: Delivery, webhook: Webhook, retry: Delivery | None) -> None:
         """The task's webhook is now `webhook`; without a retry, the delivery is done."""

@@ -115,7 +115,12 @@ class WebhookSender:
         """Deliver every webhook the registry hands over, until cancelled."""
         async with asyncio.TaskGroup() as deliveries:
             while True:
-                delivery = await self._registry.next_delivery()
+                try:
+                    delivery = await self._registry.next_delivery()
+                except Exception:  # a store refusing a call must not end the deliveries for good
+                    log.exception("taking the next webhook delivery failed; trying again in %gs", FIRST_RETRY)
+                    await asyncio.sleep(FIRST_RETRY)
+                    continue
                 deliveries.create_task(self._deliver(delivery))
 
     async def _deliver(self, delivery: Delivery) -> None:
