@@ -72,7 +72,6 @@ class BulkJob:
             await self._feed(sources, limit)
         except ExceptionGroup as failures:  # the first failure says why the job stopped
             raise failures.exceptions[0] from None
-        self._results.flush()
         return self.counts
 
     async def _feed(self, sources: Iterator[Source], limit: int) -> None:
@@ -163,7 +162,6 @@ class BulkJob:
             self._tell(f"task {chunk.task_id} is gone from the service; its images without a row are sent again")
             await self._replan(chunk, [s for s in ordered if s.index not in self._results.written])
             return
-        self._results.flush()
         self._manifest.finished(chunk)
 
     async def _refused_inputs(self, chunk: Chunk, ordered: list[Source], exc: ClientError) -> bool:
@@ -210,7 +208,6 @@ class BulkJob:
 
     def _fail(self, source: Source, code: str, message: str) -> None:
         self._write(source, {"status": "failed", "error": {"code": code, "message": message}}, "")
-        self._results.flush()
 
     async def cancel_in_flight(self) -> int:
         """Cancel the tasks of the chunks not finished (Ctrl-C with `--cancel`); how many."""

@@ -86,10 +86,8 @@ class ResultsFile:
             self._writer.writerow({**record, "labels": json.dumps(record["labels"])})
         else:
             self._handle.write(json.dumps(record) + "\n")
+        self._handle.flush()  # a row is on disk (or on its way down the pipe) as it arrives
         self.written.add(source.index)
-
-    def flush(self) -> None:
-        self._handle.flush()
 
     def close(self) -> None:
         if self._handle is not sys.stdout:

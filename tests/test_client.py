@@ -1,5 +1,6 @@
 """The command-line client, run as a user runs it (`python -m client`) against a live
-service: labels in its table or JSON, exit codes, and Ctrl-C with and without `--cancel`."""
+service: labels in its table or JSON, exit codes, and Ctrl-C with and without `--cancel`; and
+its results file on its own."""
 
 from __future__ import annotations
 
@@ -9,12 +10,15 @@ import re
 import signal
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
+from client.inputs import Source
+from client.results import ResultsFile
 from tests.conftest import PHOTOS_DIR, ROOT, ImageServer, ServiceFactory, metric
 
 
@@ -180,3 +184,16 @@ async def test_a_submit_whose_answer_was_lost_is_retried_without_a_second_task(
     assert len(keys) == 2 and keys[0] == keys[1]  # one key for both attempts
     task = await only_task(client)  # one task, not two
     assert task["webhook"]["url"] == callback
+
+
+@pytest.mark.parametrize("name", ["rows.jsonl", "rows.csv"])
+def test_a_results_row_is_in_the_file_as_soon_as_it_is_written(tmp_path: Path, name: str) -> None:
+    """Whoever reads the file meanwhile (`tail -f`, a killed run's `--resume`) sees every row
+    reported so far."""
+    path = tmp_path / name
+    results = ResultsFile(path, resume=False)
+    labels = [{"label": "espresso", "class_index": 967, "score": 0.9}]
+    results.write(Source(0, "https://images.example/a.jpg"), {"status": "succeeded", "labels": labels}, "t1")
+    rows = path.read_text().splitlines()
+    assert len(rows) == (2 if name.endswith(".csv") else 1) and "espresso" in rows[-1]
+    results.close()
