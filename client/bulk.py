@@ -162,7 +162,7 @@ class BulkJob:
             self._tell(f"task {chunk.task_id} is gone from the service; its images without a row are sent again")
             await self._replan(chunk, [s for s in ordered if s.index not in self._results.written])
             return
-        self._manifest.finished(chunk)
+        self._manifest.finished(chunk)  # after its rows: each is flushed as it is written
 
     async def _refused_inputs(self, chunk: Chunk, ordered: list[Source], exc: ClientError) -> bool:
         """A refusal that names the inputs at fault: those get failed rows and the rest is
