@@ -32,7 +32,7 @@ from service.tasks.registry import ItemChange
 log = logging.getLogger(__name__)
 
 GROUP = "workers"
-FORGET_AFTER_CLAIMS = 10  # a consumer holding nothing is forgotten after this many claim periods without a read
+FORGET_AFTER_CLAIMS = 10  # a consumer holding nothing is forgotten after this many claim periods idle
 FULL_POLL = 0.05  # seconds between looks at a full queue
 READ_BLOCK_MS = 1000  # a worker's wait for new entries, between looks for abandoned ones
 GROUP_ADDS = 64  # images added by one pipeline at most
@@ -248,14 +248,14 @@ class StreamBatches:
 
     async def _claim(self, max_size: int) -> list[Job]:
         """Entries a gone worker held longer than `claim_idle`: the next batch, but those
-        delivered `max_deliveries` times already fail. Consumers gone for good are forgotten."""
+        delivered `max_deliveries` times already fail. Idle consumers that hold nothing are forgotten."""
         client = self._registry.client
         for stream in self._streams:
             forgotten = await self._registry.patient(
                 forget_idle_consumers, client, stream, GROUP, FORGET_AFTER_CLAIMS * self._claim_idle_ms / 1000
             )
             if forgotten:
-                log.info("forgot the idle consumers %s of %s: they held nothing", ", ".join(forgotten), stream)
+                log.info("forgot the consumers %s of %s: idle, holding nothing", ", ".join(forgotten), stream)
             pending = await self._registry.patient(
                 client.xpending_range, stream, GROUP, min="-", max="+", count=max_size, idle=self._claim_idle_ms
             )

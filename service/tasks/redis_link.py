@@ -148,11 +148,12 @@ return forgotten
 
 
 async def forget_idle_consumers(client: aioredis.Redis, stream: str, group: str, idle: float) -> list[str]:
-    """Delete the consumers of `group` that hold nothing and have not read for `idle`
-    seconds; their names. Every process that reads joins under a name of its own and Redis
-    keeps it until told, so without this each restart of a worker or replica would leave
-    one behind for good. A consumer that holds nothing loses nothing, and one that is alive
-    after all is made again by its next read."""
+    """Delete the consumers of `group` that hold nothing and have been idle for `idle`
+    seconds (Redis 7.0 counts from the last entry a consumer got, later versions from its
+    last read); their names. Every process that reads joins under a name of its own and
+    Redis keeps it until told, so without this each restart of a worker or replica would
+    leave one behind for good. A consumer that holds nothing loses nothing, and a live one
+    is made again by Redis when it next gets an entry."""
     names = await client.eval(_FORGET_IDLE_CONSUMERS, 1, stream, group, round(idle * 1000))
     return [name.decode() for name in names]
 

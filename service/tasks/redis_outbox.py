@@ -4,8 +4,8 @@ The script that makes a task final adds its delivery to the stream `<prefix>webh
 replica's webhook sender reads from it through one consumer group, so each delivery goes to
 one replica, which holds it (pending) until it is delivered or given up. The replica renews
 what it holds with its lease (`renew`); a delivery idle for three leases belongs to a replica
-that is gone, and the next replica that looks takes it over (XAUTOCLAIM). Replicas gone for
-good are forgotten by the group, and a group Redis lost is made again.
+that is gone, and the next replica that looks takes it over (XAUTOCLAIM). Idle consumers
+that hold nothing are forgotten by the group, and a group Redis lost is made again.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from service.tasks.redis_records import entries_of, summary_of
 log = logging.getLogger(__name__)
 
 GROUP = "senders"
-FORGET_AFTER = 10  # a consumer holding nothing is forgotten after this many `abandoned_after` without a read
+FORGET_AFTER = 10  # a consumer holding nothing is forgotten after this many `abandoned_after` idle
 
 # Set a hash field only if the hash still exists (a forgotten task stays forgotten).
 SET_IF_EXISTS = """
