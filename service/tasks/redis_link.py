@@ -2,7 +2,7 @@
 at once with `StoreUnavailable` (the API answers 503 `store_unavailable`), background work
 waits for Redis to come back (`patient`). Either way `healthy` says how the last call went,
 which `/readyz` reports. Beside it, what the consumer groups of the job streams and of the
-webhook stream share: making a group, knowing it lost, forgetting consumers gone for good."""
+webhook stream share: making a group, knowing it lost, forgetting idle consumers that hold nothing."""
 
 from __future__ import annotations
 
