@@ -33,9 +33,11 @@ import uvloop
 from yarl import URL
 
 from bench.harness import own_cpu_seconds
-from service.fetch.fetcher import FetchLimits, fetch, make_session
+from service.app import download_session
+from service.broker.local import BatchQueue
+from service.fetch.fetcher import fetch
 from service.settings import Settings
-from service.tasks.batching import BatchQueue, Job
+from service.tasks.queues import QueuedImage
 
 WARM_UP = 100  # downloads before the clock starts: the connections are opened then
 
@@ -54,8 +56,8 @@ async def paced_downloads(urls: list[str], rate: float, settings: Settings, clie
             return await _paced(connections.get, urls, rate, settings)
         finally:
             connections.close()
-    limits = FetchLimits.from_settings(settings)
-    async with make_session(settings) as session:
+    limits = settings.fetch_limits()
+    async with download_session(settings) as session:
         return await _paced(lambda url: fetch(session, url, limits), urls, rate, settings)
 
 
@@ -71,7 +73,7 @@ async def _paced(get: Get, urls: list[str], rate: float, settings: Settings) -> 
     async def download(index: int, url: str) -> None:
         async with slots:
             data = await get(url)
-            await queue.put(Job("floor", index, "model", 1, data))
+            await queue.put(QueuedImage("floor", index, "model", 1, data))
 
     emptying = asyncio.create_task(workers())
     try:

@@ -28,10 +28,10 @@ import redis
 from bench.bulk import direct_task
 from bench.harness import ROOT, cpu_model, free_port, start_image_server, wait_ready
 from bench.images import make_images
-from service.broker.jobs import StreamBatches, StreamJobs
-from service.tasks.batching import Job
+from service.broker.streams import StreamBatches, StreamJobs
+from service.stores.redis.registry import RedisRegistry
+from service.tasks.queues import QueuedImage
 from service.tasks.records import ItemStatus, Label
-from service.tasks.redis_store import RedisRegistry
 from service.tasks.registry import ItemChange
 
 BATCH = 16
@@ -71,8 +71,8 @@ async def broker_cost(url: str, images: list[bytes], batches: int) -> dict[str, 
     each at once, as concurrent downloads make them), of a worker's calls (read the batch,
     write its outcomes, confirm it), and of Redis itself (commandstats)."""
     registry = await RedisRegistry.open(url, 3600, 100_000, prefix="bench-broker:")
-    jobs = StreamJobs(registry, 100_000)
-    source = StreamBatches(registry, ["m"], "bench", claim_idle=30, max_deliveries=3)
+    jobs = StreamJobs(registry.link, registry.prefix, 100_000)
+    source = StreamBatches(registry.link, registry.prefix, registry, ["m"], "bench", claim_idle=30, max_deliveries=3)
     await source.start()
     labels = [Label(label="espresso", class_index=967, score=0.9)] * 5
     task = await registry.create([f"http://images.example/{n}.jpg" for n in range(batches * BATCH)], "m", 5)
@@ -85,7 +85,7 @@ async def broker_cost(url: str, images: list[bytes], batches: int) -> dict[str, 
         for status in (ItemStatus.DOWNLOADING, ItemStatus.CLASSIFYING):
             await asyncio.gather(*(registry.update_item(task.task_id, index, status) for index in indices))
         await asyncio.gather(
-            *(jobs.put(Job(task.task_id, index, "m", 5, images[index % len(images)])) for index in indices)
+            *(jobs.put(QueuedImage(task.task_id, index, "m", 5, images[index % len(images)])) for index in indices)
         )
         middle = time.process_time()
         batch = await source.next_batch(BATCH, 0)

@@ -19,9 +19,9 @@ from pathlib import Path
 from bench.harness import own_cpu_seconds
 from inference.protocol import Label
 from service.metrics import Metrics
-from service.tasks.memory import InMemoryRegistry
+from service.stores.memory.registry import InMemoryRegistry
+from service.stores.sqlite.registry import SqliteRegistry
 from service.tasks.records import ItemStatus
-from service.tasks.sqlite import SqliteRegistry
 
 IMAGES = 1000
 BATCH = 16

@@ -24,7 +24,7 @@ from bench.images import make_images
 from bench.reference import reference_images_per_second
 from inference import onnx_cache, worker
 from inference.protocol import WorkerConfig
-from service.pool.setup import build_catalog, worker_config
+from service.pool.factory import build_catalog, worker_config
 from service.settings import Settings
 
 BATCH = 16

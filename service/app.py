@@ -1,9 +1,9 @@
 """The application factory and the lifetimes of its resources.
 
-Started in order and closed in reverse (`cleanup_ctx`): the task registry, the webhook
-sender, the model catalog and the inference pool, the download session, then the task
-service that uses them. On shutdown, running tasks get `--shutdown-grace` seconds before
-what is left is cancelled.
+Started in order and closed in reverse (`cleanup_ctx`): the backend (task store and image
+queue, `service.backend`), the webhook sender, the model catalog and the inference pool, then
+the download session and the task engine that uses them. On shutdown, running tasks get
+`--shutdown-grace` seconds before what is left is cancelled.
 """
 
 from __future__ import annotations
@@ -12,21 +12,19 @@ import asyncio
 import contextlib
 import gc
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
+import aiohttp
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
 from service.api import events, operations, tasks
-from service.api.auth import auth_middleware
-from service.api.connections import ConnectionLimits, Connections
-from service.api.docs import add_docs
-from service.api.errors import error_middleware
-from service.api.idempotency import KeyLocks
-from service.api.keys import (
+from service.api.appkeys import (
+    BACKEND,
     CATALOG,
     CLOSING,
     CONNECTIONS,
+    ENGINE,
     METRICS,
     POOL,
     REGISTRY,
@@ -34,140 +32,102 @@ from service.api.keys import (
     SUBMIT_FORM,
     SUBMIT_KEYS,
     SUBMIT_REQUEST,
-    TASKS,
     UPLOAD_BUDGET,
     WEBHOOKS,
 )
+from service.api.auth import auth_middleware
+from service.api.connections import ConnectionLimits, Connections
+from service.api.docs import add_docs
+from service.api.errors import error_middleware
+from service.api.idempotency import KeyLocks
 from service.api.page import add_page
 from service.api.schemas import SubmitForm, SubmitRequest
-from service.broker.jobs import StreamBatches, StreamJobs, consumer_name
-from service.fetch.fetcher import FetchLimits, make_session
+from service.backend import open_backend
+from service.fetch.fetcher import make_session
 from service.metrics import Metrics
-from service.pool.setup import build_catalog, make_pool
+from service.pool import InferencePool
+from service.pool.factory import build_catalog, make_pool
 from service.settings import Settings
-from service.tasks.batching import BatchQueue, BatchSource, JobQueue
 from service.tasks.classifier import CONSUMERS_PER_WORKER
-from service.tasks.memory import InMemoryRegistry
-from service.tasks.redis_store import RedisRegistry
-from service.tasks.service import TaskService
-from service.tasks.sqlite import SqliteRegistry
-from service.tasks.uploads import UploadBudget, UploadSpool
+from service.tasks.engine import TaskEngine
+from service.tasks.uploads import UploadBudget
 from service.webhooks.sender import WebhookSender
 
 log = logging.getLogger(__name__)
 
 
-async def registry_ctx(app: web.Application) -> AsyncIterator[None]:
-    """The task registry: SQLite in the data dir (a bad data dir stops start-up here, before
-    any worker starts), Redis (one that cannot be reached stops it too), or memory."""
-    settings = app[SETTINGS]
-    if settings.store_kind() == "redis":
-        shared = await RedisRegistry.open(
-            settings.redis,
-            settings.finished_task_ttl,
-            settings.max_finished_tasks,
-            prefix=settings.redis_prefix,
-            lease=settings.lease,
-            idempotency_ttl=settings.idempotency_ttl,
-            metrics=app[METRICS],
-        )
-        app[REGISTRY] = shared
-        try:
-            yield
-        finally:
-            await shared.close()
-        return
-    if settings.store == "memory":
-        app[REGISTRY] = InMemoryRegistry(
-            settings.finished_task_ttl,
-            settings.max_finished_tasks,
-            metrics=app[METRICS],
-            idempotency_ttl=settings.idempotency_ttl,
-        )
+async def backend_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The task store and the image queue the settings ask for (`service.backend`); one that
+    cannot be opened stops start-up here, before any worker starts."""
+    async with open_backend(app[SETTINGS], app[METRICS], app[UPLOAD_BUDGET]) as backend:
+        app[BACKEND] = backend
+        app[REGISTRY] = backend.registry
         yield
-        return
-    registry = await SqliteRegistry.open(
-        settings.data_dir,
-        settings.finished_task_ttl,
-        settings.max_finished_tasks,
-        app[METRICS],
-        idempotency_ttl=settings.idempotency_ttl,
-    )
-    app[REGISTRY] = registry
-    try:
-        yield
-    finally:
-        await registry.close()
 
 
-async def pool_ctx(app: web.Application) -> AsyncIterator[None]:
+def pool_ctx(pool: InferencePool | None) -> Callable[[web.Application], AsyncIterator[None]]:
     """Find out about every declared model and the torchvision weights in the cache (the
     catalog), then start the workers with the default model loaded (a web-only replica,
-    `--workers 0`, has none)."""
-    settings = app[SETTINGS]
-    app[CATALOG] = await build_catalog(settings)
-    if settings.resolved_workers() == 0:
-        yield
-        return
-    pool = make_pool(settings, app[CATALOG])
-    try:
-        await pool.start()
-        app[POOL] = pool
-        yield
-    finally:
-        await pool.close()
+    `--workers 0`, has none). A `pool` handed to `create_app` is used as it is: its owner
+    starts and stops it."""
+
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        settings = app[SETTINGS]
+        app[CATALOG] = await build_catalog(settings)
+        if pool is not None:
+            app[POOL] = pool
+            yield
+            return
+        if settings.resolved_workers() == 0:
+            yield
+            return
+        workers = make_pool(settings, app[CATALOG])
+        try:
+            await workers.start()
+            app[POOL] = workers
+            yield
+        finally:
+            await workers.close()
+
+    return ctx
 
 
-async def tasks_ctx(app: web.Application) -> AsyncIterator[None]:
-    """The task service, fed through an in-process queue, or with Redis through the job
-    streams (this replica's own workers, if any, then take batches from there too)."""
-    settings = app[SETTINGS]
-    budget = app[UPLOAD_BUDGET]
-    spool = UploadSpool(settings.data_dir / "uploads", budget) if settings.store_kind() == "sqlite" else None
-    registry = app[REGISTRY]
+async def engine_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The task engine, fed through the backend's queue; this process's own workers, if any,
+    take batches from the backend's source."""
+    settings, backend = app[SETTINGS], app[BACKEND]
     pool = app.get(POOL)
-    queue: JobQueue
-    source: BatchSource | None
     async with contextlib.AsyncExitStack() as stack:
-        if isinstance(registry, RedisRegistry):
-            jobs = StreamJobs(registry, settings.max_queued_images)
-            stack.push_async_callback(jobs.close)
-            queue, source = jobs, None
-            if pool is not None:
-                batches = StreamBatches(
-                    registry,
-                    [info.name for info in app[CATALOG].infos()],
-                    consumer_name(),
-                    settings.claim_idle,
-                    settings.max_deliveries,
-                )
-                await batches.start()
-                stack.push_async_callback(batches.close)
-                source = batches
-        else:
-            queue = source = BatchQueue(settings.max_queued_images)
-        session = await stack.enter_async_context(make_session(settings))
-        service = await stack.enter_async_context(
-            TaskService(
-                registry,
-                queue,
+        source = None
+        if pool is not None:
+            source = await stack.enter_async_context(backend.batches([info.name for info in app[CATALOG].infos()]))
+        session = await stack.enter_async_context(download_session(settings))
+        engine = await stack.enter_async_context(
+            TaskEngine(
+                backend.registry,
+                backend.queue,
                 app[CATALOG],
                 session,
-                FetchLimits.from_settings(settings),
+                settings.fetch_limits(),
                 app[METRICS],
-                budget,
-                spool,
+                app[UPLOAD_BUDGET],
+                backend.spool,
                 download_concurrency=settings.download_concurrency,
                 batch_size=settings.batch_size,
                 batch_wait=settings.batch_wait_ms / 1000,
                 consumers=CONSUMERS_PER_WORKER * settings.resolved_workers(),
                 pool=pool,
                 source=source,
-                adopt_every=registry.adopt_every if isinstance(registry, RedisRegistry) else None,
+                adopt_every=backend.adopt_every,
             )
         )
-        app[TASKS] = service
+        app[ENGINE] = engine
         yield
+
+
+def download_session(settings: Settings) -> aiohttp.ClientSession:
+    """The download client the settings ask for (`service.fetch.fetcher.make_session`)."""
+    return make_session(settings.address_policy(), settings.download_timeouts(), settings.download_concurrency)
 
 
 async def webhooks_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -211,10 +171,12 @@ async def release_watchers(app: web.Application) -> None:
 
 async def drain_tasks(app: web.Application) -> None:
     """On shutdown (new connections are already refused): give active tasks the grace period."""
-    await app[TASKS].drain(app[SETTINGS].shutdown_grace)
+    await app[ENGINE].drain(app[SETTINGS].shutdown_grace)
 
 
-def create_app(settings: Settings) -> web.Application:
+def create_app(settings: Settings, pool: InferencePool | None = None) -> web.Application:
+    """The application for `settings`; with `pool`, batches go to that inference pool (a
+    fake one in tests of the HTTP contract) instead of worker processes started here."""
     metrics = Metrics()
     connections = Connections(ConnectionLimits.from_settings(settings), metrics)
     # Outermost, the connection's deadlines; then the one that renders every error below it as JSON.
@@ -233,7 +195,7 @@ def create_app(settings: Settings) -> web.Application:
     )
     app[UPLOAD_BUDGET] = UploadBudget(settings.max_upload_bytes)
     app[SUBMIT_KEYS] = KeyLocks()
-    app.cleanup_ctx.extend([registry_ctx, webhooks_ctx, pool_ctx, tasks_ctx])
+    app.cleanup_ctx.extend([backend_ctx, webhooks_ctx, pool_ctx(pool), engine_ctx])
     app.on_startup.append(freeze_start_up_objects)  # runs after the contexts above have started
     app[CLOSING] = asyncio.Event()
     app.on_shutdown.extend([release_watchers, drain_tasks])

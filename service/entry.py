@@ -17,6 +17,6 @@ def service() -> None:
 
 
 def worker() -> None:
-    from service.broker.worker import main
+    from service.worker import main
 
     main()

@@ -18,14 +18,13 @@ import uvloop
 from aiohttp import web
 
 from inference.specs import CatalogError
+from service.api.appkeys import CONNECTIONS
 from service.api.connections import raise_descriptor_limit
-from service.api.keys import CONNECTIONS
 from service.app import create_app
 from service.logs import configure_logging
 from service.pool import DefaultModelError
 from service.settings import Settings, load_settings
-from service.tasks.journal import StoreError
-from service.tasks.redis_link import RedisUnreachable
+from service.tasks.registry import StoreOpenError
 
 log = logging.getLogger("service")
 
@@ -74,6 +73,6 @@ def main() -> None:
         return
     try:
         uvloop.run(serve(settings))
-    except (DefaultModelError, CatalogError, StoreError, RedisUnreachable) as exc:
+    except (DefaultModelError, CatalogError, StoreOpenError) as exc:
         log.error("%s", exc)
         raise SystemExit(1) from None

@@ -30,6 +30,7 @@ from inference.specs import (
     resolve_precision,
     resolve_runtime,
 )
+from service.fetch.fetcher import DownloadTimeouts, FetchLimits
 from service.fetch.policy import AddressPolicy
 
 PROGRAM = "run_service.py"
@@ -39,6 +40,8 @@ Count = Annotated[int, Field(ge=1)]
 NonNegative = Annotated[int, Field(ge=0)]
 Seconds = Annotated[float, Field(ge=0)]
 PositiveSeconds = Annotated[float, Field(gt=0)]
+
+StoreKind = Literal["redis", "sqlite", "memory"]  # where tasks live (`service.backend` opens it)
 
 
 def available_cores() -> int:
@@ -240,7 +243,7 @@ class Settings(BaseSettings):
         self._model_specs = specs
         return self
 
-    def store_kind(self) -> Literal["redis", "sqlite", "memory"]:
+    def store_kind(self) -> StoreKind:
         return "redis" if self.redis else self.store
 
     def serve_model_list(self) -> list[str]:
@@ -261,6 +264,12 @@ class Settings(BaseSettings):
     def address_policy(self) -> AddressPolicy:
         """Where downloads and webhooks may connect."""
         return AddressPolicy.from_strings(self.allow_private_networks, self.allowed_network_list())
+
+    def fetch_limits(self) -> FetchLimits:
+        return FetchLimits(self.max_image_bytes, self.max_redirects, self.max_url_length)
+
+    def download_timeouts(self) -> DownloadTimeouts:
+        return DownloadTimeouts(self.download_timeout, self.connect_timeout, self.read_timeout)
 
     def allowed_network_list(self) -> list[str]:
         return _split(self.allowed_networks)

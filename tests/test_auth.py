@@ -7,7 +7,7 @@ import logging
 import pytest
 from aiohttp.test_utils import TestClient
 
-from service.tasks.memory import InMemoryRegistry
+from service.stores.memory.registry import InMemoryRegistry
 from tests.conftest import ImageServer, ServiceFactory
 
 ALICE, BOB = "alice-key-0123456789", "bob-key-9876543210"

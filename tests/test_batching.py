@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 
-from service.tasks.batching import BatchQueue, Job
+from service.broker.local import BatchQueue
+from service.tasks.queues import QueuedImage
 
 
-def job(task: str, index: int, model: str = "m") -> Job:
-    return Job(task_id=task, index=index, model=model, top_k=1, data=b"")
+def job(task: str, index: int, model: str = "m") -> QueuedImage:
+    return QueuedImage(task_id=task, index=index, model=model, top_k=1, data=b"")
 
 
 async def test_a_full_batch_leaves_at_once_and_mixes_tasks() -> None:

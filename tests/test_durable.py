@@ -19,11 +19,11 @@ import pytest
 
 from client.api import read_events
 from service.metrics import Metrics
-from service.tasks.journal import DATABASE, StoreError
+from service.stores.sqlite.journal import DATABASE, StoreError
+from service.stores.sqlite.loader import page_query
+from service.stores.sqlite.registry import SqliteRegistry
+from service.stores.sqlite.schema import SCHEMA
 from service.tasks.records import ItemStatus, Label, TaskStatus
-from service.tasks.rows import page_query
-from service.tasks.schema import SCHEMA
-from service.tasks.sqlite import SqliteRegistry
 from tests.conftest import (
     PHOTOS_DIR,
     ROOT,

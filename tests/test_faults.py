@@ -11,7 +11,7 @@ import psutil
 from aiohttp.test_utils import TestClient
 from PIL import Image
 
-from service.api.keys import POOL
+from service.api.appkeys import POOL
 from tests.conftest import ImageServer, ServiceFactory, running, running_service, submit, wait_for_task
 
 

@@ -7,7 +7,8 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from service.fetch.fetcher import FetchLimits, fetch, make_session
+from service.app import download_session
+from service.fetch.fetcher import fetch
 from tests.conftest import settings_for
 
 
@@ -29,8 +30,8 @@ async def test_a_cookie_one_download_was_given_is_not_sent_with_the_next(
     app.router.add_get("/img/{name}", image)
     server = await aiohttp_server(app, host="127.0.0.1")
     settings = settings_for()  # the tests allow loopback
-    limits = FetchLimits.from_settings(settings)
-    async with make_session(settings) as session:
+    limits = settings.fetch_limits()
+    async with download_session(settings) as session:
         for name in ("alice", "bob"):
             url = server.make_url(f"/img/{name}").with_host("localhost")
             assert (await fetch(session, str(url), limits)).startswith(b"\xff\xd8")

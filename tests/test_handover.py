@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from inference.handover import BatchFileUnreadable, SharedBatch, images_of
-from service.api.keys import POOL
+from service.api.appkeys import POOL
 from service.pool.handover import KEEP_BYTES, LOCK, PREFIX, BatchFiles
 from tests.conftest import ImageServer, ServiceFactory, submit, wait_for_task
 

@@ -12,9 +12,9 @@ import aiohttp
 import pytest
 
 from service.metrics import Metrics
+from service.stores.redis.registry import RedisRegistry
+from service.stores.sqlite.registry import SqliteRegistry
 from service.tasks.idempotency import IdempotencyKey, SubmissionExists, SubmissionKeys
-from service.tasks.redis_store import RedisRegistry
-from service.tasks.sqlite import SqliteRegistry
 from tests.conftest import PHOTOS_DIR, ImageServer, ServiceFactory, metric
 from tests.redis_server import RedisServer
 

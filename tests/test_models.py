@@ -22,7 +22,7 @@ from inference.protocol import WorkerConfig
 from inference.specs import EMBEDDED, CatalogError, ModelSpec, declared_specs, local_info, torchvision_spec
 from inference.torch_models import imagenet_categories
 from inference.zoo import cache_file, weights_of
-from service.api.keys import SETTINGS
+from service.api.appkeys import SETTINGS
 from service.settings import load_settings
 from tests.conftest import ROOT, ImageServer, ServiceFactory, service_command, submit, wait_for_task
 

@@ -25,7 +25,7 @@ from schemathesis.checks import (
     status_code_conformance,
 )
 
-from service.api.keys import OPENAPI
+from service.api.appkeys import OPENAPI
 from service.api.openapi import build_openapi
 from service.app import create_app
 from service.settings import load_settings

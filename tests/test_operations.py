@@ -10,7 +10,7 @@ from pathlib import Path
 
 import psutil
 
-from service.api.keys import POOL, SETTINGS
+from service.api.appkeys import POOL, SETTINGS
 from tests.conftest import ImageServer, ServiceFactory, scrape, submit, wait_for_task
 
 

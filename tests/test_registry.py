@@ -14,12 +14,12 @@ import pytest
 from pydantic_core import PydanticSerializationError
 
 from service.metrics import Metrics
+from service.stores.memory.registry import InMemoryRegistry
+from service.stores.redis.registry import RedisRegistry
+from service.stores.sqlite.registry import SqliteRegistry
 from service.tasks.deliveries import payload
-from service.tasks.memory import InMemoryRegistry
 from service.tasks.records import ErrorInfo, ItemStatus, Label, TaskStatus, Webhook, WebhookStatus
-from service.tasks.redis_store import RedisRegistry
 from service.tasks.registry import InvalidCursor, TaskRegistry
-from service.tasks.sqlite import SqliteRegistry
 from tests.redis_server import RedisServer
 
 LABELS = [Label(label="espresso", class_index=967, score=0.9)]

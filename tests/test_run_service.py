@@ -83,7 +83,7 @@ def test_worker_processes_do_not_import_the_web_stack_through_the_launchers() ->
     aiohttp, pydantic and the rest (0.7 s and ~40 MiB each). The console scripts call
     `service.entry` too (`tests/test_packaging.py` runs the installed ones)."""
     for script in ("run_service.py", "run_worker.py"):
-        web_stack = {"aiohttp", "pydantic", "redis", "service.main", "service.broker.worker"}
+        web_stack = {"aiohttp", "pydantic", "redis", "service.main", "service.worker"}
         check = (
             f"import runpy, sys; runpy.run_path({script!r}, run_name='__mp_main__'); "
             f"print(sorted({web_stack!r} & set(sys.modules)))"

@@ -19,19 +19,20 @@ from redis.exceptions import ResponseError
 
 from inference.protocol import ModelLoadError
 from inference.specs import EMBEDDED, ModelSpec
-from service.broker.jobs import StreamBatches, StreamJobs
-from service.fetch.fetcher import FetchLimits, make_session
+from service.app import download_session
+from service.broker.local import BatchQueue
+from service.broker.streams import StreamBatches, StreamJobs
 from service.metrics import Metrics
 from service.pool import InferenceTimeout, WorkerCrashed
 from service.pool.catalog import ModelCatalog
-from service.tasks.batching import BatchQueue, BatchSource, Job, JobQueue
+from service.stores.memory.registry import InMemoryRegistry
+from service.stores.redis.registry import RedisRegistry
+from service.stores.sqlite.registry import SqliteRegistry
 from service.tasks.classifier import Classifier
-from service.tasks.memory import InMemoryRegistry
+from service.tasks.engine import TaskEngine
+from service.tasks.queues import BatchSource, ImageQueue, QueuedImage
 from service.tasks.records import ItemStatus, TaskDetail, TaskStatus
-from service.tasks.redis_store import RedisRegistry
 from service.tasks.registry import TaskRegistry
-from service.tasks.service import TaskService
-from service.tasks.sqlite import SqliteRegistry
 from service.tasks.uploads import UploadBudget, UploadSpool
 from tests.conftest import settings_for
 from tests.fakes import FakePool, image, infos
@@ -77,7 +78,7 @@ async def images(aiohttp_server: Callable[..., Any]) -> Images:
 
 @dataclass
 class Engine:
-    service: TaskService
+    service: TaskEngine
     registry: TaskRegistry
     metrics: Metrics
     budget: UploadBudget
@@ -93,7 +94,7 @@ async def engine(
     metrics, budget = Metrics(), UploadBudget(10_000)
     registry: TaskRegistry
     spool = None
-    queue: JobQueue
+    queue: ImageQueue
     source: BatchSource
     batches: StreamBatches | None = None
     catalog = ModelCatalog(infos([EMBEDDED, OTHER]), EMBEDDED.name)
@@ -105,20 +106,28 @@ async def engine(
     else:
         assert redis is not None
         registry = await RedisRegistry.open(redis.url, 3600, 100, prefix=f"t{uuid.uuid4().hex[:12]}:", metrics=metrics)
-        queue = StreamJobs(registry, settings.max_queued_images)
-        batches = StreamBatches(registry, [EMBEDDED.name, OTHER.name], "tests", claim_idle=30, max_deliveries=3)
+        queue = StreamJobs(registry.link, registry.prefix, settings.max_queued_images)
+        batches = StreamBatches(
+            registry.link,
+            registry.prefix,
+            registry,
+            [EMBEDDED.name, OTHER.name],
+            "tests",
+            claim_idle=30,
+            max_deliveries=3,
+        )
         await batches.start()
         source = batches
     if batches is None:
         queue = source = BatchQueue(settings.max_queued_images)
     async with (
-        make_session(settings) as session,
-        TaskService(
+        download_session(settings) as session,
+        TaskEngine(
             registry,
             queue,
             catalog,
             session,
-            FetchLimits.from_settings(settings),
+            settings.fetch_limits(),
             metrics,
             budget,
             spool,
@@ -343,7 +352,7 @@ class RefusingQueue(BatchQueue):
 
     refusals = 1
 
-    async def next_batch(self, max_size: int, max_wait: float) -> list[Job]:
+    async def next_batch(self, max_size: int, max_wait: float) -> list[QueuedImage]:
         if self.refusals:
             self.refusals -= 1
             raise ResponseError("MISCONF Redis is unable to persist to disk")
@@ -358,7 +367,7 @@ async def test_a_consumer_whose_source_fails_goes_on_with_the_next_batch() -> No
     consuming = asyncio.create_task(classifier.consume())
     task = await registry.create(["u0"], EMBEDDED.name, 1)
     await registry.update_item(task.task_id, 0, ItemStatus.CLASSIFYING)
-    await queue.put(Job(task.task_id, 0, EMBEDDED.name, 1, image("cat")))
+    await queue.put(QueuedImage(task.task_id, 0, EMBEDDED.name, 1, image("cat")))
     await asyncio.wait_for(registry.wait_final(task.task_id), 5)
     done = await registry.get(task.task_id)
     assert done is not None and labels(done) == ["cat"] and queue.refusals == 0

@@ -21,8 +21,8 @@ from redis.exceptions import ResponseError
 from inference.protocol import Label
 from service.fetch.policy import AddressPolicy
 from service.metrics import Metrics
+from service.stores.memory.registry import InMemoryRegistry
 from service.tasks.deliveries import Delivery
-from service.tasks.memory import InMemoryRegistry
 from service.tasks.records import ItemStatus
 from service.webhooks import signing
 from service.webhooks.sender import WebhookSender, backoff

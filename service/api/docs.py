@@ -9,7 +9,7 @@ from __future__ import annotations
 from aiohttp import web
 from swagger_ui.utils import SWAGGER_UI_PY_ROOT
 
-from service.api.keys import OPENAPI, SETTINGS
+from service.api.appkeys import OPENAPI, SETTINGS
 from service.api.openapi import Reply, build_openapi, documented
 
 STATIC_PREFIX = "/docs/static"

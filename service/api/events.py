@@ -9,8 +9,8 @@ import asyncio
 from aiohttp import web
 from aiohttp_sse import EventSourceResponse
 
+from service.api.appkeys import CLOSING, METRICS, REGISTRY
 from service.api.auth import request_owner
-from service.api.keys import CLOSING, METRICS, REGISTRY
 from service.api.openapi import Reply, documented
 from service.api.schemas import ProgressEvent, ServerEvent
 from service.api.tasks import TASK_NOT_FOUND, task_id_of, task_not_found, unless

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from service.api.appkeys import CATALOG, ENGINE, METRICS, POOL, REGISTRY, UPLOAD_BUDGET
 from service.api.errors import ApiError
-from service.api.keys import CATALOG, METRICS, POOL, REGISTRY, TASKS, UPLOAD_BUDGET
 from service.api.openapi import Reply, documented
 from service.api.schemas import Health, ModelEntry, ModelList
 from service.api.tasks import json_response
 from service.metrics import CONTENT_TYPE
 from service.pool.catalog import ModelCatalog
-from service.tasks.redis_store import RedisRegistry
-from service.tasks.sqlite import SqliteRegistry
 
 routes = web.RouteTableDef()
 
@@ -42,10 +40,7 @@ async def readyz(request: web.Request) -> web.Response:
     pool = request.app.get(POOL)  # none in a web-only replica
     if pool is not None and not pool.check_ready():
         raise ApiError(503, "not_ready", "the inference workers are starting or being replaced")
-    registry = request.app[REGISTRY]
-    if isinstance(registry, RedisRegistry):
-        await registry.check()  # a store elsewhere: ask it now
-    if not registry.healthy():
+    if not await request.app[REGISTRY].check():  # a store elsewhere is asked now
         raise ApiError(503, "not_ready", "the task store cannot write")
     return json_response(Health(status="ready"))
 
@@ -62,14 +57,11 @@ async def metrics(request: web.Request) -> web.Response:
     app_metrics = app[METRICS]
     for status, count in (await app[REGISTRY].status_counts()).items():
         app_metrics.tasks.labels(status=status.value).set(count)
-    app_metrics.queue_depth.set(app[TASKS].queue_depth())
+    app_metrics.queue_depth.set(app[ENGINE].queue_depth())
     app_metrics.upload_bytes.set(app[UPLOAD_BUDGET].used)
     if (pool := app.get(POOL)) is not None:
         app_metrics.worker_restarts.set(pool.restarts)
-    registry = app[REGISTRY]
-    if isinstance(registry, SqliteRegistry):
-        app_metrics.store_pending.set(registry.journal.pending())
-        app_metrics.store_bytes.set(registry.journal.size_bytes())
+    app[REGISTRY].observe()
     return web.Response(body=app_metrics.render(), headers={"Content-Type": CONTENT_TYPE})
 
 

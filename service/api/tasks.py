@@ -11,21 +11,21 @@ from aiohttp import web
 from pydantic import BaseModel
 
 from service.api import idempotency
-from service.api.auth import request_owner
-from service.api.errors import ApiError, too_busy
-from service.api.forms import read_form
-from service.api.keys import (
+from service.api.appkeys import (
     CATALOG,
     CLOSING,
+    ENGINE,
     REGISTRY,
     SETTINGS,
     SUBMIT_FORM,
     SUBMIT_KEYS,
     SUBMIT_REQUEST,
-    TASKS,
     UPLOAD_BUDGET,
     WEBHOOKS,
 )
+from service.api.auth import request_owner
+from service.api.errors import ApiError, too_busy
+from service.api.forms import read_form
 from service.api.openapi import Reply, RequestHeader, documented
 from service.api.schemas import SubmitForm, SubmitRequest, SubmitResponse, TaskListQuery, TaskQuery
 from service.api.validation import MULTIPART, query_error_code, read_json_object, submit_error_code, validate
@@ -193,7 +193,7 @@ async def _start_task(
     """Create the task (which then owns the reserved bytes of `files`) and answer 202."""
     top_k = top_k or request.app[SETTINGS].default_top_k
     try:
-        task = await request.app[TASKS].create(
+        task = await request.app[ENGINE].create(
             urls, model, top_k, request_owner(request), files, callback_url=callback_url, idempotency=key
         )
     except SubmissionExists as exc:  # a replica beside this one took the key a moment ago
@@ -280,7 +280,7 @@ async def unless(news: Awaitable[T], *stops: asyncio.Future[Any]) -> T | None:
     errors={**TASK_NOT_FOUND, **STORE_UNAVAILABLE},
 )
 async def delete_task(request: web.Request) -> web.Response:
-    return _task_or_404(request, await request.app[TASKS].remove(task_id_of(request), request_owner(request)))
+    return _task_or_404(request, await request.app[ENGINE].remove(task_id_of(request), request_owner(request)))
 
 
 @routes.post("/tasks/{task_id}/cancel")
@@ -290,7 +290,7 @@ async def delete_task(request: web.Request) -> web.Response:
     errors={**TASK_NOT_FOUND, **STORE_UNAVAILABLE},
 )
 async def cancel_task(request: web.Request) -> web.Response:
-    return _task_or_404(request, await request.app[TASKS].cancel(task_id_of(request), request_owner(request)))
+    return _task_or_404(request, await request.app[ENGINE].cancel(task_id_of(request), request_owner(request)))
 
 
 def task_id_of(request: web.Request) -> str:

@@ -1,2 +1,3 @@
-"""Scale-out through Redis: the job streams between web replicas and workers (`jobs`), and
-the standalone worker process (`worker`, started by `run_worker.py`)."""
+"""Where downloaded images wait for the workers: the in-process queue (`local`), used when
+the web process runs its own workers, and the Redis job streams (`streams`) between web
+replicas and workers anywhere. Both implement the two sides in `service.tasks.queues`."""

@@ -13,8 +13,7 @@ from dataclasses import dataclass
 import aiohttp
 from yarl import URL
 
-from service.fetch.policy import BlockedAddressError, PolicyResolver, policy_connector, url_problem
-from service.settings import Settings
+from service.fetch.policy import AddressPolicy, BlockedAddressError, PolicyResolver, policy_connector, url_problem
 
 CHUNK_BYTES = 64 * 1024
 REDIRECT_STATUSES = {301, 302, 303, 307, 308}
@@ -30,26 +29,33 @@ class FetchError(Exception):
 
 @dataclass(frozen=True)
 class FetchLimits:
+    """What one download may take (`--max-image-bytes`, `--max-redirects`, `--max-url-length`)."""
+
     max_bytes: int
     max_redirects: int
     max_url_length: int
 
-    @classmethod
-    def from_settings(cls, settings: Settings) -> FetchLimits:
-        return cls(settings.max_image_bytes, settings.max_redirects, settings.max_url_length)
+
+@dataclass(frozen=True)
+class DownloadTimeouts:
+    """Seconds (`--download-timeout`, `--connect-timeout`, `--read-timeout`)."""
+
+    total: float  # also ends a server that drips a byte at a time
+    connect: float
+    read: float
 
 
-def make_session(settings: Settings) -> aiohttp.ClientSession:
-    """The one shared client: aiodns resolution behind the address policy, bounded
-    connections, every timeout set, no proxies or credentials from the environment, and no
-    cookies: one an image host sets for one user's download must not go out with another's."""
-    policy = settings.address_policy()
-    connector = policy_connector(policy, PolicyResolver(aiohttp.AsyncResolver(), policy), settings.download_concurrency)
+def make_session(policy: AddressPolicy, timeouts: DownloadTimeouts, concurrency: int) -> aiohttp.ClientSession:
+    """The one shared client: aiodns resolution behind the address policy, at most
+    `concurrency` connections, every timeout set, no proxies or credentials from the
+    environment, and no cookies: one an image host sets for one user's download must not go
+    out with another's."""
+    connector = policy_connector(policy, PolicyResolver(aiohttp.AsyncResolver(), policy), concurrency)
     timeout = aiohttp.ClientTimeout(
-        total=settings.download_timeout,  # also ends a server that drips a byte at a time
-        connect=settings.connect_timeout,
-        sock_connect=settings.connect_timeout,
-        sock_read=settings.read_timeout,
+        total=timeouts.total,
+        connect=timeouts.connect,
+        sock_connect=timeouts.connect,
+        sock_read=timeouts.read,
         ceil_threshold=5,
     )
     return aiohttp.ClientSession(

@@ -1,2 +1,7 @@
-"""The task engine: task and item records, the registry that stores them, and the task
-service that runs tasks (downloads, batching, classification) and changes their state."""
+"""The task engine and what every part shares.
+
+Shared: the records (`records`), the registry protocol the stores implement (`registry`),
+the two sides of the image queue the brokers implement (`queues`), webhook deliveries and
+idempotency keys. The engine: `engine` (every change of a task's state), `pipeline` (a task's
+downloads), `classifier` (batches to the pool and outcomes to the registry), `uploads`
+(uploaded files until their task takes them)."""

@@ -18,7 +18,7 @@ from inference.protocol import ModelLoadError, Prediction
 from service.metrics import Metrics
 from service.pool import InferencePool, InferenceTimeout, WorkerCrashed
 from service.pool.catalog import ModelCatalog
-from service.tasks.batching import BatchSource, Job
+from service.tasks.queues import BatchSource, QueuedImage
 from service.tasks.records import ErrorInfo, ItemStatus
 from service.tasks.registry import ItemChange, TaskRegistry
 
@@ -71,7 +71,7 @@ class Classifier:
         # Not reached if the outcomes could not be recorded: a stream hands the batch out again.
         await self._source.finished(batch)
 
-    async def _classify(self, batch: list[Job], retried: bool = False) -> None:
+    async def _classify(self, batch: list[QueuedImage], retried: bool = False) -> None:
         model = batch[0].model
         self._metrics.batch_size.observe(len(batch))
         try:
@@ -112,7 +112,7 @@ class Classifier:
                 changes.append(ItemChange(job.task_id, job.index, ItemStatus.FAILED, error=error))
         await self._registry.update_items(changes)  # one write for the batch
 
-    async def _fail_jobs(self, jobs: list[Job], error: ErrorInfo) -> None:
+    async def _fail_jobs(self, jobs: list[QueuedImage], error: ErrorInfo) -> None:
         await self._registry.update_items(
             [ItemChange(job.task_id, job.index, ItemStatus.FAILED, error=error) for job in jobs]
         )

@@ -14,7 +14,7 @@ import aiohttp
 
 from service.fetch.fetcher import FetchError, FetchLimits, fetch
 from service.metrics import Metrics
-from service.tasks.batching import Job, JobQueue
+from service.tasks.queues import ImageQueue, QueuedImage
 from service.tasks.records import ErrorInfo, ItemStatus, TaskDetail
 from service.tasks.registry import TaskRegistry
 from service.tasks.uploads import UPLOAD_PREFIX, TaskUploads
@@ -33,7 +33,7 @@ class Pipeline:
         session: aiohttp.ClientSession,
         limits: FetchLimits,
         download_concurrency: int,
-        queue: JobQueue,
+        queue: ImageQueue,
         metrics: Metrics,
     ) -> None:
         self._registry = registry
@@ -77,4 +77,4 @@ class Pipeline:
 
     async def _enqueue(self, task: TaskDetail, index: int, data: bytes) -> None:
         if await self._registry.update_item(task.task_id, index, ItemStatus.CLASSIFYING):
-            await self._queue.put(Job(task.task_id, index, task.model, task.top_k, data))
+            await self._queue.put(QueuedImage(task.task_id, index, task.model, task.top_k, data))

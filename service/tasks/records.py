@@ -7,7 +7,7 @@ workers return (`inference.protocol.Label`): one type crosses the process bounda
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Annotated
 
@@ -28,7 +28,13 @@ __all__ = [
     "TaskSummary",
     "Webhook",
     "WebhookStatus",
+    "utcnow",
 ]
+
+
+def utcnow() -> datetime:
+    """Now, as every record's times are kept: aware, in UTC."""
+    return datetime.now(UTC)
 
 
 class TaskStatus(StrEnum):

@@ -1,7 +1,7 @@
 """The task registry interface: where tasks and their per-image results live.
 
 The task service writes through it and the HTTP handlers read through it; a durable backend
-can replace the in-memory one (`service.tasks.memory`) without touching either. Final states
+can replace the in-memory one (`service.stores.memory.registry`) without touching either. Final states
 are sticky: a result that arrives after a cancel is refused, not applied.
 """
 
@@ -36,6 +36,11 @@ class StoreUnavailable(Exception):
     """A durable registry cannot write a change now (it keeps trying; readiness fails)."""
 
 
+class StoreOpenError(Exception):
+    """A store cannot be opened at start-up (a data dir that cannot be used, a Redis that does
+    not answer): every backend's start-up error is one, and its message the one-line reason."""
+
+
 @dataclass(frozen=True)
 class TaskUpdate:
     """What a watcher has not seen yet: newly final items, and the task as it is now."""
@@ -60,6 +65,14 @@ class TaskRegistry(Protocol):
     # invisible, as if it did not exist, to every other owner.
     def healthy(self) -> bool:
         """False while changes cannot be kept (a durable store failing to write)."""
+        ...
+
+    async def check(self) -> bool:
+        """`healthy`, after asking the store now if it is elsewhere (what readiness probes call)."""
+        ...
+
+    def observe(self) -> None:
+        """Bring the store's own gauges in the metrics up to date (at scrape time)."""
         ...
 
     async def create(

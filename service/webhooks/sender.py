@@ -28,9 +28,8 @@ from yarl import URL
 from service.fetch.policy import AddressPolicy, BlockedAddressError, PolicyResolver, policy_connector, url_problem
 from service.metrics import Metrics
 from service.tasks.deliveries import Delivery
-from service.tasks.records import Webhook, WebhookStatus
+from service.tasks.records import Webhook, WebhookStatus, utcnow
 from service.tasks.registry import TaskRegistry
-from service.tasks.state import utcnow
 from service.webhooks import signing
 
 log = logging.getLogger(__name__)

@@ -2,7 +2,7 @@
 
 `TaskState` is the mutable record behind the immutable snapshots the API serves
 (`service.tasks.records`); the in-memory registry changes it, and tells a `Journal` (the
-SQLite one in `service.tasks.journal`, or none) each change in the order it happened.
+SQLite one in `service.stores.sqlite.journal`, or none) each change in the order it happened.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Protocol
 
 from inference.specs import RunPrecision
@@ -25,11 +25,8 @@ from service.tasks.records import (
     TaskStatus,
     TaskSummary,
     Webhook,
+    utcnow,
 )
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 @dataclass

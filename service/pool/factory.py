@@ -1,5 +1,5 @@
 """The model catalog and the inference pool as the settings ask for them: shared by the web
-process (`service.app`) and the standalone worker (`service.broker.worker`)."""
+process (`service.app`) and the standalone worker (`service.worker`)."""
 
 from __future__ import annotations
 

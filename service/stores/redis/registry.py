@@ -1,6 +1,6 @@
 """The Redis task registry: tasks shared by every web replica and worker of one deployment.
 
-Each change is one Lua script (`service.tasks.redis_scripts`), so it is atomic whoever makes
+Each change is one Lua script (`service.stores.redis.scripts`), so it is atomic whoever makes
 it, and final states stay sticky: a result that arrives after a cancel, from any worker, is
 refused. Watchers wait on the `changed` channel (and look again every second, so a message
 lost while Redis was away costs at most that).
@@ -29,7 +29,18 @@ from redis.exceptions import RedisError
 from inference.specs import RunPrecision
 from service.lifetimes import stop_tasks
 from service.metrics import Metrics
-from service.tasks import redis_scripts
+from service.stores.redis import scripts as redis_scripts
+from service.stores.redis.codec import (
+    as_bytes,
+    idempotency_name,
+    item_tail,
+    owner_of,
+    submission_json,
+    submission_of,
+    summary_of,
+)
+from service.stores.redis.link import UNREACHABLE, RedisLink, RedisUnreachable, safe_url
+from service.stores.redis.outbox import RedisOutbox
 from service.tasks.deliveries import Delivery
 from service.tasks.idempotency import IdempotencyKey, Submission, SubmissionExists
 from service.tasks.records import (
@@ -43,20 +54,9 @@ from service.tasks.records import (
     TaskStatus,
     TaskSummary,
     Webhook,
-)
-from service.tasks.redis_link import UNREACHABLE, RedisLink, RedisUnreachable, safe_url
-from service.tasks.redis_outbox import RedisOutbox
-from service.tasks.redis_records import (
-    as_bytes,
-    idempotency_name,
-    item_tail,
-    owner_of,
-    submission_json,
-    submission_of,
-    summary_of,
+    utcnow,
 )
 from service.tasks.registry import ItemChange, TaskUpdate, decode_cursor, encode_cursor
-from service.tasks.state import utcnow
 
 log = logging.getLogger(__name__)
 
@@ -146,13 +146,16 @@ class RedisRegistry:
         """Ask Redis now (readiness probes do)."""
         return await self.link.check()
 
+    def observe(self) -> None:
+        """Nothing of its own to report yet."""
+
     @property
     def client(self) -> aioredis.Redis:
         return self.link.client
 
     @property
     def adopt_every(self) -> float:
-        """Seconds between looks for tasks whose replica is gone (see `TaskService`)."""
+        """Seconds between looks for tasks whose replica is gone (see `TaskEngine`)."""
         return self.lease / 2
 
     # -- requests: they fail fast while Redis is away --

@@ -20,7 +20,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import OutOfMemoryError, ReadOnlyError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from service.tasks.registry import StoreUnavailable
+from service.tasks.registry import StoreOpenError, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ P = ParamSpec("P")
 UNREACHABLE = (RedisConnectionError, RedisTimeoutError, OSError, OutOfMemoryError, ReadOnlyError)
 
 
-class RedisUnreachable(Exception):
+class RedisUnreachable(StoreOpenError):
     """Redis did not answer at start-up (the message says where and why)."""
 
 

@@ -3,7 +3,7 @@
 Every state change is a method that never awaits in the middle, so on one event loop each
 call is atomic; final states are sticky (see `service.tasks.registry`). Each change is also
 told to a `Journal`, in the order it happens: the durable registry
-(`service.tasks.sqlite`) keeps this registry as its cache and writes the journal to disk.
+(`service.stores.sqlite.registry`) keeps this registry as its cache and writes the journal to disk.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable
 
 from inference.specs import RunPrecision
 from service.metrics import Metrics
+from service.stores.memory.task_state import Journal, NoJournal, TaskState
 from service.tasks.deliveries import Delivery, payload
 from service.tasks.idempotency import IdempotencyKey, Submission, SubmissionKeys
 from service.tasks.records import (
@@ -28,9 +29,9 @@ from service.tasks.records import (
     TaskPage,
     TaskStatus,
     Webhook,
+    utcnow,
 )
 from service.tasks.registry import ItemChange, TaskUpdate, decode_cursor, encode_cursor
-from service.tasks.state import Journal, NoJournal, TaskState, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,12 @@ class InMemoryRegistry:
 
     def healthy(self) -> bool:
         return True
+
+    async def check(self) -> bool:
+        return self.healthy()
+
+    def observe(self) -> None:
+        """Nothing of its own to report: its tasks are counted by status like every store's."""
 
     async def create(
         self,

@@ -1,12 +1,12 @@
 """The task journal on disk: SQLite in the data dir, written on one dedicated thread.
 
-The in-memory registry tells the journal every change (`service.tasks.state.Journal`); the
+The in-memory registry tells the journal every change (`service.stores.memory.task_state.Journal`); the
 journal queues them on the event loop and writes them in batches, one transaction at most
 every `FLUSH_SECONDS`, so the hot path never waits for a commit; `flush()` is for what a
 client must not be told before it is on disk. At start-up it checks the data dir (one
 instance at a time, integrity, schema version), deletes what expired meanwhile and loads
-the rest (rows back into tasks: `service.tasks.rows`; the schema and its upgrades:
-`service.tasks.schema`). Freed pages go back to the file system (incremental vacuum).
+the rest (rows back into tasks: `service.stores.sqlite.loader`; the schema and its upgrades:
+`service.stores.sqlite.schema`). Freed pages go back to the file system (incremental vacuum).
 """
 
 from __future__ import annotations
@@ -26,13 +26,13 @@ from pathlib import Path
 from typing import Any, TextIO, TypeVar
 
 from service.metrics import Metrics
+from service.stores.memory.task_state import TaskState
+from service.stores.sqlite.loader import LABELS, VACUUM_PAGES, Stored, load_stored, page_seqs
+from service.stores.sqlite.schema import SCHEMA_VERSION, create, upgrade
 from service.tasks.deliveries import Delivery
 from service.tasks.idempotency import Submission
 from service.tasks.records import ItemStatus, TaskStatus
-from service.tasks.registry import StoreUnavailable
-from service.tasks.rows import LABELS, VACUUM_PAGES, Stored, load_stored, page_seqs
-from service.tasks.schema import SCHEMA_VERSION, create, upgrade
-from service.tasks.state import TaskState
+from service.tasks.registry import StoreOpenError, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ BUSY_SECONDS = 1.0  # how long a write waits for a lock held by another process 
 T = TypeVar("T")
 
 
-class StoreError(Exception):
+class StoreError(StoreOpenError):
     """The data dir cannot be used; the message is the one-line reason."""
 
 
@@ -115,7 +115,7 @@ class SqliteJournal:
             raise StoreError(f"database {self.path} cannot be used: {exc}") from None
         self._connection = connection
 
-    # --- changes, queued on the loop (see service.tasks.state.Journal) ---
+    # --- changes, queued on the loop (see service.stores.memory.task_state.Journal) ---
 
     def created(self, task: TaskState) -> None:
         self._queue(

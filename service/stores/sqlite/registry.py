@@ -1,5 +1,5 @@
 """The durable task registry: the in-memory registry, journaled to SQLite in the data dir
-(`service.tasks.journal`) and restored from it at start-up.
+(`service.stores.sqlite.journal`) and restored from it at start-up.
 
 Reads are served from memory, where every change happens first. What a client was promised
 waits for its commit: a task is on disk before `POST /submit` answers 202, a cancel or delete
@@ -18,10 +18,10 @@ from pathlib import Path
 
 from inference.specs import RunPrecision
 from service.metrics import Metrics
+from service.stores.memory.registry import InMemoryRegistry
+from service.stores.sqlite.journal import RETRY_SECONDS, SqliteJournal, StoreError
 from service.tasks.deliveries import Delivery
 from service.tasks.idempotency import IdempotencyKey
-from service.tasks.journal import RETRY_SECONDS, SqliteJournal, StoreError
-from service.tasks.memory import InMemoryRegistry
 from service.tasks.records import TaskDetail, TaskPage, TaskStatus
 from service.tasks.registry import StoreUnavailable, decode_cursor, encode_cursor
 
@@ -78,6 +78,11 @@ class SqliteRegistry(InMemoryRegistry):
 
     def healthy(self) -> bool:
         return self._store.healthy
+
+    def observe(self) -> None:
+        if self._metrics is not None:
+            self._metrics.store_pending.set(self._store.pending())
+            self._metrics.store_bytes.set(self._store.size_bytes())
 
     async def create(
         self,

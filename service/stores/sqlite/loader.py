@@ -1,7 +1,7 @@
 """Reading the task database back: one page of a listing, and at start-up every task,
 idempotency key and webhook delivery.
 
-Both run on the journal's database thread (`service.tasks.journal.SqliteJournal`), which
+Both run on the journal's database thread (`service.stores.sqlite.journal.SqliteJournal`), which
 also writes; these functions only turn rows into what the registry holds.
 """
 
@@ -17,10 +17,10 @@ from typing import Any
 
 from pydantic import TypeAdapter
 
+from service.stores.memory.task_state import TaskState
 from service.tasks.deliveries import Delivery
 from service.tasks.idempotency import Submission
 from service.tasks.records import ErrorInfo, Item, ItemStatus, Label, TaskStatus, Webhook
-from service.tasks.state import TaskState
 
 VACUUM_PAGES = 512  # freed pages returned to the file system per batch that deleted tasks
 LABELS = TypeAdapter(list[Label])  # how an item's labels are stored (JSON)

@@ -1,4 +1,4 @@
-"""Task records to and from what Redis holds (see `service.tasks.redis_scripts` for the keys):
+"""Task records to and from what Redis holds (see `service.stores.redis.scripts` for the keys):
 a summary from its hash, an item's JSON after its URL, idempotency keys, stream entries.
 The client never decodes replies: values are bytes."""
 

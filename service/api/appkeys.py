@@ -9,18 +9,20 @@ from aiohttp import web
 from service.api.connections import Connections
 from service.api.idempotency import KeyLocks
 from service.api.schemas import SubmitForm, SubmitRequest
+from service.backend import Backend
 from service.metrics import Metrics
 from service.pool import InferencePool
 from service.pool.catalog import ModelCatalog
 from service.settings import Settings
+from service.tasks.engine import TaskEngine
 from service.tasks.registry import TaskRegistry
-from service.tasks.service import TaskService
 from service.tasks.uploads import UploadBudget
 from service.webhooks.sender import WebhookSender
 
 SETTINGS = web.AppKey("settings", Settings)
 REGISTRY = web.AppKey("registry", TaskRegistry)
-TASKS = web.AppKey("tasks", TaskService)
+ENGINE = web.AppKey("engine", TaskEngine)
+BACKEND = web.AppKey("backend", Backend)
 POOL = web.AppKey("pool", InferencePool)
 CATALOG = web.AppKey("catalog", ModelCatalog)
 METRICS = web.AppKey("metrics", Metrics)

@@ -1,9 +1,5 @@
-"""Where downloaded images wait for the model: the two sides, and the in-process queue.
-
-`JobQueue` is what a task's pipeline puts images into and `BatchSource` what the consumers
-take batches from. One `BatchQueue` is both in a service that runs its own workers; with
-Redis, the web replicas put into a stream that workers anywhere take from
-(`service.broker.jobs`).
+"""The in-process image queue: both sides of it (`service.tasks.queues`) in a service that
+runs its own workers.
 
 Images from every active task share the queue, so many small tasks still fill a batch; a
 batch leaves as soon as it is full or `max_wait` has passed since it could have started.
@@ -15,42 +11,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import Counter, deque
-from dataclasses import dataclass
-from typing import Protocol
 
-
-@dataclass(frozen=True)
-class Job:
-    task_id: str
-    index: int
-    model: str
-    top_k: int
-    data: bytes
-    receipt: bytes = b""  # what the source needs to confirm it (a stream entry's id)
-
-
-class JobQueue(Protocol):
-    def __len__(self) -> int:
-        """Images waiting, as far as this process knows."""
-        ...
-
-    async def put(self, job: Job) -> None:
-        """Queue one image; waits while the queue is full."""
-        ...
-
-    async def drop_task(self, task_id: str) -> int:
-        """Forget the queued images of a task that is final; how many were dropped."""
-        ...
-
-
-class BatchSource(Protocol):
-    async def next_batch(self, max_size: int, max_wait: float) -> list[Job]:
-        """Up to `max_size` images of one model, oldest first."""
-        ...
-
-    async def finished(self, batch: list[Job]) -> None:
-        """The outcomes of `batch` are in the registry: it need not be handed out again."""
-        ...
+from service.tasks.queues import QueuedImage
 
 
 class BatchQueue:
@@ -64,7 +26,7 @@ class BatchQueue:
     web process, 7% more CPU per image.)"""
 
     def __init__(self, capacity: int) -> None:
-        self._jobs: deque[Job] = deque()
+        self._jobs: deque[QueuedImage] = deque()
         self._per_model: Counter[str] = Counter()
         self._room = asyncio.Semaphore(capacity)
         self._arrived = asyncio.Event()
@@ -72,13 +34,13 @@ class BatchQueue:
     def __len__(self) -> int:
         return len(self._jobs)
 
-    async def put(self, job: Job) -> None:
+    async def put(self, job: QueuedImage) -> None:
         await self._room.acquire()
         self._jobs.append(job)
         self._per_model[job.model] += 1
         self._changed()
 
-    async def next_batch(self, max_size: int, max_wait: float) -> list[Job]:
+    async def next_batch(self, max_size: int, max_wait: float) -> list[QueuedImage]:
         """Up to `max_size` jobs for one model, oldest first."""
         while True:
             while not self._jobs:
@@ -87,7 +49,7 @@ class BatchQueue:
             if self._jobs:  # another consumer or a cancel may have emptied it meanwhile
                 return self._take(self._jobs[0].model, max_size)
 
-    async def finished(self, batch: list[Job]) -> None:
+    async def finished(self, batch: list[QueuedImage]) -> None:
         """Nothing to confirm: a batch taken from memory is gone from it."""
 
     async def drop_task(self, task_id: str) -> int:
@@ -111,9 +73,9 @@ class BatchQueue:
         self._arrived.set()
         self._arrived = asyncio.Event()
 
-    def _take(self, model: str, max_size: int) -> list[Job]:
-        batch: list[Job] = []
-        rest: deque[Job] = deque()
+    def _take(self, model: str, max_size: int) -> list[QueuedImage]:
+        batch: list[QueuedImage] = []
+        rest: deque[QueuedImage] = deque()
         for job in self._jobs:
             if job.model == model and len(batch) < max_size:
                 batch.append(job)
@@ -123,7 +85,7 @@ class BatchQueue:
         self._forget(batch)
         return batch
 
-    def _forget(self, jobs: list[Job]) -> None:
+    def _forget(self, jobs: list[QueuedImage]) -> None:
         for job in jobs:
             self._per_model[job.model] -= 1
             self._room.release()

@@ -18,15 +18,15 @@ import os
 import socket
 import time
 from collections import deque
-from typing import Any, cast
+from collections.abc import Iterable
+from typing import Any, Protocol, cast
 
 from redis.exceptions import ResponseError
 
 from service.lifetimes import stop_tasks
-from service.tasks.batching import Job
+from service.stores.redis.link import RedisLink, ensure_group, forget_idle_consumers, group_gone
+from service.tasks.queues import QueuedImage
 from service.tasks.records import ErrorInfo, ItemStatus
-from service.tasks.redis_link import ensure_group, forget_idle_consumers, group_gone
-from service.tasks.redis_store import RedisRegistry
 from service.tasks.registry import ItemChange
 
 log = logging.getLogger(__name__)
@@ -51,8 +51,18 @@ def consumer_name() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
 
 
-def stream_of(registry: RedisRegistry, model: str) -> str:
-    return f"{registry.prefix}jobs:{model}"
+def stream_of(prefix: str, model: str) -> str:
+    return f"{prefix}jobs:{model}"
+
+
+class TaskOutcomes(Protocol):
+    """What the workers' side needs of the task store (the Redis registry is one)."""
+
+    async def final_tasks(self, task_ids: Iterable[str]) -> set[str]:
+        """Those of `task_ids` whose tasks are final (or gone): their images are skipped."""
+        ...
+
+    async def update_items(self, changes: list[ItemChange]) -> list[bool]: ...
 
 
 class StreamJobs:
@@ -60,8 +70,9 @@ class StreamJobs:
     (backpressure reaches the downloads, then `POST /submit` through the 429 of
     `--max-active-images`). Images put at about the same time go in one round trip."""
 
-    def __init__(self, registry: RedisRegistry, capacity: int) -> None:
-        self._registry = registry
+    def __init__(self, link: RedisLink, prefix: str, capacity: int) -> None:
+        self._link = link
+        self._prefix = prefix
         self._capacity = capacity
         self._length = 0  # the last length seen
         self._adds: list[Add] = []
@@ -70,10 +81,10 @@ class StreamJobs:
     def __len__(self) -> int:
         return self._length
 
-    async def put(self, job: Job) -> None:
-        stream = stream_of(self._registry, job.model)
+    async def put(self, job: QueuedImage) -> None:
+        stream = stream_of(self._prefix, job.model)
         while self._length >= self._capacity:
-            self._length = await self._registry.patient(self._registry.client.xlen, stream)
+            self._length = await self._link.patient(self._link.client.xlen, stream)
             if self._length >= self._capacity:
                 await asyncio.sleep(FULL_POLL)
         added: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -94,7 +105,7 @@ class StreamJobs:
     async def _send(self, group: list[Add]) -> int:
         """One pipeline: the entries, then the length of the streams they went to (the longest)."""
         streams = sorted({stream for stream, _, _ in group})
-        async with self._registry.client.pipeline(transaction=False) as pipe:
+        async with self._link.client.pipeline(transaction=False) as pipe:
             for stream, fields, _ in group:
                 pipe.xadd(stream, fields)  # type: ignore[arg-type]  # redis-py's type leaves out ints
             for stream in streams:
@@ -108,7 +119,7 @@ class StreamJobs:
         while self._adds:
             group, self._adds = self._adds[:GROUP_ADDS], self._adds[GROUP_ADDS:]
             try:
-                self._length = await self._registry.patient(self._send, group)
+                self._length = await self._link.patient(self._send, group)
             except asyncio.CancelledError:  # closing: nothing more is added
                 for _, _, added in [*group, *self._adds]:
                     added.cancel()
@@ -129,18 +140,22 @@ class StreamBatches:
 
     def __init__(
         self,
-        registry: RedisRegistry,
+        link: RedisLink,
+        prefix: str,
+        store: TaskOutcomes,
         models: list[str],
         consumer: str,
         claim_idle: float,
         max_deliveries: int,
     ) -> None:
-        self._registry = registry
-        self._streams = {stream_of(registry, model): model for model in models}
+        self._link = link
+        self._prefix = prefix
+        self._store = store
+        self._streams = {stream_of(prefix, model): model for model in models}
         self._consumer = consumer
         self._claim_idle_ms = int(claim_idle * 1000)
         self._max_deliveries = max_deliveries
-        self._held: deque[list[Job]] = deque()  # read along with a batch of another model
+        self._held: deque[list[QueuedImage]] = deque()  # read along with a batch of another model
         self._working: dict[str, set[bytes]] = {stream: set() for stream in self._streams}
         self._claimed_at = 0.0
         self._renewing: asyncio.Task[None] | None = None
@@ -151,14 +166,14 @@ class StreamBatches:
 
     async def _ensure_groups(self) -> None:
         for stream in self._streams:
-            await self._registry.patient(ensure_group, self._registry.client, stream, GROUP)
+            await self._link.patient(ensure_group, self._link.client, stream, GROUP)
 
     async def close(self) -> None:
         if self._renewing is not None:
             self._renewing.cancel()
             await asyncio.gather(self._renewing, return_exceptions=True)
 
-    async def next_batch(self, max_size: int, max_wait: float) -> list[Job]:
+    async def next_batch(self, max_size: int, max_wait: float) -> list[QueuedImage]:
         while True:
             try:
                 if self._held:
@@ -177,13 +192,13 @@ class StreamBatches:
             if batch:
                 return batch
 
-    async def finished(self, batch: list[Job]) -> None:
+    async def finished(self, batch: list[QueuedImage]) -> None:
         """Confirm the batch and delete its entries, image bytes and all."""
         if not batch:
             return
-        stream = stream_of(self._registry, batch[0].model)
+        stream = stream_of(self._prefix, batch[0].model)
         receipts = [job.receipt for job in batch]
-        client = self._registry.client
+        client = self._link.client
 
         async def confirm() -> None:
             async with client.pipeline(transaction=True) as pipe:
@@ -191,10 +206,10 @@ class StreamBatches:
                 pipe.xdel(stream, *receipts)
                 await pipe.execute()
 
-        await self._registry.patient(confirm)
+        await self._link.patient(confirm)
         self._working[stream].difference_update(receipts)
 
-    async def _read(self, max_size: int, max_wait: float) -> list[Job]:
+    async def _read(self, max_size: int, max_wait: float) -> list[QueuedImage]:
         """New entries: the first model's make the batch (topped up for `max_wait` if it is
         short); other models' wait in `_held`."""
         read = await self._xreadgroup(dict.fromkeys(self._streams, ">"), max_size, READ_BLOCK_MS)
@@ -206,17 +221,17 @@ class StreamBatches:
         first, rest = batches[0], batches[1:]
         if len(first) < max_size and max_wait > 0:
             await asyncio.sleep(max_wait)
-            stream = stream_of(self._registry, first[0].model)
+            stream = stream_of(self._prefix, first[0].model)
             more = await self._xreadgroup({stream: ">"}, max_size - len(first), None)
             first += [job for _, entries in more or [] for job in self._jobs(stream, entries)]
         self._held.extend(rest)
         return await self._skip_final(first)
 
     async def _xreadgroup(self, streams: dict[str, str], count: int, block: int | None) -> Any:
-        client = self._registry.client
-        return await self._registry.patient(client.xreadgroup, GROUP, self._consumer, streams, count, block)  # type: ignore[arg-type]
+        client = self._link.client
+        return await self._link.patient(client.xreadgroup, GROUP, self._consumer, streams, count, block)  # type: ignore[arg-type]
 
-    def _jobs(self, stream: str | bytes, entries: Any) -> list[Job]:
+    def _jobs(self, stream: str | bytes, entries: Any) -> list[QueuedImage]:
         """Jobs from stream entries as XREADGROUP and XCLAIM give them: (id, fields) pairs."""
         name = stream.decode() if isinstance(stream, bytes) else stream
         model = self._streams[name]
@@ -226,7 +241,7 @@ class StreamBatches:
                 continue
             self._working[name].add(entry_id)
             jobs.append(
-                Job(
+                QueuedImage(
                     task_id=fields[b"task"].decode(),
                     index=int(fields[b"index"]),
                     model=model,
@@ -237,32 +252,32 @@ class StreamBatches:
             )
         return jobs
 
-    async def _skip_final(self, batch: list[Job]) -> list[Job]:
+    async def _skip_final(self, batch: list[QueuedImage]) -> list[QueuedImage]:
         """Confirm at once the images of tasks that are final (cancelled, say)."""
-        final = await self._registry.final_tasks(job.task_id for job in batch)
+        final = await self._store.final_tasks(job.task_id for job in batch)
         if final:
             skipped = [job for job in batch if job.task_id in final]
             await self.finished(skipped)
             batch = [job for job in batch if job.task_id not in final]
         return batch
 
-    async def _claim(self, max_size: int) -> list[Job]:
+    async def _claim(self, max_size: int) -> list[QueuedImage]:
         """Entries a gone worker held longer than `claim_idle`: the next batch, but those
         delivered `max_deliveries` times already fail. Idle consumers that hold nothing are forgotten."""
-        client = self._registry.client
+        client = self._link.client
         for stream in self._streams:
-            forgotten = await self._registry.patient(
+            forgotten = await self._link.patient(
                 forget_idle_consumers, client, stream, GROUP, FORGET_AFTER_CLAIMS * self._claim_idle_ms / 1000
             )
             if forgotten:
                 log.info("forgot the consumers %s of %s: idle, holding nothing", ", ".join(forgotten), stream)
-            pending = await self._registry.patient(
+            pending = await self._link.patient(
                 client.xpending_range, stream, GROUP, min="-", max="+", count=max_size, idle=self._claim_idle_ms
             )
             if not pending:
                 continue
             deliveries = {cast(bytes, entry["message_id"]): int(entry["times_delivered"]) for entry in pending}
-            claimed = await self._registry.patient(
+            claimed = await self._link.patient(
                 client.xclaim, stream, GROUP, self._consumer, self._claim_idle_ms, list(deliveries)
             )
             jobs = self._jobs(stream, claimed)
@@ -271,7 +286,7 @@ class StreamBatches:
             for job in given_up:
                 log.error("task %s item %d: given up after %d deliveries", job.task_id, job.index, self._max_deliveries)
             if given_up:
-                await self._registry.update_items(
+                await self._store.update_items(
                     [ItemChange(job.task_id, job.index, ItemStatus.FAILED, error=WORKER_CRASHED) for job in given_up]
                 )
                 await self.finished(given_up)
@@ -283,14 +298,14 @@ class StreamBatches:
     async def _renew(self) -> None:
         """Keep what this process holds from looking abandoned: reset its idle time three
         times per `claim_idle`."""
-        client = self._registry.client
+        client = self._link.client
         while True:
             await asyncio.sleep(self._claim_idle_ms / 3000)
             for stream, receipts in self._working.items():
                 if not receipts:
                     continue
                 try:
-                    await self._registry.patient(
+                    await self._link.patient(
                         client.xclaim, stream, GROUP, self._consumer, 0, list(receipts), justid=True
                     )
                 except Exception:  # a bug here must not end the renewals

@@ -17,10 +17,10 @@ from typing import Any, cast
 from redis.exceptions import ResponseError
 from redis.typing import StreamIdT
 
+from service.stores.redis.codec import entries_of, summary_of
+from service.stores.redis.link import RedisLink, ensure_group, forget_idle_consumers, group_gone
 from service.tasks.deliveries import Delivery, payload
 from service.tasks.records import Webhook
-from service.tasks.redis_link import RedisLink, ensure_group, forget_idle_consumers, group_gone
-from service.tasks.redis_records import entries_of, summary_of
 
 log = logging.getLogger(__name__)
 

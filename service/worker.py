@@ -18,16 +18,18 @@ import signal
 import uvloop
 
 from inference.specs import CatalogError
-from service.broker.jobs import StreamBatches, consumer_name
+from service.backend import open_backend
+from service.broker.streams import consumer_name
 from service.lifetimes import stop_tasks
 from service.logs import configure_logging
 from service.metrics import Metrics
 from service.pool import DefaultModelError
-from service.pool.setup import build_catalog, make_pool
+from service.pool.factory import build_catalog, make_pool
 from service.settings import Settings, load_settings, usage_error
+from service.stores.redis.link import safe_url
 from service.tasks.classifier import CONSUMERS_PER_WORKER, Classifier
-from service.tasks.redis_link import RedisUnreachable, safe_url
-from service.tasks.redis_store import RedisRegistry
+from service.tasks.registry import StoreOpenError
+from service.tasks.uploads import UploadBudget
 
 log = logging.getLogger("service.worker")
 
@@ -40,36 +42,35 @@ async def work(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
-    registry = await RedisRegistry.open(
-        settings.redis,
-        settings.finished_task_ttl,
-        settings.max_finished_tasks,
-        prefix=settings.redis_prefix,
-        watch=False,
-    )
-    try:
+    metrics = Metrics()
+    async with open_backend(settings, metrics, UploadBudget(0), web=False) as backend:
         catalog = await build_catalog(settings)
         models = settings.serve_model_list() or [info.name for info in catalog.infos()]
         pool = make_pool(settings, catalog)
         try:
             await pool.start()
-            consumer = consumer_name()
-            batches = StreamBatches(registry, models, consumer, settings.claim_idle, settings.max_deliveries)
-            await batches.start()
-            classifier = Classifier(
-                registry, pool, catalog, batches, Metrics(), settings.batch_size, settings.batch_wait_ms / 1000
-            )
-            consumers = [asyncio.create_task(classifier.consume()) for _ in range(CONSUMERS_PER_WORKER * pool.workers)]
-            where = safe_url(settings.redis)
-            log.info("worker %s: %d processes classify %s at %s", consumer, pool.workers, ", ".join(models), where)
-            await stop.wait()
-            log.info("stopping")
-            await stop_tasks(consumers)
-            await batches.close()
+            async with backend.batches(models) as batches:
+                classifier = Classifier(
+                    backend.registry,
+                    pool,
+                    catalog,
+                    batches,
+                    metrics,
+                    settings.batch_size,
+                    settings.batch_wait_ms / 1000,
+                )
+                consumers = [
+                    asyncio.create_task(classifier.consume()) for _ in range(CONSUMERS_PER_WORKER * pool.workers)
+                ]
+                where = safe_url(settings.redis)
+                log.info(
+                    "worker %s: %d processes classify %s at %s", consumer_name(), pool.workers, ", ".join(models), where
+                )
+                await stop.wait()
+                log.info("stopping")
+                await stop_tasks(consumers)
         finally:
             await pool.close()
-    finally:
-        await registry.close()
 
 
 def main() -> None:
@@ -81,6 +82,6 @@ def main() -> None:
     configure_logging(settings.log_format)
     try:
         uvloop.run(work(settings))
-    except (DefaultModelError, CatalogError, RedisUnreachable) as exc:
+    except (DefaultModelError, CatalogError, StoreOpenError) as exc:
         log.error("%s", exc)
         raise SystemExit(1) from None

@@ -1,4 +1,4 @@
-"""The task service: every change of a task's state goes through here (create, start, cancel,
+"""The task engine: every change of a task's state goes through here (create, start, cancel,
 remove, shutdown), and it owns the lifetimes of the work behind each task.
 
 Each task runs as one job of an aiojobs scheduler, from creation until the task reaches a
@@ -28,10 +28,10 @@ from service.lifetimes import stop_tasks
 from service.metrics import Metrics
 from service.pool import InferencePool
 from service.pool.catalog import ModelCatalog
-from service.tasks.batching import BatchSource, JobQueue
 from service.tasks.classifier import INTERNAL_ERROR, Classifier
 from service.tasks.idempotency import IdempotencyKey
 from service.tasks.pipeline import Pipeline
+from service.tasks.queues import BatchSource, ImageQueue
 from service.tasks.records import TaskDetail
 from service.tasks.registry import TaskRegistry
 from service.tasks.uploads import UPLOAD_PREFIX, HeldUploads, TaskUploads, UploadBudget, UploadSpool
@@ -41,11 +41,11 @@ log = logging.getLogger(__name__)
 STOP_TIMEOUT = 10.0  # seconds a task's job may take to stop once cancelled
 
 
-class TaskService:
+class TaskEngine:
     def __init__(
         self,
         registry: TaskRegistry,
-        queue: JobQueue,
+        queue: ImageQueue,
         catalog: ModelCatalog,
         session: aiohttp.ClientSession,
         limits: FetchLimits,
@@ -79,7 +79,7 @@ class TaskService:
         self._adopt_every = adopt_every
         self._jobs = aiojobs.Scheduler(limit=None, close_timeout=STOP_TIMEOUT, wait_timeout=None)
 
-    async def __aenter__(self) -> TaskService:
+    async def __aenter__(self) -> TaskEngine:
         if self._classifier is not None:
             self._consumers = [asyncio.create_task(self._classifier.consume()) for _ in range(self._consumer_count)]
         await self._resume()

@@ -1,4 +1,4 @@
-"""The Lua scripts behind `service.tasks.redis_store`: each change of a task is one script, so
+"""The Lua scripts behind `service.stores.redis.registry`: each change of a task is one script, so
 it is atomic however many replicas and workers write at once, and final states stay sticky.
 
 Keys (P is the prefix, `ics:` by default; one Redis, not a Cluster):
