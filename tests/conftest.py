@@ -28,8 +28,10 @@ from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.app import create_app
+from service.pool import InferencePool
 from service.pool.handover import SHARED_MEMORY, remove_orphans
 from service.settings import Settings
+from tests.fakes import FakePool
 from tests.redis_server import RedisServer
 
 PHOTOS_DIR = Path(__file__).parent / "photos"
@@ -69,6 +71,18 @@ def service_command(port: int, *flags: str) -> list[str]:
     data = [] if "--data-dir" in flags else ["--data-dir", tempfile.mkdtemp(prefix="ics-test-data-")]
     address = ["--host", "127.0.0.1", "--port", str(port)]
     return [sys.executable, "run_service.py", *address, "--workers", "1", *data, *flags]
+
+
+# Fixtures that bring real processes or servers: a test that uses one is an e2e test.
+E2E_FIXTURES = frozenset({"make_real_service", "redis_server", "service_url"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """`-m "not e2e"` is the fast loop: tests marked e2e (by hand, by module, or by using a
+    fixture of `E2E_FIXTURES`) start worker processes, a service, Redis or Chromium."""
+    for item in items:
+        if E2E_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.e2e)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -338,7 +352,21 @@ ServiceFactory = Callable[..., Awaitable[TestClient]]
 
 @pytest.fixture
 def make_service(aiohttp_client: Callable[..., Awaitable[TestClient]]) -> ServiceFactory:
-    """`await make_service(**setting_overrides)` starts the real app with its real process pool."""
+    """`await make_service(**setting_overrides)` starts the real app on a fake inference pool
+    (`tests.fakes.FakePool`, or the one passed as `pool=`): everything but the worker
+    processes, for tests of the HTTP contract. An image whose bytes are `fakes.image(label)`
+    gets that label; any other bytes are `not_an_image`."""
+
+    async def make(*, pool: InferencePool | None = None, **overrides: Any) -> TestClient:
+        return await aiohttp_client(create_app(settings_for(**overrides), pool=pool or FakePool()))
+
+    return make
+
+
+@pytest.fixture
+def make_real_service(aiohttp_client: Callable[..., Awaitable[TestClient]]) -> ServiceFactory:
+    """`await make_real_service(**setting_overrides)` starts the real app with its real
+    process pool and model (an e2e test)."""
 
     async def make(**overrides: Any) -> TestClient:
         return await aiohttp_client(create_app(settings_for(**overrides)))

@@ -80,8 +80,8 @@ async def test_cancel_keeps_the_task_visible_and_frozen(
     assert (await again.json()) == snapshot
 
 
-async def test_cancel_leaves_other_tasks_running(make_service: ServiceFactory, image_server: ImageServer) -> None:
-    client = await make_service(download_concurrency=2)
+async def test_cancel_leaves_other_tasks_running(make_real_service: ServiceFactory, image_server: ImageServer) -> None:
+    client = await make_real_service(download_concurrency=2)
     doomed = await _start_slow_task(client, image_server)
     survivor = await submit(client, [image_server.url("/photos/coffee"), image_server.url("/photos/rocket")])
     await client.post(f"/tasks/{doomed}/cancel")

@@ -10,9 +10,9 @@ CAT_LABELS = {"Egyptian cat", "tiger cat", "tabby"}
 
 
 async def test_photos_get_correct_labels_in_submission_order(
-    make_service: ServiceFactory, image_server: ImageServer
+    make_real_service: ServiceFactory, image_server: ImageServer
 ) -> None:
-    client = await make_service()
+    client = await make_real_service()
     urls = [
         image_server.url("/photos/coffee"),
         image_server.url("/photos/chelsea"),
@@ -48,16 +48,16 @@ async def test_photos_get_correct_labels_in_submission_order(
         assert all(0.0 <= score <= 1.0 for score in scores)
 
 
-async def test_default_top_k_and_explicit_model(make_service: ServiceFactory, image_server: ImageServer) -> None:
-    client = await make_service(default_top_k=4)
+async def test_default_top_k_and_explicit_model(make_real_service: ServiceFactory, image_server: ImageServer) -> None:
+    client = await make_real_service(default_top_k=4)
     accepted = await submit(client, [image_server.url("/photos/coffee")], model="efficientnet_lite0")
     task = await wait_for_task(client, accepted["task_id"])
     assert task["top_k"] == 4
     assert len(task["items"][0]["labels"]) == 4
 
 
-async def test_progress_is_visible_while_running(make_service: ServiceFactory, image_server: ImageServer) -> None:
-    client = await make_service(download_concurrency=1)
+async def test_progress_is_visible_while_running(make_real_service: ServiceFactory, image_server: ImageServer) -> None:
+    client = await make_real_service(download_concurrency=1)
     urls = [image_server.url("/slow/coffee?delay=0.3") for _ in range(4)]
     accepted = await submit(client, urls)
     seen_partial = False
@@ -78,9 +78,9 @@ async def test_progress_is_visible_while_running(make_service: ServiceFactory, i
 
 
 async def test_item_failures_have_codes_and_the_task_still_completes(
-    make_service: ServiceFactory, image_server: ImageServer
+    make_real_service: ServiceFactory, image_server: ImageServer
 ) -> None:
-    client = await make_service()
+    client = await make_real_service()
     cases = {
         image_server.url("/photos/coffee"): ("succeeded", None),
         image_server.url("/status/404"): ("failed", "http_error"),
@@ -116,9 +116,9 @@ async def test_item_failures_have_codes_and_the_task_still_completes(
 
 
 async def test_images_from_concurrent_tasks_all_complete(
-    make_service: ServiceFactory, image_server: ImageServer
+    make_real_service: ServiceFactory, image_server: ImageServer
 ) -> None:
-    client = await make_service(batch_size=4)
+    client = await make_real_service(batch_size=4)
     names = ["coffee", "chelsea", "rocket"]
     tasks = [await submit(client, [image_server.url(f"/photos/{name}")] * 2) for name in names]
     for name, accepted in zip(names, tasks, strict=True):

@@ -22,6 +22,8 @@ from inference.specs import EMBEDDED, local_info
 from service.settings import Settings
 from tests.conftest import ROOT
 
+pytestmark = pytest.mark.e2e  # the benchmarks run real services
+
 
 def test_the_reference_pipeline_runs(model_cache: Path) -> None:
     images = make_images(8)

@@ -23,6 +23,8 @@ import pytest
 
 from tests.conftest import PHOTOS_DIR, ROOT, ImageServer, running_service
 
+pytestmark = pytest.mark.e2e  # the bulk client against a real service
+
 TASK_LIMIT = "100"
 
 

@@ -60,9 +60,9 @@ async def only_task(client: TestClient) -> dict[str, Any]:
 
 
 async def test_files_and_urls_print_their_labels_and_exit_0_refusals_exit_2(
-    make_service: ServiceFactory, image_server: ImageServer
+    make_real_service: ServiceFactory, image_server: ImageServer
 ) -> None:
-    client = await make_service()
+    client = await make_real_service()
     run = await run_client(client, "--model", "resnet9000", image_server.url("/photos/coffee"))
     assert run.status == 2 and "unknown_model" in run.stderr
     run = await run_client(client, str(PHOTOS_DIR / "no-such-photo.jpg"))
@@ -82,9 +82,9 @@ async def test_files_and_urls_print_their_labels_and_exit_0_refusals_exit_2(
 
 
 async def test_json_output_and_exit_1_when_an_image_fails(
-    make_service: ServiceFactory, image_server: ImageServer
+    make_real_service: ServiceFactory, image_server: ImageServer
 ) -> None:
-    client = await make_service()
+    client = await make_real_service()
     run = await run_client(client, "--json", "--top-k", "2", str(PHOTOS_DIR), image_server.url("/status/404"))
     assert run.status == 1, run.stderr
     task = json.loads(run.stdout)
@@ -121,9 +121,9 @@ async def test_ctrl_c_cancels_the_task_with_cancel_and_leaves_it_running_without
 
 
 async def test_a_busy_service_is_asked_again_after_its_retry_after(
-    make_service: ServiceFactory, image_server: ImageServer
+    make_real_service: ServiceFactory, image_server: ImageServer
 ) -> None:
-    client = await make_service(max_active_images=1)
+    client = await make_real_service(max_active_images=1)
     blocking = await client.post("/submit", json={"urls": [image_server.url("/slow/chelsea?delay=1.5")]})
     assert blocking.status == 202
     run = await run_client(client, image_server.url("/photos/coffee"))
@@ -133,6 +133,7 @@ async def test_a_busy_service_is_asked_again_after_its_retry_after(
     assert len((await (await client.get("/tasks")).json())["tasks"]) == 2  # the blocking one, and one more
 
 
+@pytest.mark.e2e
 async def test_a_submit_whose_answer_was_lost_is_retried_without_a_second_task(
     make_service: ServiceFactory, image_server: ImageServer, aiohttp_server: Any
 ) -> None:

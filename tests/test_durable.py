@@ -35,6 +35,8 @@ from tests.conftest import (
     submit,
 )
 
+pytestmark = pytest.mark.e2e  # real services killed and restarted
+
 FINAL = ("completed", "failed", "cancelled")
 
 

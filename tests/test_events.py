@@ -78,9 +78,9 @@ async def test_a_long_poll_answers_when_the_task_starts(
 
 
 async def test_a_late_watcher_gets_the_history_and_unknown_tasks_are_404(
-    make_service: ServiceFactory, image_server: ImageServer
+    make_real_service: ServiceFactory, image_server: ImageServer
 ) -> None:
-    client = await make_service()
+    client = await make_real_service()
     task_id = (await submit(client, [image_server.url("/photos/coffee")]))["task_id"]
     await wait_for_task(client, task_id)
     events = await read_events(client, task_id)
@@ -108,9 +108,9 @@ async def test_a_watcher_that_leaves_costs_nothing(make_service: ServiceFactory,
 
 
 async def test_long_poll_answers_when_the_task_changes_or_the_wait_runs_out(
-    make_service: ServiceFactory, image_server: ImageServer
+    make_real_service: ServiceFactory, image_server: ImageServer
 ) -> None:
-    client = await make_service(read_timeout=60.0, download_timeout=60.0)
+    client = await make_real_service(read_timeout=60.0, download_timeout=60.0)
     loop = asyncio.get_running_loop()
     urls = [image_server.url("/slow/coffee?delay=1.5"), image_server.url("/slow/chelsea?delay=30")]
     task_id = (await submit(client, urls))["task_id"]

@@ -8,6 +8,7 @@ import os
 import signal
 
 import psutil
+import pytest
 from aiohttp.test_utils import TestClient
 from PIL import Image
 
@@ -45,10 +46,10 @@ async def wait_gone(pid: int) -> None:
 
 
 async def test_a_killed_worker_is_replaced_and_its_images_retried(
-    make_service: ServiceFactory, image_server: ImageServer, photos: dict[str, bytes]
+    make_real_service: ServiceFactory, image_server: ImageServer, photos: dict[str, bytes]
 ) -> None:
     image_server.files["heavy.png"] = heavy_png(photos["coffee"])
-    client = await make_service(batch_size=4, max_image_bytes=20_000_000)
+    client = await make_real_service(batch_size=4, max_image_bytes=20_000_000)
     pool = client.server.app[POOL]
     (victim,) = pool.worker_pids()
     accepted = await submit(client, [image_server.url("/file/heavy.png")] * 8)
@@ -69,9 +70,9 @@ async def test_a_killed_worker_is_replaced_and_its_images_retried(
 
 
 async def test_a_hung_batch_fails_and_its_worker_is_recycled(
-    make_service: ServiceFactory, image_server: ImageServer
+    make_real_service: ServiceFactory, image_server: ImageServer
 ) -> None:
-    client = await make_service(batch_timeout=3.0)
+    client = await make_real_service(batch_timeout=3.0)
     pool = client.server.app[POOL]
     (hung,) = pool.worker_pids()
     os.kill(hung, signal.SIGSTOP)  # a worker that never answers
@@ -90,6 +91,7 @@ async def test_a_hung_batch_fails_and_its_worker_is_recycled(
     assert later["items"][0]["labels"][0]["label"] == "espresso"
 
 
+@pytest.mark.e2e
 async def test_workers_end_with_a_killed_web_process() -> None:
     """kill -9 of the web process used to leave its workers running under PID 1 for good."""
     async with running_service() as (process, _):

@@ -89,6 +89,7 @@ def test_no_file_can_be_made_falls_back_to_the_pipe(files: BatchFiles) -> None:
     assert files.put([b"image"]) is None
 
 
+@pytest.mark.e2e
 def test_a_failed_write_falls_back_to_the_pipe(tmp_path: Path) -> None:
     """A full file system (here: a file size limit) makes `put` return None, not raise."""
     script = textwrap.dedent(
@@ -113,9 +114,9 @@ def test_a_failed_write_falls_back_to_the_pipe(tmp_path: Path) -> None:
 
 
 async def test_the_service_hands_batches_over_in_shared_memory(
-    make_service: ServiceFactory, image_server: ImageServer
+    make_real_service: ServiceFactory, image_server: ImageServer
 ) -> None:
-    client = await make_service(batch_size=4)
+    client = await make_real_service(batch_size=4)
     directory = client.server.app[POOL].batch_directory
     assert directory is not None and directory.parent == Path("/dev/shm")
     urls = [image_server.url("/photos/coffee"), image_server.url("/photos/rocket")] * 3
@@ -126,11 +127,11 @@ async def test_the_service_hands_batches_over_in_shared_memory(
 
 
 async def test_batch_files_removed_under_the_service_turn_it_to_the_pipe(
-    make_service: ServiceFactory, image_server: ImageServer
+    make_real_service: ServiceFactory, image_server: ImageServer
 ) -> None:
     """A cleaner of /dev/shm that removes the files: fresh workers cannot open them, and the
     batch is sent again through the pipe, as every later one."""
-    client = await make_service(batch_size=2)
+    client = await make_real_service(batch_size=2)
     pool = client.server.app[POOL]
     urls = [image_server.url("/photos/coffee"), image_server.url("/photos/rocket")]
     await wait_for_task(client, (await submit(client, urls))["task_id"])

@@ -17,7 +17,7 @@ def encode(image: Image.Image, fmt: str, **options: object) -> bytes:
 
 
 async def test_hostile_and_unusual_images(
-    make_service: ServiceFactory, image_server: ImageServer, photos: dict[str, bytes]
+    make_real_service: ServiceFactory, image_server: ImageServer, photos: dict[str, bytes]
 ) -> None:
     coffee = Image.open(io.BytesIO(photos["coffee"])).convert("RGB")
     rocket = Image.open(io.BytesIO(photos["rocket"])).convert("RGB").resize(coffee.size)
@@ -35,7 +35,7 @@ async def test_hostile_and_unusual_images(
             "coffee.webp": encode(coffee, "WEBP", quality=90),
         }
     )
-    client = await make_service(max_image_pixels=1_000_000)
+    client = await make_real_service(max_image_pixels=1_000_000)
     names = ["bomb.png", "truncated.jpg", "text.jpg", "cmyk.jpg", "16bit.png", "animated.gif", "coffee.webp"]
     accepted = await submit(client, [image_server.url(f"/file/{name}") for name in names])
     task = await wait_for_task(client, accepted["task_id"])

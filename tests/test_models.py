@@ -127,9 +127,9 @@ async def top_label(client: TestClient, url: str, model: str) -> dict[str, Any]:
 
 
 async def test_checkpoints_serve_beside_the_default_and_missing_weights_are_unavailable(
-    make_service: ServiceFactory, image_server: ImageServer, model_dir: Path, download_trap: DownloadTrap
+    make_real_service: ServiceFactory, image_server: ImageServer, model_dir: Path, download_trap: DownloadTrap
 ) -> None:
-    client = await make_service(models="resnet50", models_file=str(model_dir / "models.toml"))
+    client = await make_real_service(models="resnet50", models_file=str(model_dir / "models.toml"))
     precision = client.server.app[SETTINGS].resolve_precision(EMBEDDED).precision  # bf16 on CPUs that have it
     listing = await (await client.get("/models")).json()
     models = {entry["name"]: entry for entry in listing["models"]}
@@ -179,9 +179,9 @@ async def test_checkpoints_serve_beside_the_default_and_missing_weights_are_unav
 
 
 async def test_a_model_that_fails_to_load_fails_its_task_only(
-    make_service: ServiceFactory, image_server: ImageServer, model_dir: Path
+    make_real_service: ServiceFactory, image_server: ImageServer, model_dir: Path
 ) -> None:
-    client = await make_service(models_file=str(model_dir / "models.toml"))
+    client = await make_real_service(models_file=str(model_dir / "models.toml"))
     coffee = image_server.url("/photos/coffee")
     broken = await submit(client, [coffee, coffee], model="broken")
     healthy = await submit(client, [coffee])
@@ -193,6 +193,7 @@ async def test_a_model_that_fails_to_load_fails_its_task_only(
     assert completed["items"][0]["labels"][0]["label"] == "espresso"
 
 
+@pytest.mark.e2e
 async def test_torchvision_weights_in_the_hub_cache_are_found_and_used(
     make_service: ServiceFactory, image_server: ImageServer, empty_torch_home: Path, download_trap: DownloadTrap
 ) -> None:
@@ -268,6 +269,7 @@ def test_torchvision_names() -> None:
         weights_of(torchvision_spec("fasterrcnn_resnet50_fpn"))
 
 
+@pytest.mark.e2e
 def test_a_default_model_that_cannot_load_stops_start_up_with_a_clear_message(download_trap: DownloadTrap) -> None:
     done = subprocess.run(
         service_command(0, "--models", "resnet50", "--default-model", "resnet50"),

@@ -66,6 +66,7 @@ DOCUMENT = json.loads(create_app(load_settings(FLAGS))[OPENAPI])
 
 @pytest.fixture(scope="module")
 def service_url() -> Iterator[str]:
+    """A real service (an e2e fixture: see `tests.conftest.E2E_FIXTURES`)."""
     with started_service(*FLAGS) as base:
         yield base
 
@@ -142,6 +143,7 @@ def test_submit_links_to_the_task_operations() -> None:
     assert submit["callback_url"]["anyOf"][0]["maxLength"] == 2048
 
 
+@pytest.mark.e2e  # reads what the property run against the real service recorded
 def test_the_property_run_covered_every_operation() -> None:
     operations = {f"{method.upper()} {path}" for path, item in DOCUMENT["paths"].items() for method in item}
     assert set(CALLS) == operations

@@ -15,9 +15,9 @@ from tests.conftest import ImageServer, ServiceFactory, scrape, submit, wait_for
 
 
 async def test_readyz_flips_during_a_worker_kill_and_recovers(
-    make_service: ServiceFactory, image_server: ImageServer
+    make_real_service: ServiceFactory, image_server: ImageServer
 ) -> None:
-    client = await make_service()
+    client = await make_real_service()
     assert (await client.get("/healthz")).status == 200
     assert (await client.get("/readyz")).status == 200
     (victim,) = client.server.app[POOL].worker_pids()
@@ -38,8 +38,8 @@ async def test_readyz_flips_during_a_worker_kill_and_recovers(
     assert (await scrape(client))[("ics_worker_restarts", ())] == 1
 
 
-async def test_metrics_move_as_tasks_run(make_service: ServiceFactory, image_server: ImageServer) -> None:
-    client = await make_service(batch_size=4)
+async def test_metrics_move_as_tasks_run(make_real_service: ServiceFactory, image_server: ImageServer) -> None:
+    client = await make_real_service(batch_size=4)
     before = await scrape(client)
     assert before[("ics_tasks", (("status", "completed"),))] == 0
     assert ("ics_images_total", (("code", ""), ("outcome", "succeeded"))) not in before
@@ -61,11 +61,11 @@ async def test_metrics_move_as_tasks_run(make_service: ServiceFactory, image_ser
 
 
 async def test_the_default_path_runs_without_torch_at_the_precision_it_shows(
-    make_service: ServiceFactory, image_server: ImageServer
+    make_real_service: ServiceFactory, image_server: ImageServer
 ) -> None:
     """Workers on the default runtime map no torch library, and /models and each task show
     the precision chosen for this CPU."""
-    client = await make_service()
+    client = await make_real_service()
     settings = client.server.app[SETTINGS]
     expected = settings.resolve_precision(settings.model_specs()[0]).precision
     assert settings.resolved_runtime() in ("openvino", "onnx")
@@ -93,10 +93,10 @@ async def test_every_image_is_counted_once_whichever_way_it_ends(
 
 
 async def test_a_frozen_worker_fails_readiness_and_is_replaced(
-    make_service: ServiceFactory, image_server: ImageServer
+    make_real_service: ServiceFactory, image_server: ImageServer
 ) -> None:
     """A worker stopped with SIGSTOP used to keep /readyz at 200 for good."""
-    client = await make_service()
+    client = await make_real_service()
     (frozen,) = client.server.app[POOL].worker_pids()
     os.kill(frozen, signal.SIGSTOP)
     try:

@@ -12,7 +12,11 @@ import tomllib
 import zipfile
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import ROOT
+
+pytestmark = pytest.mark.e2e  # pip installs the project
 
 
 def test_requirements_files_are_generated_from_pyproject() -> None:

@@ -17,6 +17,8 @@ from playwright.async_api import Page, async_playwright, expect
 
 from tests.conftest import PHOTOS_DIR, ROOT, ImageServer, ServiceFactory
 
+pytestmark = pytest.mark.e2e  # the page in a real Chromium
+
 ARTIFACTS = ROOT / "test-artifacts"
 # Headless, and quiet: without the background-networking flags Chromium keeps trying to reach
 # Google's hosts, which this machine's closed network refuses.

@@ -27,7 +27,7 @@ LABELS = [Label(label="espresso", class_index=967, score=0.9)]
 MakeRegistry = Callable[..., Awaitable[TaskRegistry]]
 
 
-@pytest.fixture(params=["memory", "sqlite", "redis"])
+@pytest.fixture(params=["memory", "sqlite", pytest.param("redis", marks=pytest.mark.e2e)])
 async def make_registry(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[MakeRegistry]:
     """`await make_registry(finished_ttl=..., max_finished=..., clock=...)` on this backend."""
     opened: list[SqliteRegistry | RedisRegistry] = []

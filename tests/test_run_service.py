@@ -15,8 +15,11 @@ from typing import Any
 
 import aiohttp
 import psutil
+import pytest
 
 from tests.conftest import ROOT, ImageServer, running_service
+
+pytestmark = pytest.mark.e2e  # run_service.py as a user starts it
 
 
 async def submit(http: aiohttp.ClientSession, base: str, urls: list[str]) -> str:

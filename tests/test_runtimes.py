@@ -19,6 +19,8 @@ from inference.preprocess import preprocess
 from inference.protocol import ModelLoadError
 from inference.specs import BF16_CPU_FLAGS, EMBEDDED, RUNTIMES, ModelInfo, ModelSpec, cpu_flags, local_info
 
+pytestmark = pytest.mark.e2e  # the real model, through every runtime
+
 INFO = local_info(EMBEDDED)
 ROOT = Path(__file__).parent.parent
 

@@ -25,6 +25,8 @@ import redis.asyncio as aioredis
 from tests.conftest import ROOT, ImageServer, free_port, kill_group, running_service
 from tests.redis_server import RedisServer
 
+pytestmark = pytest.mark.e2e  # real Redis, replicas and workers
+
 PHOTOS = {"chelsea": "Egyptian cat", "coffee": "espresso", "rocket": "missile"}
 LEASE = "2"  # seconds: a killed replica's tasks are adopted within a few
 CLAIM_IDLE = "2"  # seconds: a killed worker's batch is claimed within a few

@@ -101,6 +101,7 @@ def test_an_api_key_from_the_environment_never_shows(
     assert "secret-key-123" not in capsys.readouterr().out
 
 
+@pytest.mark.e2e
 def test_the_web_process_does_not_import_torch() -> None:
     """Only workers load torch (~900 MiB RSS); the service side must stay light."""
     code = (
@@ -179,6 +180,7 @@ def test_a_models_file_may_set_a_precision(tmp_path: Path) -> None:
     assert load_settings(["--models-file", str(models)]).model_specs()[1].precision == "fp32"
 
 
+@pytest.mark.e2e
 def test_the_worker_names_itself_and_needs_redis() -> None:
     shown = subprocess.run([sys.executable, "run_worker.py", "--help"], cwd=ROOT, capture_output=True, text=True)
     assert shown.returncode == 0 and shown.stdout.startswith("usage: run_worker.py"), shown.stdout[:200]

@@ -16,9 +16,12 @@ import time
 from typing import Any
 
 import aiohttp
+import pytest
 from swagger_ui.utils import SWAGGER_UI_PY_ROOT
 
 from tests.conftest import ImageServer, running_service
+
+pytestmark = pytest.mark.e2e  # a real service and raw sockets
 
 TIMEOUTS = (
     "--header-timeout", "1", "--header-timeout-max", "3", "--body-timeout", "1",

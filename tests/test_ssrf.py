@@ -72,7 +72,7 @@ async def _item_errors(client, urls: list[str]) -> list[str | None]:  # type: ig
 
 
 async def test_loopback_is_blocked_by_default_and_allowed_by_the_setting(
-    make_service: ServiceFactory, image_server: ImageServer, make_image_server: ImageServerFactory
+    make_real_service: ServiceFactory, image_server: ImageServer, make_image_server: ImageServerFactory
 ) -> None:
     ipv6_server = await make_image_server("::1")
     port, ipv6_port = image_server.server.port, ipv6_server.server.port
@@ -82,20 +82,20 @@ async def test_loopback_is_blocked_by_default_and_allowed_by_the_setting(
         f"http://[::ffff:127.0.0.1]:{port}/photos/coffee",
         f"http://localhost:{port}/photos/coffee",  # a name that resolves to loopback
     ]
-    blocked = await make_service(allow_private_networks=False)
+    blocked = await make_real_service(allow_private_networks=False)
     assert await _item_errors(blocked, urls) == ["blocked_address"] * 4
     assert image_server.total_hits() == 0 and ipv6_server.total_hits() == 0  # nothing was fetched
 
-    allowed = await make_service(allow_private_networks=True)
+    allowed = await make_real_service(allow_private_networks=True)
     assert await _item_errors(allowed, urls) == [None] * 4
     assert image_server.total_hits() == 3 and ipv6_server.total_hits() == 1
 
 
 async def test_a_redirect_to_a_blocked_address_is_blocked(
-    make_service: ServiceFactory, image_server: ImageServer, make_image_server: ImageServerFactory
+    make_real_service: ServiceFactory, image_server: ImageServer, make_image_server: ImageServerFactory
 ) -> None:
     allowed_host = await make_image_server("127.0.0.2")
-    client = await make_service(allow_private_networks=False, allowed_networks="127.0.0.2/32")
+    client = await make_real_service(allow_private_networks=False, allowed_networks="127.0.0.2/32")
     target = image_server.url("/photos/coffee")  # 127.0.0.1: not in the allow-list
     urls = [
         allowed_host.url("/photos/coffee"),
@@ -108,9 +108,9 @@ async def test_a_redirect_to_a_blocked_address_is_blocked(
 
 
 async def test_redirects_must_stay_on_http_without_credentials(
-    make_service: ServiceFactory, image_server: ImageServer
+    make_real_service: ServiceFactory, image_server: ImageServer
 ) -> None:
-    client = await make_service()
+    client = await make_real_service()
     urls = [
         image_server.url("/redirect?to=ftp://example.com/a.jpg"),
         image_server.url("/redirect?to=file:///etc/passwd"),

@@ -37,6 +37,8 @@ OTHER_PARTS = st.tuples(
     st.one_of(st.none(), RAW_NAMES),
     st.binary(max_size=60),
 )
+
+pytestmark = pytest.mark.e2e  # schemathesis against a real service
 PARTS = st.lists(st.one_of(FILE_PARTS, FILE_PARTS, URL_PARTS, OTHER_PARTS), max_size=8)
 JSON_BODIES = st.one_of(
     st.fixed_dictionaries(

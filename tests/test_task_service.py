@@ -163,7 +163,7 @@ def labels(task: TaskDetail) -> list[str | None]:
     return [item.labels[0].label if item.labels else (item.error.code if item.error else None) for item in task.items]
 
 
-@pytest.mark.parametrize("store", ["memory", "sqlite", "redis"])
+@pytest.mark.parametrize("store", ["memory", "sqlite", pytest.param("redis", marks=pytest.mark.e2e)])
 async def test_urls_and_uploads_are_classified_in_submission_order(
     images: Images, store: str, request: pytest.FixtureRequest
 ) -> None:

@@ -37,9 +37,9 @@ async def labels_of(task: dict[str, Any]) -> list[list[tuple[str, float]]]:
 
 
 async def test_uploaded_photos_get_the_labels_their_urls_get(
-    make_service: ServiceFactory, image_server: ImageServer, photos: dict[str, bytes]
+    make_real_service: ServiceFactory, image_server: ImageServer, photos: dict[str, bytes]
 ) -> None:
-    client = await make_service()
+    client = await make_real_service()
     names = ["coffee", "chelsea", "rocket"]
     by_url = await wait_for_task(
         client, (await submit(client, [image_server.url(f"/photos/{name}") for name in names]))["task_id"]
@@ -189,9 +189,9 @@ async def test_a_full_service_refuses_uploads_and_cancelling_gives_back_uploads_
     ],
 )
 async def test_any_file_name_leaves_a_task_that_can_be_read_watched_and_deleted(
-    make_service: ServiceFactory, photos: dict[str, bytes], raw_name: bytes, stored: str
+    make_real_service: ServiceFactory, photos: dict[str, bytes], raw_name: bytes, stored: str
 ) -> None:
-    client = await make_service()
+    client = await make_real_service()
     body = (
         f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="files"; filename="'.encode()
         + raw_name

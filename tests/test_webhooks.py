@@ -100,9 +100,9 @@ async def webhook_of(client: TestClient, task_id: str, status: str, timeout: flo
 
 
 async def test_a_finished_task_is_posted_once_signed_with_the_secret(
-    make_service: ServiceFactory, image_server: ImageServer, receiver: Receiver
+    make_real_service: ServiceFactory, image_server: ImageServer, receiver: Receiver
 ) -> None:
-    client = await make_service(**WEBHOOK_SETTINGS)
+    client = await make_real_service(**WEBHOOK_SETTINGS)
     urls = [image_server.url("/photos/coffee"), image_server.url("/status/404")]  # an image host on loopback
     created = await submit(client, urls, callback_url=receiver.url)
     task = await wait_for_task(client, created["task_id"])
@@ -207,6 +207,7 @@ async def test_callbacks_are_refused_unless_signed_public_or_allowed(
     assert (await (await client.get("/tasks")).json())["tasks"] == []
 
 
+@pytest.mark.e2e
 async def test_a_pending_delivery_survives_a_kill_9_and_is_delivered_once_after(
     image_server: ImageServer, receiver: Receiver, tmp_path: Path
 ) -> None:
