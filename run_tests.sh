@@ -3,7 +3,7 @@
 # Chromium and the scale-out tests a real Redis: Debian's packages are installed first if
 # missing (as root, or through sudo); tests start their own redis-server, never a system one.
 # Then a virtualenv with requirements-dev.txt; the pins, lint, format and strict types are
-# checked; then pytest (arguments go to pytest).
+# checked; then pytest (arguments go to pytest; `-m "not e2e"` is the fast loop).
 set -euo pipefail
 cd "$(dirname "$0")"
 missing=()
@@ -26,4 +26,11 @@ python3 -m venv .venv
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 .venv/bin/mypy
-exec .venv/bin/python -m pytest "$@"
+# First the few tests that cannot run under pytest-xdist, in this process (pytest's exit 5:
+# the arguments selected none of them); then the rest on two processes (each test starts what
+# it needs on free ports and in temp dirs; `ICS_TEST_PROCESSES` or a `-n N` among the arguments
+# changes it).
+status=0
+.venv/bin/python -m pytest --serial-tests only "$@" -n 0 || status=$?
+[ "$status" -eq 0 ] || [ "$status" -eq 5 ] || exit "$status"
+exec .venv/bin/python -m pytest -n "${ICS_TEST_PROCESSES:-2}" --serial-tests skip "$@"

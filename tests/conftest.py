@@ -77,12 +77,29 @@ def service_command(port: int, *flags: str) -> list[str]:
 E2E_FIXTURES = frozenset({"make_real_service", "redis_server", "service_url"})
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--serial-tests",
+        choices=("run", "skip", "only"),
+        default="run",
+        help="tests marked serial (they cannot run under pytest-xdist): run them with the rest, skip them, "
+        "or run only them (run_tests.sh runs the rest on every core, then these alone)",
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """`-m "not e2e"` is the fast loop: tests marked e2e (by hand, by module, or by using a
-    fixture of `E2E_FIXTURES`) start worker processes, a service, Redis or Chromium."""
+    fixture of `E2E_FIXTURES`) start worker processes, a service, Redis or Chromium, or run
+    the real model. `--serial-tests` picks the serial ones in or out."""
     for item in items:
         if E2E_FIXTURES.intersection(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.e2e)
+    choice = config.getoption("--serial-tests")
+    if choice == "run":
+        return
+    keep = [item for item in items if (item.get_closest_marker("serial") is not None) == (choice == "only")]
+    config.hook.pytest_deselected(items=[item for item in items if item not in keep])
+    items[:] = keep
 
 
 @pytest.fixture(scope="session", autouse=True)

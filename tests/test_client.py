@@ -135,11 +135,11 @@ async def test_a_busy_service_is_asked_again_after_its_retry_after(
 
 @pytest.mark.e2e
 async def test_a_submit_whose_answer_was_lost_is_retried_without_a_second_task(
-    make_service: ServiceFactory, image_server: ImageServer, aiohttp_server: Any
+    make_real_service: ServiceFactory, image_server: ImageServer, aiohttp_server: Any
 ) -> None:
     """A proxy hands the first submit to the service, then drops the connection instead of
     answering: the client asks again with the same idempotency key and gets the same task."""
-    client = await make_service(webhook_secret="s")
+    client = await make_real_service(webhook_secret="s")
     keys: list[str] = []
 
     async def forward(request: web.Request) -> web.StreamResponse:

@@ -195,7 +195,7 @@ async def test_a_model_that_fails_to_load_fails_its_task_only(
 
 @pytest.mark.e2e
 async def test_torchvision_weights_in_the_hub_cache_are_found_and_used(
-    make_service: ServiceFactory, image_server: ImageServer, empty_torch_home: Path, download_trap: DownloadTrap
+    make_real_service: ServiceFactory, image_server: ImageServer, empty_torch_home: Path, download_trap: DownloadTrap
 ) -> None:
     # Stand-in weights with the real file name (random values: the test checks the path, not accuracy).
     target = cache_file(weights_of(torchvision_spec("resnet18")))
@@ -203,7 +203,7 @@ async def test_torchvision_weights_in_the_hub_cache_are_found_and_used(
     target.parent.mkdir(parents=True, exist_ok=True)
     torch.save(torchvision.models.resnet18().state_dict(), target)
     try:
-        client = await make_service()
+        client = await make_real_service()
         models = {entry["name"]: entry for entry in (await (await client.get("/models")).json())["models"]}
         assert models["resnet18"]["source"] == "torchvision" and models["resnet18"]["weights_present"]
         label = await top_label(client, image_server.url("/photos/chelsea"), "resnet18")

@@ -31,6 +31,10 @@ from service.app import create_app
 from service.settings import load_settings
 from tests.conftest import ServiceFactory, started_service
 
+# Under pytest-xdist schemathesis' per-operation tests collapse into one that runs nothing: the
+# tests of the property run stay in one process, in order (the coverage test reads what it recorded).
+SERIAL = pytest.mark.serial
+
 EXAMPLES_PER_OPERATION = 60
 # Every response check, and "a request the document forbids is refused". Not
 # positive_data_acceptance: some requests the schema allows are still refused on purpose, for
@@ -76,6 +80,7 @@ schema.config.generation.update(max_examples=EXAMPLES_PER_OPERATION)
 CALLS: dict[str, int] = {}
 
 
+@SERIAL
 @schema.parametrize()
 @settings(deadline=None, suppress_health_check=list(HealthCheck))
 def test_every_operation_honours_the_document(case: Any, service_url: str) -> None:
@@ -86,6 +91,7 @@ def test_every_operation_honours_the_document(case: Any, service_url: str) -> No
 STATEFUL: list[tuple[str, int]] = []
 
 
+@SERIAL
 def test_a_stateful_walk_from_created_tasks_along_the_links_finds_no_error(service_url: str) -> None:
     """From `POST /submit` along its links (get, cancel, delete, events of the task it made)."""
 
@@ -143,6 +149,7 @@ def test_submit_links_to_the_task_operations() -> None:
     assert submit["callback_url"]["anyOf"][0]["maxLength"] == 2048
 
 
+@SERIAL
 @pytest.mark.e2e  # reads what the property run against the real service recorded
 def test_the_property_run_covered_every_operation() -> None:
     operations = {f"{method.upper()} {path}" for path, item in DOCUMENT["paths"].items() for method in item}

@@ -67,9 +67,9 @@ async def drop_file(page: Page, selector: str, path: Path) -> None:
 
 
 async def test_the_page_classifies_files_and_urls_live(
-    make_service: ServiceFactory, image_server: ImageServer, page: Page
+    make_real_service: ServiceFactory, image_server: ImageServer, page: Page
 ) -> None:
-    client = await make_service()
+    client = await make_real_service()
     await page.goto(str(client.make_url("/")))
     await expect(page.locator("#model option")).to_have_text(["efficientnet_lite0"])  # from GET /models
 
@@ -102,9 +102,9 @@ async def test_the_page_classifies_files_and_urls_live(
 
 
 async def test_the_page_cancels_a_running_task(
-    make_service: ServiceFactory, image_server: ImageServer, page: Page
+    make_real_service: ServiceFactory, image_server: ImageServer, page: Page
 ) -> None:
-    client = await make_service(read_timeout=60.0, download_timeout=60.0)
+    client = await make_real_service(read_timeout=60.0, download_timeout=60.0)
     await page.goto(str(client.make_url("/")))
     await page.fill("#urls", image_server.url("/slow/coffee?delay=30"))
     await page.click("#submit")
@@ -124,9 +124,9 @@ async def test_the_page_cancels_a_running_task(
 
 
 async def test_the_page_lists_recent_tasks_and_reopens_one(
-    make_service: ServiceFactory, image_server: ImageServer, page: Page
+    make_real_service: ServiceFactory, image_server: ImageServer, page: Page
 ) -> None:
-    client = await make_service(read_timeout=60.0, download_timeout=60.0)
+    client = await make_real_service(read_timeout=60.0, download_timeout=60.0)
     done = await (await client.post("/submit", json={"urls": [image_server.url("/photos/chelsea")]})).json()
     running = await (
         await client.post(
@@ -161,8 +161,8 @@ async def test_the_page_lists_recent_tasks_and_reopens_one(
     await page.screenshot(path=ARTIFACTS / "web-page-recent.png", full_page=True)
 
 
-async def test_the_page_and_its_files_are_public_and_local(make_service: ServiceFactory) -> None:
-    client = await make_service(api_keys="k-123")
+async def test_the_page_and_its_files_are_public_and_local(make_real_service: ServiceFactory) -> None:
+    client = await make_real_service(api_keys="k-123")
     page = await client.get("/")
     assert page.status == 200 and page.content_type == "text/html"
     assert not re.search(r"""(src|href)=["']https?://""", await page.text()), "nothing from a CDN"
