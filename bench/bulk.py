@@ -19,8 +19,11 @@ from pathlib import Path
 
 import aiohttp
 
-from bench.harness import ROOT, cpu_model, free_port, start_image_server, wait_ready
+from bench.harness import cpu_model
 from bench.images import make_images
+from testing.image_server import start_image_server
+from testing.ports import free_port
+from testing.services import ROOT, wait_ready
 
 
 async def direct_task(base: str, urls: list[str]) -> float:

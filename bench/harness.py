@@ -1,6 +1,7 @@
-"""What the end-to-end benches share: a loopback image server in its own process, the
-service as a subprocess with its memory watched, the requests that drive it, and what the
-machine is. `bench.run_bench` and the benches beside it are built from these.
+"""What the end-to-end benches share: the service as a subprocess with its memory watched, the
+requests that drive it, and what the machine is. `bench.run_bench` and the benches beside it are
+built from these and from `testing/` (ports, the image server, Redis, waiting for readiness),
+which the tests use too.
 """
 
 from __future__ import annotations
@@ -9,69 +10,21 @@ import argparse
 import asyncio
 import itertools
 import json
-import multiprocessing
 import resource
-import socket
 import subprocess
 import sys
 import time
 from datetime import datetime
-from multiprocessing.process import BaseProcess
 from pathlib import Path
 
 import aiohttp
 import psutil
-from aiohttp import web
 
 from inference.specs import cpu_flags
+from testing.ports import free_port
+from testing.services import ROOT, wait_ready
 
-ROOT = Path(__file__).resolve().parent.parent
 POLL_SECONDS = 0.25  # how often the bench asks whether its tasks are done
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-# --- the image server (its own process, so it does not share the bench's event loop) ---
-
-
-def _serve_images(directory: str, port: int) -> None:
-    """The images from memory: it stands in for image hosts elsewhere, and shares the 2
-    cores with the service, so it should cost little (files through aiohttp's static
-    handler cost about 0.6 ms of CPU per image, nearly as much as the service's web process)."""
-    images = {path.name: path.read_bytes() for path in Path(directory).iterdir()}
-
-    async def image(request: web.Request) -> web.Response:
-        body = images.get(request.match_info["name"])
-        if body is None:
-            raise web.HTTPNotFound()
-        return web.Response(body=body, content_type="image/jpeg")
-
-    app = web.Application()
-    app.router.add_get("/img/{name}", image)
-    web.run_app(app, host="127.0.0.1", port=port, print=None, access_log=None)
-
-
-def start_image_server(directory: str) -> tuple[BaseProcess, int]:
-    port = free_port()
-    process = multiprocessing.get_context("spawn").Process(target=_serve_images, args=(directory, port), daemon=True)
-    process.start()
-    _wait_for_port(port)
-    return process, port
-
-
-def _wait_for_port(port: int, timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with socket.socket() as sock:
-            if sock.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.1)
-    raise TimeoutError(f"nothing listens on port {port}")
 
 
 # --- the service, and the requests that drive it ---
@@ -171,22 +124,6 @@ def own_cpu_seconds() -> float:
     """This process's CPU time, to the microsecond (psutil's counts in clock ticks)."""
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
-
-
-async def wait_ready(base: str, process: subprocess.Popen[bytes] | None = None) -> None:
-    """Until the service at `base` answers `/readyz` with 200; raises if its `process`
-    exits first."""
-    async with aiohttp.ClientSession() as http:
-        while True:
-            try:
-                async with http.get(f"{base}/readyz") as response:
-                    if response.status == 200:
-                        return
-            except aiohttp.ClientConnectionError:
-                pass
-            if process is not None and process.poll() is not None:
-                raise RuntimeError(f"the service at {base} exited with status {process.returncode}")
-            await asyncio.sleep(0.05)
 
 
 def client_connector() -> aiohttp.TCPConnector:

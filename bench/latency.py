@@ -16,9 +16,10 @@ from pathlib import Path
 
 import aiohttp
 
-from bench.harness import Service, client_connector, cpu_model, latency_under_load, percentile, start_image_server
+from bench.harness import Service, client_connector, cpu_model, latency_under_load, percentile
 from bench.images import make_images
 from service.settings import Settings
+from testing.image_server import start_image_server
 
 
 async def measure(args: argparse.Namespace, urls: list[str]) -> dict[str, dict[str, list[float]]]:

@@ -41,7 +41,6 @@ from bench.harness import (
     cpu_seconds,
     latency_under_load,
     percentile,
-    start_image_server,
     submit,
     wait_all_done,
 )
@@ -50,6 +49,7 @@ from bench.reference import reference_images_per_second
 from inference import onnx_cache
 from inference.specs import EMBEDDED, local_info
 from service.settings import Settings
+from testing.image_server import start_image_server
 
 # --- (2) the reference ---
 

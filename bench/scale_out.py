@@ -26,30 +26,19 @@ from pathlib import Path
 import redis
 
 from bench.bulk import direct_task
-from bench.harness import ROOT, cpu_model, free_port, start_image_server, wait_ready
+from bench.harness import cpu_model
 from bench.images import make_images
 from service.broker.streams import StreamBatches, StreamJobs
 from service.stores.redis.registry import RedisRegistry
 from service.tasks.queues import QueuedImage
 from service.tasks.records import ItemStatus, Label
 from service.tasks.registry import ItemChange
+from testing.image_server import start_image_server
+from testing.ports import free_port
+from testing.redis_server import RedisServer
+from testing.services import ROOT, wait_ready
 
 BATCH = 16
-
-
-def start_redis(directory: str) -> tuple[subprocess.Popen[bytes], str]:
-    port = free_port()
-    command = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", directory]
-    command += ["--appendonly", "yes", "--appendfsync", "everysec", "--save", ""]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    client = redis.Redis(port=port)
-    for _ in range(200):
-        try:
-            client.ping()
-            break
-        except redis.ConnectionError:
-            time.sleep(0.05)
-    return process, f"redis://127.0.0.1:{port}/0"
 
 
 def start(command: list[str], log: Path) -> subprocess.Popen[bytes]:
@@ -115,7 +104,9 @@ def main() -> None:
         for number, data in enumerate(images):
             (images_dir / f"{number}.jpg").write_bytes(data)
         image_server, image_port = start_image_server(str(images_dir))
-        redis_server, redis_url = start_redis(directory)
+        redis_server = RedisServer(Path(directory), appendfsync="everysec")
+        redis_server.start()
+        redis_url = redis_server.url
         common = [sys.executable, "run_service.py", "--host", "127.0.0.1", "--allowed-networks", "127.0.0.1/32"]
         embedded_port, replica_port = free_port(), free_port()
         processes = [
@@ -152,8 +143,7 @@ def main() -> None:
                 process.terminate()
             for process in processes:
                 process.wait(timeout=60)
-            redis_server.terminate()
-            redis_server.wait(timeout=30)
+            redis_server.stop()
             image_server.terminate()
     print(f"CPU: {cpu_model()}")
     for size in (300, 1000):

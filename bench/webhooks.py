@@ -22,9 +22,12 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
-from bench.harness import ROOT, cpu_model, free_port, percentile, start_image_server, wait_ready
+from bench.harness import cpu_model, percentile
 from bench.images import make_images
 from service.webhooks import signing
+from testing.image_server import start_image_server
+from testing.ports import free_port
+from testing.services import ROOT, wait_ready
 
 SECRET = "bench-secret"
 

@@ -3,15 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gzip
-import os
-import signal
-import socket
 import subprocess
-import sys
 import tempfile
-import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -19,10 +13,7 @@ from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
-import aiohttp
-import psutil
 import pytest
-import requests
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client.parser import text_string_to_metric_families
@@ -31,11 +22,12 @@ from service.app import create_app
 from service.pool import InferencePool
 from service.pool.handover import SHARED_MEMORY, remove_orphans
 from service.settings import Settings
+from testing.ports import free_port
+from testing.redis_server import RedisServer
+from testing.services import ROOT, kill_group, service_command, wait_ready
 from tests.fakes import FakePool
-from tests.redis_server import RedisServer
 
 PHOTOS_DIR = Path(__file__).parent / "photos"
-ROOT = PHOTOS_DIR.parent.parent
 
 # One worker and short timeouts keep each test's service small and quick.
 TEST_SETTINGS: dict[str, Any] = {
@@ -57,20 +49,6 @@ def settings_for(**overrides: Any) -> Settings:
     of its own, unless `overrides` name one)."""
     data_dir = {"data_dir": tempfile.mkdtemp(prefix="ics-test-data-")}
     return Settings(**{**TEST_SETTINGS, **data_dir, **overrides})
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def service_command(port: int, *flags: str) -> list[str]:
-    """`run_service.py` as a user starts it, on 127.0.0.1 with one worker (and a data dir of
-    its own, unless `flags` name one)."""
-    data = [] if "--data-dir" in flags else ["--data-dir", tempfile.mkdtemp(prefix="ics-test-data-")]
-    address = ["--host", "127.0.0.1", "--port", str(port)]
-    return [sys.executable, "run_service.py", *address, "--workers", "1", *data, *flags]
 
 
 # Fixtures that bring real processes or servers: a test that uses one is an e2e test.
@@ -266,54 +244,16 @@ async def running_service(*flags: str, log: Path | None = None) -> AsyncIterator
     process = subprocess.Popen(command, cwd=ROOT, start_new_session=True, **output)  # type: ignore[call-overload]
     base = f"http://127.0.0.1:{port}"
     try:
-        async with aiohttp.ClientSession() as http, asyncio.timeout(120):
-            while True:
-                try:
-                    async with http.get(f"{base}/readyz") as response:
-                        if response.status == 200:
-                            break
-                except aiohttp.ClientConnectionError:
-                    pass
-                assert process.poll() is None, process.stdout.read().decode() if process.stdout else log
-                await asyncio.sleep(0.2)
+        try:
+            await wait_ready(base, process)
+        except RuntimeError:
+            raise AssertionError(process.stdout.read().decode() if process.stdout else log) from None
         yield process, base
     finally:
         kill_group(process.pid)  # the web process may be gone, its group not
         process.wait()
         if log is not None:
             sink.close()  # type: ignore[union-attr]
-
-
-def running(process: psutil.Process) -> bool:
-    """Alive; a dead process nobody has reaped yet (a zombie) is not."""
-    try:
-        return process.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-
-
-def kill_group(group: int) -> None:
-    """kill -9 of a process group (a service started in a session of its own: its web
-    process, its workers...), all at once but for multiprocessing's resource tracker. That
-    one goes last: once the others are gone it removes the named semaphores they left in
-    /dev/shm; killed with them it would leave them there for good (8 per service)."""
-    members, trackers = [], []
-    for process in psutil.process_iter(["cmdline"]):
-        with contextlib.suppress(OSError, psutil.Error):  # gone meanwhile
-            if os.getpgid(process.pid) == group:
-                tracker = "resource_tracker" in " ".join(process.info["cmdline"] or ())
-                (trackers if tracker else members).append(process)
-    for process in members:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            process.kill()
-    for process in trackers:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            process.resume()  # the group may have been stopped (SIGSTOP)
-    deadline = time.monotonic() + 5
-    while any(running(process) for process in trackers) and time.monotonic() < deadline:
-        time.sleep(0.01)
-    with contextlib.suppress(ProcessLookupError):  # anything that started meanwhile
-        os.killpg(group, signal.SIGKILL)
 
 
 @contextmanager
@@ -324,16 +264,10 @@ def started_service(*flags: str) -> Iterator[str]:
     process = subprocess.Popen(service_command(port, *flags), cwd=ROOT, stdout=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert process.poll() is None, "the service exited during start-up"
-            assert time.monotonic() < deadline, "the service did not start"
-            try:
-                if requests.get(f"{base}/readyz", timeout=2).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            time.sleep(0.2)
+        try:
+            asyncio.run(wait_ready(base, process))
+        except RuntimeError:
+            raise AssertionError("the service exited during start-up") from None
         yield base
     finally:
         process.terminate()

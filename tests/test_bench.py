@@ -11,7 +11,6 @@ import pytest
 
 from bench import reference
 from bench.download_floor import floor_per_image
-from bench.harness import start_image_server
 from bench.images import make_images
 from bench.run_bench import reference_limit
 from bench.workers_offline import workers_images_per_second
@@ -20,7 +19,8 @@ from inference.engine import Engine
 from inference.protocol import Prediction, WorkerConfig
 from inference.specs import EMBEDDED, local_info
 from service.settings import Settings
-from tests.conftest import ROOT
+from testing.image_server import start_image_server
+from testing.services import ROOT
 
 pytestmark = pytest.mark.e2e  # the benchmarks run real services
 

@@ -13,7 +13,7 @@ from service.broker.streams import GROUP, StreamBatches, StreamJobs, stream_of
 from service.stores.redis.registry import RedisRegistry
 from service.tasks.queues import QueuedImage
 from service.tasks.records import ItemStatus
-from tests.redis_server import RedisServer
+from testing.redis_server import RedisServer
 
 
 async def vanishing_worker(registry: RedisRegistry, name: str, timeout: float = 5.0) -> list[int]:

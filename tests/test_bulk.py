@@ -21,7 +21,8 @@ import aiohttp
 import psutil
 import pytest
 
-from tests.conftest import PHOTOS_DIR, ROOT, ImageServer, running_service
+from testing.services import ROOT
+from tests.conftest import PHOTOS_DIR, ImageServer, running_service
 
 pytestmark = pytest.mark.e2e  # the bulk client against a real service
 

@@ -19,7 +19,8 @@ from aiohttp.test_utils import TestClient
 
 from client.inputs import Source
 from client.results import ResultsFile
-from tests.conftest import PHOTOS_DIR, ROOT, ImageServer, ServiceFactory, metric
+from testing.services import ROOT
+from tests.conftest import PHOTOS_DIR, ImageServer, ServiceFactory, metric
 
 
 @dataclass

@@ -13,7 +13,7 @@ import yaml
 from dockerfile_parse import DockerfileParser
 
 from service.settings import Settings
-from tests.conftest import ROOT
+from testing.services import ROOT
 
 
 @pytest.fixture(scope="module")

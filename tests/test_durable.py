@@ -24,16 +24,8 @@ from service.stores.sqlite.loader import page_query
 from service.stores.sqlite.registry import SqliteRegistry
 from service.stores.sqlite.schema import SCHEMA
 from service.tasks.records import ItemStatus, Label, TaskStatus
-from tests.conftest import (
-    PHOTOS_DIR,
-    ROOT,
-    ImageServer,
-    ServiceFactory,
-    kill_group,
-    running_service,
-    service_command,
-    submit,
-)
+from testing.services import ROOT, kill_group, service_command
+from tests.conftest import PHOTOS_DIR, ImageServer, ServiceFactory, running_service, submit
 
 pytestmark = pytest.mark.e2e  # real services killed and restarted
 

@@ -13,7 +13,8 @@ from aiohttp.test_utils import TestClient
 from PIL import Image
 
 from service.api.appkeys import POOL
-from tests.conftest import ImageServer, ServiceFactory, running, running_service, submit, wait_for_task
+from testing.services import running
+from tests.conftest import ImageServer, ServiceFactory, running_service, submit, wait_for_task
 
 
 def heavy_png(photo: bytes) -> bytes:

@@ -15,8 +15,8 @@ from service.metrics import Metrics
 from service.stores.redis.registry import RedisRegistry
 from service.stores.sqlite.registry import SqliteRegistry
 from service.tasks.idempotency import IdempotencyKey, SubmissionExists, SubmissionKeys
+from testing.redis_server import RedisServer
 from tests.conftest import PHOTOS_DIR, ImageServer, ServiceFactory, metric
-from tests.redis_server import RedisServer
 
 KEY = "5f0c6a1e-3c1b-4f7e-9d6a-0b1c2d3e4f50"
 

@@ -24,7 +24,8 @@ from inference.torch_models import imagenet_categories
 from inference.zoo import cache_file, weights_of
 from service.api.appkeys import SETTINGS
 from service.settings import load_settings
-from tests.conftest import ROOT, ImageServer, ServiceFactory, service_command, submit, wait_for_task
+from testing.services import ROOT, service_command
+from tests.conftest import ImageServer, ServiceFactory, submit, wait_for_task
 
 
 class Favourite(torch.nn.Module):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT
+from testing.services import ROOT
 
 pytestmark = pytest.mark.e2e  # pip installs the project
 

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 from playwright.async_api import Page, async_playwright, expect
 
-from tests.conftest import PHOTOS_DIR, ROOT, ImageServer, ServiceFactory
+from testing.services import ROOT
+from tests.conftest import PHOTOS_DIR, ImageServer, ServiceFactory
 
 pytestmark = pytest.mark.e2e  # the page in a real Chromium
 

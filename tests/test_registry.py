@@ -20,7 +20,7 @@ from service.stores.sqlite.registry import SqliteRegistry
 from service.tasks.deliveries import payload
 from service.tasks.records import ErrorInfo, ItemStatus, Label, TaskStatus, Webhook, WebhookStatus
 from service.tasks.registry import InvalidCursor, TaskRegistry
-from tests.redis_server import RedisServer
+from testing.redis_server import RedisServer
 
 LABELS = [Label(label="espresso", class_index=967, score=0.9)]
 

@@ -17,7 +17,8 @@ import aiohttp
 import psutil
 import pytest
 
-from tests.conftest import ROOT, ImageServer, running_service
+from testing.services import ROOT
+from tests.conftest import ImageServer, running_service
 
 pytestmark = pytest.mark.e2e  # run_service.py as a user starts it
 

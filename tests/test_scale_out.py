@@ -22,8 +22,10 @@ import aiohttp
 import pytest
 import redis.asyncio as aioredis
 
-from tests.conftest import ROOT, ImageServer, free_port, kill_group, running_service
-from tests.redis_server import RedisServer
+from testing.ports import free_port
+from testing.redis_server import RedisServer
+from testing.services import ROOT, kill_group
+from tests.conftest import ImageServer, running_service
 
 pytestmark = pytest.mark.e2e  # real Redis, replicas and workers
 

@@ -12,7 +12,7 @@ import pytest
 
 from inference.specs import EMBEDDED, CatalogError, ModelSpec, Precision, Runtime, resolve_precision, resolve_runtime
 from service.settings import Settings, load_settings
-from tests.conftest import ROOT
+from testing.services import ROOT
 
 
 @pytest.fixture(autouse=True)

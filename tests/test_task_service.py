@@ -34,9 +34,9 @@ from service.tasks.queues import BatchSource, ImageQueue, QueuedImage
 from service.tasks.records import ItemStatus, TaskDetail, TaskStatus
 from service.tasks.registry import TaskRegistry
 from service.tasks.uploads import UploadBudget, UploadSpool
+from testing.redis_server import RedisServer
 from tests.conftest import settings_for
 from tests.fakes import FakePool, image, infos
-from tests.redis_server import RedisServer
 
 OTHER = ModelSpec(name="other", source="torchvision", architecture="resnet18", weights="DEFAULT")
 

@@ -26,7 +26,8 @@ from service.tasks.deliveries import Delivery
 from service.tasks.records import ItemStatus
 from service.webhooks import signing
 from service.webhooks.sender import WebhookSender, backoff
-from tests.conftest import ImageServer, ServiceFactory, kill_group, running_service, scrape, submit, wait_for_task
+from testing.services import kill_group
+from tests.conftest import ImageServer, ServiceFactory, running_service, scrape, submit, wait_for_task
 
 SECRET = "test-secret"
 # The receiver is on loopback: allowed for it alone, as a user would allow an internal receiver.

@@ -1,30 +1,30 @@
-"""A real `redis-server` for tests: on a free loopback port, with its files in a temporary
-directory, append-only as the README asks of a deployment; never a system service."""
+"""A real `redis-server` for tests and benchmarks: on a free loopback port, with its files in a
+directory of the caller's, append-only as the README asks of a deployment; never a system service."""
 
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import time
 from pathlib import Path
 
 import redis
 
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+from testing.ports import free_port
 
 
 class RedisServer:
-    def __init__(self, directory: Path) -> None:
+    """`start` it, `stop` it; `url` is where clients reach it. `appendfsync`: "always" for
+    tests (nothing acknowledged is lost to a kill -9), "everysec" as deployments run it."""
+
+    def __init__(self, directory: Path, appendfsync: str = "always") -> None:
         binary = shutil.which("redis-server")
-        assert binary is not None, "redis-server is missing: run_tests.sh installs Debian's redis-server"
+        if binary is None:
+            raise RuntimeError("redis-server is missing: run_tests.sh installs Debian's redis-server")
         self.binary = binary
         self.directory = directory
-        self.port = _free_port()
+        self.appendfsync = appendfsync
+        self.port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -38,7 +38,7 @@ class RedisServer:
             "--bind", "127.0.0.1",
             "--dir", str(self.directory),
             "--appendonly", "yes",
-            "--appendfsync", "always",
+            "--appendfsync", self.appendfsync,
             "--save", "",
             "--logfile", str(self.directory / "redis.log"),
         ]  # fmt: skip
@@ -50,8 +50,10 @@ class RedisServer:
                 client.ping()
                 break
             except redis.ConnectionError:
-                assert self.process.poll() is None, (self.directory / "redis.log").read_text()
-                assert time.monotonic() < deadline, "redis-server did not start"
+                if self.process.poll() is not None:
+                    raise RuntimeError((self.directory / "redis.log").read_text()) from None
+                if time.monotonic() > deadline:
+                    raise RuntimeError("redis-server did not start") from None
                 time.sleep(0.05)
         client.close()
 
