@@ -5,7 +5,7 @@ embedded default). Worker processes turn specs into `ModelInfo` facts (`inferenc
 into runnable models (`inference.models`); the web process only reads and forwards specs.
 
 Declarations come from `--models` (torchvision names, comma-separated) and `--models-file`
-(a TOML file, see README "Adding a model").
+(a TOML file, see docs/models.md, "Adding a model").
 """
 
 from __future__ import annotations

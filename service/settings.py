@@ -99,7 +99,7 @@ class Settings(BaseSettings):
         "", description="comma-separated torchvision models to offer, e.g. resnet50,mobilenet_v3_large:IMAGENET1K_V2"
     )
     models_file: str = Field(
-        "", description="TOML file declaring more models (checkpoints, torchvision); see the README"
+        "", description="TOML file declaring more models (checkpoints, torchvision); see docs/models.md"
     )
     max_loaded_models: Count = Field(
         3, description="models each worker keeps loaded, the default included (least recently used go)"

@@ -1,5 +1,5 @@
 """A real `redis-server` for tests and benchmarks: on a free loopback port, with its files in a
-directory of the caller's, append-only as the README asks of a deployment; never a system service."""
+directory of the caller's, append-only as docs/scale-out.md asks of a deployment; never a system service."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The benchmark's own parts still fit the code they measure (its figures are in the README;
+"""The benchmark's own parts still fit the code they measure (its figures are in docs/performance.md;
 a bench that no longer runs would leave them unchecked). No timing is asserted here."""
 
 from __future__ import annotations

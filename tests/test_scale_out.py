@@ -1,6 +1,6 @@
 """Scale-out on the real parts: web replicas (`run_service.py --redis ... --workers 0`) and
 workers (`run_worker.py`) as users start them, sharing a real `redis-server` that each test
-starts for itself. Every failure semantic of the README's "Scale out" section is here: a
+starts for itself. Every failure semantic of docs/scale-out.md is here: a
 worker or a replica killed mid-task, a cancel through another replica, Redis restarted."""
 
 from __future__ import annotations

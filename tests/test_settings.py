@@ -187,3 +187,11 @@ def test_the_worker_names_itself_and_needs_redis() -> None:
     refused = subprocess.run([sys.executable, "run_worker.py"], cwd=ROOT, capture_output=True, text=True)
     assert refused.returncode == 2
     assert "run_worker.py: error: --redis is required" in refused.stderr and "Traceback" not in refused.stderr
+
+
+def test_every_setting_is_in_the_settings_page_with_its_variable() -> None:
+    """docs/settings.md (linked from the README) documents every flag and its variable."""
+    page = (ROOT / "docs" / "settings.md").read_text()
+    for name in Settings.model_fields:
+        flag, variable = "--" + name.replace("_", "-"), "ICS_" + name.upper()
+        assert f"| `{flag}` | `{variable}` |" in page, flag
