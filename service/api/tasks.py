@@ -25,10 +25,10 @@ from service.api.appkeys import (
 )
 from service.api.auth import request_owner
 from service.api.errors import ApiError, too_busy
-from service.api.forms import read_form
 from service.api.openapi import Reply, RequestHeader, documented
-from service.api.schemas import SubmitForm, SubmitRequest, SubmitResponse, TaskListQuery, TaskQuery
-from service.api.validation import MULTIPART, query_error_code, read_json_object, submit_error_code, validate
+from service.api.schemas import SubmitResponse, TaskListQuery, TaskQuery
+from service.api.submission import TaskRequest, read_task_request
+from service.api.validation import MULTIPART, query_error_code, validate
 from service.pool.catalog import ModelCatalog
 from service.tasks.idempotency import IdempotencyKey, Submission, SubmissionExists
 from service.tasks.records import TaskDetail, TaskPage
@@ -99,52 +99,24 @@ async def submit(request: web.Request) -> web.Response:
 
 
 async def _submit(request: web.Request, key: str | None) -> web.Response:
-    if request.content_type == MULTIPART:
-        return await _submit_form(request, key)
-    submission = validate(request.app[SUBMIT_REQUEST], await read_json_object(request), submit_error_code)
-    request_key = _request_key(key, submission.urls, {}, submission)
-    if request_key is not None and (stored := await _stored(request, key)) is not None:
-        return idempotency.replay(stored, request_key)
-    callback_url = await _check_callback(request, submission.callback_url)
-    model = await _admit(request, submission.model, len(submission.urls))
-    return await _start_task(request, submission.urls, submission.top_k, model, None, callback_url, request_key)
-
-
-async def _submit_form(request: web.Request, key: str | None) -> web.Response:
-    app = request.app
-    settings, budget = app[SETTINGS], app[UPLOAD_BUDGET]
+    """Read the request into one value, then replay it (a key seen before) or admit it
+    (callback URL, model, room), then start its task."""
     stored = await _stored(request, key)
-    if stored is None:
+    if stored is None and request.content_type == MULTIPART:
         await _check_capacity(request, 1)  # before reading what may be megabytes of files
-    form = await read_form(
-        request, settings.max_urls_per_task, settings.max_image_bytes, settings.max_request_bytes, budget
-    )
+    asked = await read_task_request(request)
+    handed_over = False  # once the task is being made, it owns the reserved upload bytes
     try:
-        submission = validate(app[SUBMIT_FORM], form.values(), submit_error_code)
-        if not form.sources:
-            raise ApiError(400, "no_images", "the form holds no files and no urls")
-        request_key = _request_key(key, form.item_urls(), form.files(), submission)
-        if request_key is not None and stored is not None:
-            response = idempotency.replay(stored, request_key)
-            budget.release(form.size)  # no new task: nothing holds the files
-            return response
-        callback_url = await _check_callback(request, submission.callback_url)
-        model = await _admit(request, submission.model, len(form.sources))
-    except BaseException:
-        budget.release(form.size)
-        raise
-    return await _start_task(
-        request, form.item_urls(), submission.top_k, model, form.files(), callback_url, request_key
-    )
-
-
-def _request_key(
-    key: str | None, urls: list[str], files: dict[int, bytes], submission: SubmitRequest | SubmitForm
-) -> IdempotencyKey | None:
-    if key is None:
-        return None
-    digest = idempotency.fingerprint(urls, files, submission.model, submission.top_k, submission.callback_url)
-    return IdempotencyKey(key, digest)
+        request_key = asked.idempotency_key(key)
+        if stored is not None and request_key is not None:
+            return idempotency.replay(stored, request_key)
+        callback_url = await _check_callback(request, asked.callback_url)
+        model = await _admit(request, asked.model, len(asked.urls))
+        handed_over = True
+        return await _start_task(request, asked, model, callback_url, request_key)
+    finally:
+        if not handed_over:
+            request.app[UPLOAD_BUDGET].release(asked.reserved)
 
 
 async def _stored(request: web.Request, key: str | None) -> Submission | None:
@@ -183,18 +155,22 @@ async def _admit(request: web.Request, model: str | None, images: int) -> str:
 
 async def _start_task(
     request: web.Request,
-    urls: list[str],
-    top_k: int | None,
+    asked: TaskRequest,
     model: str,
-    files: dict[int, bytes] | None,
     callback_url: str | None,
     key: IdempotencyKey | None,
 ) -> web.Response:
-    """Create the task (which then owns the reserved bytes of `files`) and answer 202."""
-    top_k = top_k or request.app[SETTINGS].default_top_k
+    """Create the task (which then owns the reserved bytes of the request's files) and answer 202."""
+    top_k = asked.top_k or request.app[SETTINGS].default_top_k
     try:
         task = await request.app[ENGINE].create(
-            urls, model, top_k, request_owner(request), files, callback_url=callback_url, idempotency=key
+            asked.urls,
+            model,
+            top_k,
+            request_owner(request),
+            asked.files or None,
+            callback_url=callback_url,
+            idempotency=key,
         )
     except SubmissionExists as exc:  # a replica beside this one took the key a moment ago
         assert key is not None
