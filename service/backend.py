@@ -74,7 +74,7 @@ async def open_sqlite(settings: Settings, metrics: Metrics, budget: UploadBudget
 async def open_redis(settings: Settings, metrics: Metrics, budget: UploadBudget, web: bool) -> AsyncIterator[Backend]:
     """Tasks shared through Redis and the job streams (a Redis that cannot be reached stops
     start-up here). A worker (`web` false) only writes outcomes: it neither watches tasks nor
-    holds a lease."""
+    keeps its lease alive (it owns no tasks)."""
     registry = await RedisRegistry.open(
         settings.redis,
         settings.finished_task_ttl,

@@ -19,12 +19,12 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent  # the checkout: where run_service.py is
 
 
-def service_command(port: int, *flags: str, workers: int = 1) -> list[str]:
-    """`run_service.py` on 127.0.0.1:`port` with `workers` worker processes (and a data dir of
-    its own, unless `flags` name one); run it with `cwd=ROOT`."""
+def service_command(port: int, *flags: str) -> list[str]:
+    """`run_service.py` on 127.0.0.1:`port` with one worker process (and a data dir of its own,
+    unless `flags` name one); run it with `cwd=ROOT`."""
     data = [] if "--data-dir" in flags else ["--data-dir", tempfile.mkdtemp(prefix="ics-test-data-")]
     address = ["--host", "127.0.0.1", "--port", str(port)]
-    return [sys.executable, "run_service.py", *address, "--workers", str(workers), *data, *flags]
+    return [sys.executable, "run_service.py", *address, "--workers", "1", *data, *flags]
 
 
 async def wait_ready(base: str, process: subprocess.Popen[bytes] | None = None, timeout: float = 120.0) -> None:

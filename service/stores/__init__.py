@@ -4,5 +4,5 @@
 - `sqlite`: the memory store with every change journaled to SQLite in the data dir (the default);
 - `redis`: tasks shared by web replicas and workers through Redis (`--redis`).
 
-`service.backend` chooses and opens one from the settings; nothing else names a backend.
+`service.backend` chooses and opens one from the settings; nothing else in `service/` chooses one.
 """
