@@ -72,12 +72,14 @@ async def submit(
     retries: Retries = Retries(),
     tell: Callable[[str], None] = lambda message: None,
     key: str | None = None,
+    priority: str | None = None,
 ) -> str:
     """The new task's id. URLs alone go as JSON; with files, everything goes as one form
-    (the files are streamed from disk, not read whole). `tell` hears about each retry;
-    `key` is the idempotency key (default: a new one)."""
+    (the files are streamed from disk, not read whole). `tell` hears about each retry
+    (429 answers, busy or over the key's quota, are retried); `key` is the idempotency key
+    (default: a new one); `priority`: interactive or batch (default: the service's, interactive)."""
     headers = {IDEMPOTENCY_KEY: key or uuid.uuid4().hex}
-    fields = {"model": model, "top_k": top_k, "callback_url": callback_url}
+    fields = {"model": model, "top_k": top_k, "callback_url": callback_url, "priority": priority}
     attempt = 1
     while True:
         more = attempt < retries.attempts

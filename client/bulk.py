@@ -45,6 +45,7 @@ class Options:
     top_k: int | None
     callback_url: str | None
     concurrency: int
+    priority: str = "batch"  # a bulk job's tasks run in the capacity interactive work leaves
 
 
 class BulkJob:
@@ -133,6 +134,7 @@ class BulkJob:
                     self._options.callback_url,
                     tell=self._tell,
                     key=chunk.key,
+                    priority=self._options.priority,
                 )
             except ClientError as exc:
                 if exc.code == "idempotency_key_reused" and isinstance(exc.details, dict):

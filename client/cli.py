@@ -4,7 +4,8 @@ Submits image URLs and local files (a directory means the images in it), follows
 event stream with a progress bar, then prints a results table, or the task as JSON with
 `--json`. Ctrl-C stops watching; with `--cancel` it also cancels the task. A bulk job (a
 URLs file, `-r`, `--output`, or more images than one task holds) runs through
-`client.bulk` instead: many tasks, one row per input, resumable. A busy service
+`client.bulk` instead: many tasks at batch priority (unless `--priority` says otherwise), one
+row per input, resumable. A busy service
 (429) is asked again after its Retry-After, a lost connection after a pause, both under one
 idempotency key, so a retried submit never makes a second task.
 
@@ -56,6 +57,12 @@ def parse_args(argv: Sequence[str] | None, env: dict[str, str]) -> argparse.Name
     parser.add_argument("--top-k", type=int, help="labels per image (default: the service's default)")
     parser.add_argument(
         "--callback-url", help="have the service POST the task's summary to this URL when it ends (a webhook)"
+    )
+    parser.add_argument(
+        "--priority",
+        choices=["interactive", "batch"],
+        help="interactive work goes first, batch work runs in the capacity it leaves (default: interactive; batch "
+        "for bulk jobs)",
     )
     parser.add_argument("--json", action="store_true", help="print the finished task as JSON instead of a table")
     parser.add_argument("--cancel", action="store_true", help="on Ctrl-C, cancel the task (default: leave it running)")
@@ -147,7 +154,9 @@ async def run(args: argparse.Namespace) -> int:
         if total > await task_limit(session):
             print(f"{total} images: more than one task holds, so one row per image follows", file=sys.stderr)
             return await run_bulk(args, session)
-        task_id = await submit(session, inputs, args.model, args.top_k, args.callback_url, tell=_tell)
+        task_id = await submit(
+            session, inputs, args.model, args.top_k, args.callback_url, tell=_tell, priority=args.priority
+        )
         try:
             with tqdm(total=total, unit="img", desc=f"task {task_id[:8]}", file=sys.stderr) as bar:
                 await watch(session, task_id, bar)
@@ -182,7 +191,7 @@ async def run_bulk(args: argparse.Namespace, session: aiohttp.ClientSession) -> 
     limit = await task_limit(session)
     results = ResultsFile(output, args.resume)
     manifest = Manifest.open(output.with_name(output.name + ".manifest") if output else None, args.resume)
-    options = Options(args.model, args.top_k, args.callback_url, args.concurrency)
+    options = Options(args.model, args.top_k, args.callback_url, args.concurrency, args.priority or "batch")
     complete = False
     with tqdm(total=total, unit="img", desc="job", file=sys.stderr, dynamic_ncols=True) as bar:
         job = BulkJob(session, options, results, manifest, bar, _tell)

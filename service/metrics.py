@@ -22,7 +22,19 @@ class Metrics:
             ["outcome", "code"],
             registry=self.registry,
         )
-        self.queue_depth = Gauge("ics_queue_depth", "Downloaded images waiting for the model", registry=self.registry)
+        self.queue_depth = Gauge(
+            "ics_queue_depth",
+            "Downloaded images waiting for the model, by priority",
+            ["priority"],
+            registry=self.registry,
+        )
+        self.queue_wait = Histogram(
+            "ics_queue_wait_seconds",
+            "Seconds from an image downloaded (and queued) to its outcome recorded, by priority",
+            ["priority"],
+            buckets=(0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+            registry=self.registry,
+        )
         self.batch_size = Histogram(
             "ics_batch_size", "Images per forward pass", buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=self.registry
         )

@@ -113,6 +113,11 @@ class Settings(BaseSettings):
     max_active_images: Count = Field(
         20_000, description="unfinished images across all tasks before /submit answers 429"
     )
+    max_active_images_per_key: Count | None = Field(
+        None,
+        description="unfinished images one API key may have (without API keys: all callers together) before its "
+        "submits answer 429 key_quota_exceeded; default: no limit but --max-active-images",
+    )
     download_concurrency: Count = Field(32, description="downloads in flight across all tasks")
     connect_timeout: Seconds = Field(5.0, description="seconds to connect to an image host (DNS included)")
     read_timeout: Seconds = Field(10.0, description="seconds to wait for any bytes from an image host")

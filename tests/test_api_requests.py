@@ -58,7 +58,9 @@ BAD_SUBMISSIONS: list[tuple[str, dict[str, Any], int, str]] = [
     ("top_k too big", {"json": {"urls": [GOOD_URL], "top_k": 21}}, 400, "top_k_out_of_range"),
     ("top_k a string", {"json": {"urls": [GOOD_URL], "top_k": "5"}}, 400, "invalid_type"),
     ("top_k a float", {"json": {"urls": [GOOD_URL], "top_k": 2.5}}, 400, "invalid_type"),
-    ("unknown field", {"json": {"urls": [GOOD_URL], "priority": 1}}, 400, "unknown_field"),
+    ("unknown field", {"json": {"urls": [GOOD_URL], "urgency": 1}}, 400, "unknown_field"),
+    ("unknown priority", {"json": {"urls": [GOOD_URL], "priority": "urgent"}}, 400, "invalid_priority"),
+    ("priority not a string", {"json": {"urls": [GOOD_URL], "priority": 1}}, 400, "invalid_priority"),
     ("unknown model", {"json": {"urls": [GOOD_URL], "model": "resnet9000"}}, 400, "unknown_model"),
     ("body too large", {"json": {"urls": ["http://example.com/" + "a" * 1000] * 2000}}, 413, "request_too_large"),
 ]

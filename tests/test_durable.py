@@ -22,8 +22,8 @@ from service.metrics import Metrics
 from service.stores.sqlite.journal import DATABASE, StoreError
 from service.stores.sqlite.loader import page_query
 from service.stores.sqlite.registry import SqliteRegistry
-from service.stores.sqlite.schema import SCHEMA
-from service.tasks.records import ItemStatus, Label, TaskStatus
+from service.stores.sqlite.schema import SCHEMA, SCHEMA_VERSION
+from service.tasks.records import ItemStatus, Label, Priority, TaskStatus
 from testing.services import ROOT, kill_group, service_command
 from tests.conftest import PHOTOS_DIR, ImageServer, ServiceFactory, running_service, submit
 
@@ -285,7 +285,7 @@ async def test_a_data_dir_of_the_previous_version_is_upgraded_in_place(tmp_path:
     await registry.close()
     with sqlite3.connect(tmp_path / DATABASE) as connection:  # rewrite it as schema 1 had it
         old = json.loads(connection.execute("SELECT snapshot FROM tasks WHERE task_id = ?", (done,)).fetchone()[0])
-        del old["precision"]
+        del old["precision"], old["priority"]
         rows = connection.execute("SELECT * FROM tasks").fetchall()
         columns = [column[1] for column in connection.execute("PRAGMA table_info(tasks)")]
         items = connection.execute("SELECT * FROM items").fetchall()
@@ -293,9 +293,8 @@ async def test_a_data_dir_of_the_previous_version_is_upgraded_in_place(tmp_path:
             "DROP TABLE tasks; DROP TABLE items; DROP TABLE submissions; DROP TABLE deliveries;" + SCHEMA_V1
         )
         for row in rows:
-            values = {
-                name: value for name, value in zip(columns, row, strict=True) if name not in ("precision", "webhook")
-            }
+            later = ("precision", "webhook", "priority")  # columns that schema 1 did not have
+            values = {name: value for name, value in zip(columns, row, strict=True) if name not in later}
             if values["task_id"] == done:
                 values["snapshot"] = json.dumps(old).encode()
             marks = ", ".join("?" * len(values))
@@ -307,16 +306,19 @@ async def test_a_data_dir_of_the_previous_version_is_upgraded_in_place(tmp_path:
     try:
         finished = await upgraded.get(done)
         assert finished is not None and finished.precision == "fp32"  # every task before the upgrade ran fp32
+        assert finished.priority is Priority.INTERACTIVE  # and was interactive
         assert json.loads(await upgraded.get_json(done) or b"")["precision"] == "fp32"
+        assert json.loads(await upgraded.get_json(done) or b"")["priority"] == "interactive"
         resumed = await upgraded.get(running.task_id)
         assert (
             resumed is not None and resumed.precision == "fp32" and resumed.items[1].labels == [Label("cup", 968, 0.7)]
         )
+        assert resumed.priority is Priority.INTERACTIVE
         assert [task.task_id for task, _ in await upgraded.active()] == [running.task_id]
     finally:
         await upgraded.close()
     with sqlite3.connect(tmp_path / DATABASE) as connection:
-        assert connection.execute("PRAGMA user_version").fetchone()[0] == 3
+        assert connection.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
         tables = {row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         assert {"submissions", "deliveries"} <= tables
 

@@ -18,8 +18,8 @@ from service.stores.memory.registry import InMemoryRegistry
 from service.stores.redis.registry import RedisRegistry
 from service.stores.sqlite.registry import SqliteRegistry
 from service.tasks.deliveries import payload
-from service.tasks.records import ErrorInfo, ItemStatus, Label, TaskStatus, Webhook, WebhookStatus
-from service.tasks.registry import InvalidCursor, TaskRegistry
+from service.tasks.records import ErrorInfo, ItemStatus, Label, Priority, TaskStatus, Webhook, WebhookStatus
+from service.tasks.registry import Admission, InvalidCursor, NoRoom, TaskRegistry
 from testing.redis_server import RedisServer
 
 LABELS = [Label(label="espresso", class_index=967, score=0.9)]
@@ -266,3 +266,48 @@ async def test_a_finished_task_with_a_callback_hands_over_one_delivery(make_regi
     assert done is not None and done.webhook == delivered
     with pytest.raises(TimeoutError):  # delivered: nothing more to try
         await asyncio.wait_for(registry.next_delivery(), 1.5)
+
+
+async def test_a_task_keeps_its_priority_and_lists_filter_by_it(make_registry: MakeRegistry) -> None:
+    registry = await make_registry()
+    bulk = await registry.create(["http://a/1"], "m", 1, "alice", priority=Priority.BATCH)
+    photo = await registry.create(["http://a/2"], "m", 1, "alice")
+    assert (bulk.priority, photo.priority) == (Priority.BATCH, Priority.INTERACTIVE)
+    got = await registry.get(bulk.task_id, "alice")
+    assert got is not None and got.priority is Priority.BATCH
+    assert json.loads(await registry.get_json(bulk.task_id, "alice") or b"")["priority"] == "batch"
+    batch_page = await registry.page(None, 10, None, "alice", Priority.BATCH)
+    assert [task.task_id for task in batch_page.tasks] == [bulk.task_id]
+    interactive_page = await registry.page(TaskStatus.QUEUED, 10, None, "alice", Priority.INTERACTIVE)
+    assert [task.task_id for task in interactive_page.tasks] == [photo.task_id]
+    await registry.cancel(bulk.task_id, "alice")
+    finished = await registry.get(bulk.task_id, "alice")
+    assert finished is not None and finished.priority is Priority.BATCH  # the final snapshot keeps it
+
+
+async def test_admission_limits_each_owner_and_the_service_in_the_same_step(make_registry: MakeRegistry) -> None:
+    registry = await make_registry()
+    limits = Admission(max_images=10, max_images_per_owner=3)
+    first = await registry.create(["http://a/1", "http://a/2"], "m", 1, "alice", admission=limits)
+    with pytest.raises(NoRoom) as refused:
+        await registry.create(["http://a/3", "http://a/4"], "m", 1, "alice", admission=limits)
+    assert (refused.value.scope, refused.value.unfinished, refused.value.limit) == ("owner", 2, 3)
+    assert [task.task_id for task in (await registry.page(None, 10, None, "alice")).tasks] == [first.task_id]
+    await registry.create(["http://a/3"], "m", 1, "alice", admission=limits)  # exactly the quota
+    await registry.create(["http://b/1"] * 3, "m", 1, "bob", admission=limits)  # another key is admitted
+    await registry.create(["http://c/1"] * 3, "m", 1, None, admission=limits)  # so are anonymous callers, together
+    with pytest.raises(NoRoom) as anonymous:
+        await registry.create(["http://c/2"], "m", 1, None, admission=limits)
+    assert anonymous.value.scope == "owner"
+    with pytest.raises(NoRoom) as full:
+        await registry.create(["http://d/1"] * 2, "m", 1, "carol", admission=limits)  # 9 unfinished of 10
+    assert (full.value.scope, full.value.unfinished, full.value.limit) == ("service", 9, 10)
+
+    # Room comes back as images finish, and all of a task's at once when it is cancelled.
+    assert await registry.update_item(first.task_id, 0, ItemStatus.SUCCEEDED, labels=LABELS)
+    await registry.create(["http://a/5"], "m", 1, "alice", admission=limits)
+    with pytest.raises(NoRoom):
+        await registry.create(["http://a/6"], "m", 1, "alice", admission=limits)
+    await registry.cancel(first.task_id, "alice")
+    await registry.create(["http://a/6"], "m", 1, "alice", admission=limits)
+    assert await registry.unfinished_images() == 9

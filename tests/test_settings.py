@@ -64,6 +64,8 @@ def test_environment_then_flags(monkeypatch: pytest.MonkeyPatch) -> None:
         (["--redis", "localhost:6379"], {}),
         (["--serve-models", "nope"], {}),
         (["--lease", "0"], {}),
+        (["--max-active-images-per-key", "0"], {}),
+        ([], {"ICS_MAX_ACTIVE_IMAGES_PER_KEY": "-5"}),
     ],
 )
 def test_bad_values_exit_with_a_usage_error(

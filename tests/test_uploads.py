@@ -73,7 +73,8 @@ async def test_uploaded_photos_get_the_labels_their_urls_get(
 BAD_FORMS: list[tuple[str, list[tuple[str, Any]], int, str]] = [
     ("no files and no urls", [("top_k", "3")], 400, "no_images"),
     ("too many images", [("files", b"x")] * 2 + [("urls", "http://example.com/a.jpg")], 400, "too_many_images"),
-    ("unknown field", [("files", b"x"), ("priority", "1")], 400, "unknown_field"),
+    ("unknown field", [("files", b"x"), ("urgency", "1")], 400, "unknown_field"),
+    ("unknown priority", [("files", b"x"), ("priority", "urgent")], 400, "invalid_priority"),
     ("files as text", [("files", "{}")], 400, "invalid_type"),
     ("file under another name", [("image", b"x")], 400, "unknown_field"),
     ("invalid url", [("urls", "ftp://example.com/a.jpg")], 400, "invalid_url"),

@@ -48,9 +48,10 @@ class ApiError(Exception):
         self.headers = headers or {}
 
 
-def too_busy(message: str) -> ApiError:
-    """429: the service is full for now; the client should retry after a pause."""
-    return ApiError(429, "too_busy", message, headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
+def too_busy(message: str, code: str = "too_busy", details: object | None = None) -> ApiError:
+    """429: the service (or the caller's share of it: `key_quota_exceeded`) is full for now;
+    the client should retry after a pause."""
+    return ApiError(429, code, message, details=details, headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
 
 
 def error_json(code: str, message: str, details: object | None = None) -> str:

@@ -22,11 +22,11 @@ from service.api.errors import ApiError, too_busy
 from service.tasks.uploads import Upload, UploadBudget
 
 CHUNK_BYTES = 64 * 1024
-MAX_TEXT_BYTES = 64 * 1024  # one text part: a URL, top_k, model or callback_url
+MAX_TEXT_BYTES = 64 * 1024  # one text part: a URL, top_k, model, callback_url or priority
 MAX_FILENAME_CHARS = 255
 SPARE_PARTS = 16  # parts beyond the items: the text fields and empty file inputs
 FILES = "files"
-TEXT_FIELDS = ("urls", "top_k", "model", "callback_url")
+TEXT_FIELDS = ("urls", "top_k", "model", "callback_url", "priority")
 
 
 @dataclass

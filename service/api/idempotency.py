@@ -42,17 +42,25 @@ def key_of(request: web.Request) -> str | None:
 
 
 def fingerprint(
-    urls: list[str], files: dict[int, bytes], model: str | None, top_k: int | None, callback_url: str | None
+    urls: list[str],
+    files: dict[int, bytes],
+    model: str | None,
+    top_k: int | None,
+    callback_url: str | None,
+    priority: str | None = None,
 ) -> str:
     """What makes two submits the same request: the items in order (files by their bytes'
-    hash) and the options as given."""
-    request = {
+    hash) and the options as given (a priority only when given: the fingerprints of keys
+    stored before priorities existed stay as they were)."""
+    request: dict[str, object] = {
         "urls": urls,
         "files": {str(index): hashlib.sha256(data).hexdigest() for index, data in files.items()},
         "model": model,
         "top_k": top_k,
         "callback_url": callback_url,
     }
+    if priority is not None:
+        request["priority"] = priority
     return hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()
 
 

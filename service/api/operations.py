@@ -57,7 +57,8 @@ async def metrics(request: web.Request) -> web.Response:
     app_metrics = app[METRICS]
     for status, count in (await app[REGISTRY].status_counts()).items():
         app_metrics.tasks.labels(status=status.value).set(count)
-    app_metrics.queue_depth.set(app[ENGINE].queue_depth())
+    for priority, depth in app[ENGINE].queue_depths().items():
+        app_metrics.queue_depth.labels(priority=priority.value).set(depth)
     app_metrics.upload_bytes.set(app[UPLOAD_BUDGET].used)
     if (pool := app.get(POOL)) is not None:
         app_metrics.worker_restarts.set(pool.restarts)

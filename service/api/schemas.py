@@ -11,7 +11,7 @@ from pydantic_core import PydanticCustomError
 
 from inference.specs import RunPrecision
 from service.fetch.policy import url_problem
-from service.tasks.records import Progress, Record, TaskStatus, TaskSummary
+from service.tasks.records import Priority, Progress, Record, TaskStatus, TaskSummary
 
 
 class ModelEntry(Record):
@@ -94,6 +94,10 @@ def _url_type(max_length: int | None = None) -> Any:
 
 _URLS_DOC = "absolute http(s) URLs of the images, without user credentials; duplicates are kept"
 _TOP_K_DOC = "labels per image; default: the service's default"
+_PRIORITY_DOC = (
+    "interactive (the default): its images go before batch work; batch: a bulk job, run in the capacity "
+    "interactive work leaves. Within a priority, tasks take turns, image by image"
+)
 _CALLBACK_DOC = (
     "an http(s) URL that gets the task's summary, signed, when the task ends (a completion webhook); needs the "
     "service's --webhook-secret, and a host the address policy allows"
@@ -119,6 +123,7 @@ class SubmitRequest(BaseModel):
     top_k: Annotated[StrictInt | None, Field(ge=1, description=_TOP_K_DOC)] = None
     model: Annotated[StrictStr | None, Field(description="a model name; default: the service's default model")] = None
     callback_url: _callback_type() = None  # type: ignore[valid-type]
+    priority: Annotated[Priority | None, Field(description=_PRIORITY_DOC)] = None
 
     @classmethod
     def limited(cls, max_urls: int, max_url_length: int, max_top_k: int) -> type[SubmitRequest]:
@@ -151,6 +156,7 @@ class SubmitForm(BaseModel):
     top_k: Annotated[int | None, Field(ge=1, description=_TOP_K_DOC)] = None
     model: Annotated[str | None, Field(description="a model name; default: the service's default model")] = None
     callback_url: _callback_type() = None  # type: ignore[valid-type]
+    priority: Annotated[Priority | None, Field(description=_PRIORITY_DOC)] = None
 
     @classmethod
     def limited(cls, max_items: int, max_url_length: int, max_top_k: int) -> type[SubmitForm]:
@@ -202,5 +208,6 @@ class TaskListQuery(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     status: Annotated[TaskStatus | None, Field(description="only tasks in this status")] = None
+    priority: Annotated[Priority | None, Field(description="only tasks of this priority")] = None
     limit: Annotated[int, Field(ge=1, le=500, description="page size")] = 50
     cursor: Annotated[str | None, Field(description="`next_cursor` of the previous page")] = None

@@ -14,6 +14,7 @@ from service.api.errors import ApiError
 from service.api.forms import read_form
 from service.api.validation import MULTIPART, read_json_object, submit_error_code, validate
 from service.tasks.idempotency import IdempotencyKey
+from service.tasks.records import Priority
 
 
 @dataclass(frozen=True)
@@ -25,13 +26,16 @@ class TaskRequest:
     top_k: int | None
     model: str | None
     callback_url: str | None
+    priority: Priority | None
     reserved: int = 0  # upload bytes reserved in the budget for `files`, until a task takes them
 
     def idempotency_key(self, key: str | None) -> IdempotencyKey | None:
         """The request's `Idempotency-Key` with the fingerprint of this request, if it has one."""
         if key is None:
             return None
-        digest = idempotency.fingerprint(self.urls, self.files, self.model, self.top_k, self.callback_url)
+        digest = idempotency.fingerprint(
+            self.urls, self.files, self.model, self.top_k, self.callback_url, self.priority
+        )
         return IdempotencyKey(key, digest)
 
 
@@ -41,7 +45,7 @@ async def read_task_request(request: web.Request) -> TaskRequest:
     app = request.app
     if request.content_type != MULTIPART:
         body = validate(app[SUBMIT_REQUEST], await read_json_object(request), submit_error_code)
-        return TaskRequest(body.urls, {}, body.top_k, body.model, body.callback_url)
+        return TaskRequest(body.urls, {}, body.top_k, body.model, body.callback_url, body.priority)
     settings, budget = app[SETTINGS], app[UPLOAD_BUDGET]
     form = await read_form(
         request, settings.max_urls_per_task, settings.max_image_bytes, settings.max_request_bytes, budget
@@ -53,4 +57,6 @@ async def read_task_request(request: web.Request) -> TaskRequest:
     except BaseException:
         budget.release(form.size)
         raise
-    return TaskRequest(form.item_urls(), form.files(), fields.top_k, fields.model, fields.callback_url, form.size)
+    return TaskRequest(
+        form.item_urls(), form.files(), fields.top_k, fields.model, fields.callback_url, fields.priority, form.size
+    )

@@ -31,8 +31,8 @@ from service.api.submission import TaskRequest, read_task_request
 from service.api.validation import MULTIPART, query_error_code, validate
 from service.pool.catalog import ModelCatalog
 from service.tasks.idempotency import IdempotencyKey, Submission, SubmissionExists
-from service.tasks.records import TaskDetail, TaskPage
-from service.tasks.registry import InvalidCursor
+from service.tasks.records import Priority, TaskDetail, TaskPage
+from service.tasks.registry import Admission, InvalidCursor, NoRoom
 from service.webhooks.sender import CallbackRefused
 
 routes = web.RouteTableDef()
@@ -81,12 +81,12 @@ def json_response(model: BaseModel, status: int = 200, headers: dict[str, str] |
     errors={
         400: "invalid_json, invalid_body, invalid_multipart, missing_field, unknown_field, invalid_type, "
         "invalid_field, field_too_large, too_many_parts, empty_urls, too_many_urls, no_images, too_many_images, "
-        "invalid_url, top_k_out_of_range, unknown_model, model_unavailable, invalid_callback_url, "
+        "invalid_url, top_k_out_of_range, invalid_priority, unknown_model, model_unavailable, invalid_callback_url, "
         "callback_url_refused, webhooks_disabled, invalid_idempotency_key",
         413: "request_too_large, upload_too_large",
         415: "unsupported_media_type",
         422: "idempotency_key_reused",
-        429: "too_busy (see the Retry-After header)",
+        429: "too_busy, key_quota_exceeded (see the Retry-After header)",
         **STORE_UNAVAILABLE,
     },
 )
@@ -100,10 +100,10 @@ async def submit(request: web.Request) -> web.Response:
 
 async def _submit(request: web.Request, key: str | None) -> web.Response:
     """Read the request into one value, then replay it (a key seen before) or admit it
-    (callback URL, model, room), then start its task."""
+    (callback URL, model), then start its task (if the service and the caller have room)."""
     stored = await _stored(request, key)
     if stored is None and request.content_type == MULTIPART:
-        await _check_capacity(request, 1)  # before reading what may be megabytes of files
+        await _check_room(request)  # before reading what may be megabytes of files
     asked = await read_task_request(request)
     handed_over = False  # once the task is being made, it owns the reserved upload bytes
     try:
@@ -111,7 +111,7 @@ async def _submit(request: web.Request, key: str | None) -> web.Response:
         if stored is not None and request_key is not None:
             return idempotency.replay(stored, request_key)
         callback_url = await _check_callback(request, asked.callback_url)
-        model = await _admit(request, asked.model, len(asked.urls))
+        model = _admit(request, asked.model)
         handed_over = True
         return await _start_task(request, asked, model, callback_url, request_key)
     finally:
@@ -145,11 +145,10 @@ async def _check_callback(request: web.Request, url: str | None) -> str | None:
     return url
 
 
-async def _admit(request: web.Request, model: str | None, images: int) -> str:
-    """The model the task will use, if it is available and the service has room."""
+def _admit(request: web.Request, model: str | None) -> str:
+    """The model the task will use, if it is available."""
     model = model or request.app[SETTINGS].default_model
     _check_model(request.app[CATALOG], model)
-    await _check_capacity(request, images)
     return model
 
 
@@ -160,29 +159,51 @@ async def _start_task(
     callback_url: str | None,
     key: IdempotencyKey | None,
 ) -> web.Response:
-    """Create the task (which then owns the reserved bytes of the request's files) and answer 202."""
-    top_k = asked.top_k or request.app[SETTINGS].default_top_k
+    """Create the task (which then owns the reserved bytes of the request's files) and answer
+    202; the store refuses it in the same step if it does not fit the limits (429)."""
+    settings = request.app[SETTINGS]
     try:
         task = await request.app[ENGINE].create(
             asked.urls,
             model,
-            top_k,
+            asked.top_k or settings.default_top_k,
             request_owner(request),
             asked.files or None,
             callback_url=callback_url,
             idempotency=key,
+            priority=asked.priority or Priority.INTERACTIVE,
+            admission=Admission(settings.max_active_images, settings.max_active_images_per_key),
         )
     except SubmissionExists as exc:  # a replica beside this one took the key a moment ago
         assert key is not None
         return idempotency.replay(exc.submission, key)
+    except NoRoom as exc:
+        raise _no_room(exc, len(asked.urls)) from None
     response = SubmitResponse(task_id=task.task_id, status=task.status, total=len(task.items))
     return json_response(response, status=202, headers={"Location": f"/tasks/{task.task_id}"})
 
 
-async def _check_capacity(request: web.Request, images: int) -> None:
+async def _check_room(request: web.Request) -> None:
+    """429 if the service is full already (the store checks again, for the task's every image)."""
     unfinished = await request.app[REGISTRY].unfinished_images()
-    if unfinished + images > request.app[SETTINGS].max_active_images:
-        raise too_busy(f"the service already has {unfinished} unfinished images; retry later")
+    if unfinished >= request.app[SETTINGS].max_active_images:
+        raise _no_room(NoRoom("service", unfinished, request.app[SETTINGS].max_active_images), 1)
+
+
+def _no_room(refused: NoRoom, images: int) -> ApiError:
+    details = {"unfinished": refused.unfinished, "limit": refused.limit, "images": images}
+    if refused.scope == "owner":
+        return too_busy(
+            f"your API key already has {refused.unfinished} unfinished images and may have {refused.limit} "
+            f"(--max-active-images-per-key); this task holds {images}: wait for your tasks to finish, or "
+            "cancel some, then retry",
+            code="key_quota_exceeded",
+            details=details,
+        )
+    return too_busy(
+        f"the service already has {refused.unfinished} unfinished images and takes {refused.limit}; retry later",
+        details=details,
+    )
 
 
 def _check_model(catalog: ModelCatalog, name: str) -> None:
@@ -202,12 +223,14 @@ def _check_model(catalog: ModelCatalog, name: str) -> None:
     summary="Task summaries, newest first, a page at a time",
     query=TaskListQuery,
     replies={200: Reply("A page of tasks", TaskPage)},
-    errors={400: "unknown_parameter, invalid_status, invalid_limit, invalid_cursor"},
+    errors={400: "unknown_parameter, invalid_status, invalid_priority, invalid_limit, invalid_cursor"},
 )
 async def list_tasks(request: web.Request) -> web.Response:
     query = validate(TaskListQuery, request.query, query_error_code)
     try:
-        page = await request.app[REGISTRY].page(query.status, query.limit, query.cursor, request_owner(request))
+        page = await request.app[REGISTRY].page(
+            query.status, query.limit, query.cursor, request_owner(request), query.priority
+        )
     except InvalidCursor:
         raise ApiError(400, "invalid_cursor", "the cursor is not one this service issued") from None
     return json_response(page)

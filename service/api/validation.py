@@ -32,6 +32,7 @@ _FIELD_CODES = {
     ("callback_url", "invalid_url"): "invalid_callback_url",
     ("top_k", "greater_than_equal"): "top_k_out_of_range",
     ("top_k", "less_than_equal"): "top_k_out_of_range",
+    ("priority", "enum"): "invalid_priority",
 }
 # Messages for what pydantic would explain in its own terms (a URL field's regular expression).
 _MESSAGES = {
@@ -41,6 +42,7 @@ _MESSAGES = {
 _TYPE_CODES = {"missing": "missing_field", "extra_forbidden": "unknown_field"}
 _QUERY_CODES = {
     "status": "invalid_status",
+    "priority": "invalid_priority",
     "limit": "invalid_limit",
     "cursor": "invalid_cursor",
     "wait": "invalid_wait",

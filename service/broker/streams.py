@@ -1,6 +1,9 @@
 """Downloaded images through Redis Streams: web replicas put, workers anywhere take batches.
 
-One stream per model (`<prefix>jobs:<model>`), one consumer group (`workers`) over each: an
+One stream per model and priority (`<prefix>jobs:<model>` for interactive images, the name
+streams had before priorities, and `<prefix>jobs:<model>:batch`); workers read the interactive
+ones first, so a bulk job's backlog never stands in front of a one-photo task, and fill a short
+interactive batch with batch images. One consumer group (`workers`) over each stream: an
 entry goes to one worker, stays pending until that worker confirms it (XACK), and is then
 deleted with its image bytes (XDEL). A worker renews what it holds while it works on it
 (XCLAIM ... JUSTID, which resets the idle time without counting a delivery), so an entry
@@ -26,7 +29,7 @@ from redis.exceptions import ResponseError
 from service.lifetimes import stop_tasks
 from service.stores.redis.link import RedisLink, ensure_group, forget_idle_consumers, group_gone
 from service.tasks.queues import QueuedImage
-from service.tasks.records import ErrorInfo, ItemStatus
+from service.tasks.records import ErrorInfo, ItemStatus, Priority
 from service.tasks.registry import ItemChange
 
 log = logging.getLogger(__name__)
@@ -42,7 +45,8 @@ WORKER_CRASHED = ErrorInfo(
 
 
 Fields = dict[str, str | int | bytes]
-Add = tuple[str, Fields, asyncio.Future[None]]  # an entry to add: its stream, its fields, told when added
+# An entry to add: its model and priority (which make its stream), its fields, told when added.
+Add = tuple[tuple[str, Priority], Fields, asyncio.Future[None]]
 
 
 def consumer_name() -> str:
@@ -51,8 +55,9 @@ def consumer_name() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
 
 
-def stream_of(prefix: str, model: str) -> str:
-    return f"{prefix}jobs:{model}"
+def stream_of(prefix: str, model: str, priority: Priority = Priority.INTERACTIVE) -> str:
+    name = f"{prefix}jobs:{model}"
+    return name if priority is Priority.INTERACTIVE else f"{name}:{priority.value}"
 
 
 class TaskOutcomes(Protocol):
@@ -66,30 +71,44 @@ class TaskOutcomes(Protocol):
 
 
 class StreamJobs:
-    """The web side: `put` waits while the model's stream holds `capacity` images or more
-    (backpressure reaches the downloads, then `POST /submit` through the 429 of
-    `--max-active-images`). Images put at about the same time go in one round trip."""
+    """The web side: `put` waits while the image's stream (its model's, of its priority)
+    holds `capacity` images or more (backpressure reaches the downloads, then `POST /submit`
+    through the 429 of `--max-active-images`). Images put at about the same time go in one
+    round trip."""
 
     def __init__(self, link: RedisLink, prefix: str, capacity: int) -> None:
         self._link = link
         self._prefix = prefix
         self._capacity = capacity
-        self._length = 0  # the last length seen
+        self._lengths: dict[tuple[str, Priority], int] = {}  # the last length seen, by model and priority
         self._adds: list[Add] = []
         self._adding: asyncio.Task[None] | None = None
 
     def __len__(self) -> int:
-        return self._length
+        return sum(self._lengths.values())
+
+    def depths(self) -> dict[Priority, int]:
+        return {
+            priority: sum(length for (_, of), length in self._lengths.items() if of is priority)
+            for priority in Priority
+        }
 
     async def put(self, job: QueuedImage) -> None:
-        stream = stream_of(self._prefix, job.model)
-        while self._length >= self._capacity:
-            self._length = await self._link.patient(self._link.client.xlen, stream)
-            if self._length >= self._capacity:
+        stream = stream_of(self._prefix, job.model, job.priority)
+        which = (job.model, job.priority)
+        while self._lengths.get(which, 0) >= self._capacity:
+            self._lengths[which] = await self._link.patient(self._link.client.xlen, stream)
+            if self._lengths[which] >= self._capacity:
                 await asyncio.sleep(FULL_POLL)
         added: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        fields: Fields = {"task": job.task_id, "index": job.index, "top_k": job.top_k, "data": job.data}
-        self._adds.append((stream, fields, added))
+        fields: Fields = {
+            "task": job.task_id,
+            "index": job.index,
+            "top_k": job.top_k,
+            "data": job.data,
+            "queued": repr(job.queued_at),
+        }
+        self._adds.append((which, fields, added))
         if self._adding is None or self._adding.done():
             self._adding = asyncio.create_task(self._add())
         await added
@@ -102,16 +121,17 @@ class StreamJobs:
         if self._adding is not None:
             await stop_tasks([self._adding])
 
-    async def _send(self, group: list[Add]) -> int:
-        """One pipeline: the entries, then the length of the streams they went to (the longest)."""
-        streams = sorted({stream for stream, _, _ in group})
+    async def _send(self, group: list[Add]) -> None:
+        """One pipeline: the entries, then the lengths of the streams they went to."""
+        streams = sorted({which for which, _, _ in group})
         async with self._link.client.pipeline(transaction=False) as pipe:
-            for stream, fields, _ in group:
-                pipe.xadd(stream, fields)  # type: ignore[arg-type]  # redis-py's type leaves out ints
-            for stream in streams:
-                pipe.xlen(stream)
+            for (model, priority), fields, _ in group:
+                pipe.xadd(stream_of(self._prefix, model, priority), fields)  # type: ignore[arg-type]  # redis-py's type leaves out ints
+            for model, priority in streams:
+                pipe.xlen(stream_of(self._prefix, model, priority))
             results = await pipe.execute()
-        return max(int(length) for length in results[len(group) :])
+        for which, length in zip(streams, results[len(group) :], strict=True):
+            self._lengths[which] = int(length)
 
     async def _add(self) -> None:
         """XADD what has been put, in order, one pipeline per turn of the event loop."""
@@ -119,7 +139,7 @@ class StreamJobs:
         while self._adds:
             group, self._adds = self._adds[:GROUP_ADDS], self._adds[GROUP_ADDS:]
             try:
-                self._length = await self._link.patient(self._send, group)
+                await self._link.patient(self._send, group)
             except asyncio.CancelledError:  # closing: nothing more is added
                 for _, _, added in [*group, *self._adds]:
                     added.cancel()
@@ -151,7 +171,11 @@ class StreamBatches:
         self._link = link
         self._prefix = prefix
         self._store = store
-        self._streams = {stream_of(prefix, model): model for model in models}
+        # Every stream, interactive ones first (the order reads go in).
+        self._streams = {
+            stream_of(prefix, model, priority): (model, priority) for priority in Priority for model in models
+        }
+        self._urgent = [stream for stream, (_, priority) in self._streams.items() if priority is Priority.INTERACTIVE]
         self._consumer = consumer
         self._claim_idle_ms = int(claim_idle * 1000)
         self._max_deliveries = max_deliveries
@@ -176,9 +200,7 @@ class StreamBatches:
     async def next_batch(self, max_size: int, max_wait: float) -> list[QueuedImage]:
         while True:
             try:
-                if self._held:
-                    batch = await self._skip_final(self._held.popleft())
-                elif time.monotonic() - self._claimed_at >= self._claim_idle_ms / 2000:
+                if time.monotonic() - self._claimed_at >= self._claim_idle_ms / 2000:
                     self._claimed_at = time.monotonic()
                     batch = await self._claim(max_size)
                 else:
@@ -194,38 +216,52 @@ class StreamBatches:
 
     async def finished(self, batch: list[QueuedImage]) -> None:
         """Confirm the batch and delete its entries, image bytes and all."""
-        if not batch:
+        by_stream: dict[str, list[bytes]] = {}
+        for job in batch:
+            by_stream.setdefault(stream_of(self._prefix, job.model, job.priority), []).append(job.receipt)
+        if not by_stream:
             return
-        stream = stream_of(self._prefix, batch[0].model)
-        receipts = [job.receipt for job in batch]
         client = self._link.client
 
         async def confirm() -> None:
             async with client.pipeline(transaction=True) as pipe:
-                pipe.xack(stream, GROUP, *receipts)
-                pipe.xdel(stream, *receipts)
+                for stream, receipts in by_stream.items():
+                    pipe.xack(stream, GROUP, *receipts)
+                    pipe.xdel(stream, *receipts)
                 await pipe.execute()
 
         await self._link.patient(confirm)
-        self._working[stream].difference_update(receipts)
+        for stream, receipts in by_stream.items():
+            self._working[stream].difference_update(receipts)
 
     async def _read(self, max_size: int, max_wait: float) -> list[QueuedImage]:
-        """New entries: the first model's make the batch (topped up for `max_wait` if it is
-        short); other models' wait in `_held`."""
-        read = await self._xreadgroup(dict.fromkeys(self._streams, ">"), max_size, READ_BLOCK_MS)
-        if not read:
-            return []
-        batches = [jobs for stream, entries in read if (jobs := self._jobs(stream, entries))]
+        """New entries, interactive ones first: the first model's make the batch (topped up
+        for `max_wait` if it is short, interactive images first); other models' wait in
+        `_held`, behind interactive images that arrive meanwhile."""
+        batches = await self._batches(dict.fromkeys(self._urgent, ">"), max_size, None)
+        if not batches and self._held:
+            return await self._skip_final(self._held.popleft())
+        if not batches:
+            batches = await self._batches(dict.fromkeys(self._streams, ">"), max_size, READ_BLOCK_MS)
         if not batches:
             return []
         first, rest = batches[0], batches[1:]
         if len(first) < max_size and max_wait > 0:
             await asyncio.sleep(max_wait)
-            stream = stream_of(self._prefix, first[0].model)
-            more = await self._xreadgroup({stream: ">"}, max_size - len(first), None)
-            first += [job for _, entries in more or [] for job in self._jobs(stream, entries)]
+            model = first[0].model
+            for priority in Priority:
+                if len(first) < max_size:
+                    streams = {stream_of(self._prefix, model, priority): ">"}
+                    for more in await self._batches(streams, max_size - len(first), None):
+                        first += more
         self._held.extend(rest)
         return await self._skip_final(first)
+
+    async def _batches(self, streams: dict[str, str], count: int, block: int | None) -> list[list[QueuedImage]]:
+        """What XREADGROUP gives of `streams`, one list per stream, interactive ones first."""
+        read = await self._xreadgroup(streams, count, block)
+        batches = [jobs for stream, entries in read or [] if (jobs := self._jobs(stream, entries))]
+        return sorted(batches, key=lambda jobs: list(Priority).index(jobs[0].priority))
 
     async def _xreadgroup(self, streams: dict[str, str], count: int, block: int | None) -> Any:
         client = self._link.client
@@ -234,7 +270,7 @@ class StreamBatches:
     def _jobs(self, stream: str | bytes, entries: Any) -> list[QueuedImage]:
         """Jobs from stream entries as XREADGROUP and XCLAIM give them: (id, fields) pairs."""
         name = stream.decode() if isinstance(stream, bytes) else stream
-        model = self._streams[name]
+        model, priority = self._streams[name]
         jobs = []
         for entry_id, fields in entries:
             if b"data" not in fields:  # deleted while it was pending (Redis 7 no longer hands those out)
@@ -248,6 +284,8 @@ class StreamBatches:
                     top_k=int(fields[b"top_k"]),
                     data=fields[b"data"],
                     receipt=entry_id,
+                    priority=priority,
+                    queued_at=float(fields.get(b"queued", 0)),  # 0: put by a version before priorities
                 )
             )
         return jobs

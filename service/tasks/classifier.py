@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 from inference.protocol import ModelLoadError, Prediction
 from service.metrics import Metrics
@@ -111,6 +112,13 @@ class Classifier:
                 error = ErrorInfo(code=outcome.code, message=outcome.message)
                 changes.append(ItemChange(job.task_id, job.index, ItemStatus.FAILED, error=error))
         await self._registry.update_items(changes)  # one write for the batch
+        self._observe_waits(batch)
+
+    def _observe_waits(self, batch: list[QueuedImage]) -> None:
+        now = time.time()
+        for job in batch:
+            if job.queued_at:  # 0: queued by a version that did not say when
+                self._metrics.queue_wait.labels(priority=job.priority.value).observe(max(0.0, now - job.queued_at))
 
     async def _fail_jobs(self, jobs: list[QueuedImage], error: ErrorInfo) -> None:
         await self._registry.update_items(

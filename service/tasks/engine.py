@@ -32,8 +32,8 @@ from service.tasks.classifier import INTERNAL_ERROR, Classifier
 from service.tasks.idempotency import IdempotencyKey
 from service.tasks.pipeline import Pipeline
 from service.tasks.queues import BatchSource, ImageQueue
-from service.tasks.records import TaskDetail
-from service.tasks.registry import TaskRegistry
+from service.tasks.records import Priority, TaskDetail
+from service.tasks.registry import Admission, TaskRegistry
 from service.tasks.uploads import UPLOAD_PREFIX, HeldUploads, TaskUploads, UploadBudget, UploadSpool
 
 log = logging.getLogger(__name__)
@@ -92,8 +92,9 @@ class TaskEngine:
     ) -> None:
         await self.close()
 
-    def queue_depth(self) -> int:
-        return len(self._queue)
+    def queue_depths(self) -> dict[Priority, int]:
+        """Images waiting for the model, by priority (as far as this process knows)."""
+        return self._queue.depths()
 
     async def create(
         self,
@@ -105,11 +106,14 @@ class TaskEngine:
         *,
         callback_url: str | None = None,
         idempotency: IdempotencyKey | None = None,
+        priority: Priority = Priority.INTERACTIVE,
+        admission: Admission | None = None,
     ) -> TaskDetail:
         """Store a new task and start working on it. `files` are the bytes of the items that
         were uploaded rather than given as URLs, by item index; their bytes are reserved in
         the upload budget, and the task owns that reservation from now on, whatever happens.
-        `callback_url` gets the completion webhook; `idempotency` will stand for the task."""
+        `callback_url` gets the completion webhook; `idempotency` will stand for the task;
+        `admission`: the limits it must fit in (else the registry raises `NoRoom`)."""
         task_id = uuid.uuid4().hex
         uploads: TaskUploads | None = None
         if files:
@@ -117,7 +121,16 @@ class TaskEngine:
         try:
             precision = self._catalog.info(model).precision
             task = await self._registry.create(
-                urls, model, top_k, owner, task_id, precision, callback_url=callback_url, idempotency=idempotency
+                urls,
+                model,
+                top_k,
+                owner,
+                task_id,
+                precision,
+                callback_url=callback_url,
+                idempotency=idempotency,
+                priority=priority,
+                admission=admission,
             )
         except BaseException:
             if uploads is not None:

@@ -2,18 +2,22 @@
 
 Each download holds one of the global download slots until its image is downloaded *and*
 queued, so neither open connections nor buffered images grow without bound; uploaded
-images skip the download. Every step first moves the item on in the registry, which refuses
-once the task is final, so a cancelled task starts nothing new.
+images skip the download. The slots go to tasks fairly (`FairGate`): interactive tasks
+first, then one slot per task in turn, and batch tasks leave a few for interactive ones.
+Every step first moves the item on in the registry, which refuses once the task is final,
+so a cancelled task starts nothing new.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 
 import aiohttp
 
 from service.fetch.fetcher import FetchError, FetchLimits, fetch
 from service.metrics import Metrics
+from service.tasks.fairness import FairGate, interactive_reserve
 from service.tasks.queues import ImageQueue, QueuedImage
 from service.tasks.records import ErrorInfo, ItemStatus, TaskDetail
 from service.tasks.registry import TaskRegistry
@@ -39,7 +43,7 @@ class Pipeline:
         self._registry = registry
         self._session = session
         self._limits = limits
-        self._slots = asyncio.Semaphore(download_concurrency)
+        self._slots = FairGate(download_concurrency, reserved=interactive_reserve(download_concurrency))
         self._queue = queue
         self._metrics = metrics
 
@@ -54,10 +58,13 @@ class Pipeline:
                     else:
                         await self._fail(task.task_id, item.index, UPLOAD_LOST)
                     continue
-                await self._slots.acquire()
+                await self._slots.acquire(task.priority, task.task_id)
                 download = group.create_task(self._download(task, item.index, item.url))
                 # Released when the download ends in any way, even cancelled before it ran.
                 download.add_done_callback(lambda _: self._slots.release())
+                # Slots freed together (a batch taken makes room for 16 images) are taken
+                # one per task in turn, not all by the task whose loop runs first.
+                await asyncio.sleep(0)
 
     async def _download(self, task: TaskDetail, index: int, url: str) -> None:
         if not await self._registry.update_item(task.task_id, index, ItemStatus.DOWNLOADING):
@@ -77,4 +84,7 @@ class Pipeline:
 
     async def _enqueue(self, task: TaskDetail, index: int, data: bytes) -> None:
         if await self._registry.update_item(task.task_id, index, ItemStatus.CLASSIFYING):
-            await self._queue.put(QueuedImage(task.task_id, index, task.model, task.top_k, data))
+            queued = QueuedImage(
+                task.task_id, index, task.model, task.top_k, data, priority=task.priority, queued_at=time.time()
+            )
+            await self._queue.put(queued)

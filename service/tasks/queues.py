@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
+from service.tasks.records import Priority
+
 
 @dataclass(frozen=True)
 class QueuedImage:
@@ -20,11 +22,17 @@ class QueuedImage:
     top_k: int
     data: bytes
     receipt: bytes = b""  # what the source needs to confirm it (a stream entry's id)
+    priority: Priority = Priority.INTERACTIVE
+    queued_at: float = 0.0  # when it was downloaded and queued (epoch seconds: it may cross machines)
 
 
 class ImageQueue(Protocol):
     def __len__(self) -> int:
         """Images waiting, as far as this process knows."""
+        ...
+
+    def depths(self) -> dict[Priority, int]:
+        """`len`, by priority."""
         ...
 
     async def put(self, job: QueuedImage) -> None:
@@ -38,7 +46,7 @@ class ImageQueue(Protocol):
 
 class BatchSource(Protocol):
     async def next_batch(self, max_size: int, max_wait: float) -> list[QueuedImage]:
-        """Up to `max_size` images of one model, oldest first."""
+        """Up to `max_size` images of one model, interactive ones first."""
         ...
 
     async def finished(self, batch: list[QueuedImage]) -> None:

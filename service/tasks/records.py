@@ -21,6 +21,7 @@ __all__ = [
     "Item",
     "ItemStatus",
     "Label",
+    "Priority",
     "Progress",
     "TaskDetail",
     "TaskPage",
@@ -60,6 +61,14 @@ class ItemStatus(StrEnum):
     @property
     def is_final(self) -> bool:
         return self in (ItemStatus.SUCCEEDED, ItemStatus.FAILED, ItemStatus.CANCELLED)
+
+
+class Priority(StrEnum):
+    """How a task's images share the service: `interactive` work goes first, `batch` work runs
+    in the capacity interactive work leaves (bulk jobs submit `batch`)."""
+
+    INTERACTIVE = "interactive"
+    BATCH = "batch"
 
 
 def encodable(text: str) -> str:
@@ -125,6 +134,7 @@ class TaskSummary(Record):
     model: str
     precision: RunPrecision  # what the model ran at (bf16: on CPUs that compute it natively)
     top_k: int
+    priority: Priority = Priority.INTERACTIVE
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None

@@ -10,7 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Literal, Protocol
 
 from inference.specs import RunPrecision
 from service.tasks.deliveries import Delivery
@@ -20,6 +20,7 @@ from service.tasks.records import (
     Item,
     ItemStatus,
     Label,
+    Priority,
     TaskDetail,
     TaskPage,
     TaskStatus,
@@ -39,6 +40,33 @@ class StoreUnavailable(Exception):
 class StoreOpenError(Exception):
     """A store cannot be opened at start-up (a data dir that cannot be used, a Redis that does
     not answer): every backend's start-up error is one, and its message the one-line reason."""
+
+
+@dataclass(frozen=True)
+class Admission:
+    """The room a new task must fit in, checked by the store in the same step that creates it,
+    so submits racing on several replicas cannot together go past a limit."""
+
+    max_images: int  # unfinished images across every task of the service
+    max_images_per_owner: int | None = None  # unfinished images of one API key (or of all anonymous callers)
+
+    def check(self, images: int, unfinished: int, owner_unfinished: int) -> None:
+        """Raise `NoRoom` if `images` more do not fit beside those already unfinished."""
+        if unfinished + images > self.max_images:
+            raise NoRoom("service", unfinished, self.max_images)
+        if self.max_images_per_owner is not None and owner_unfinished + images > self.max_images_per_owner:
+            raise NoRoom("owner", owner_unfinished, self.max_images_per_owner)
+
+
+class NoRoom(Exception):
+    """A task refused at creation: its images would take the service (`scope` "service") or
+    its owner ("owner") past a limit of `Admission`."""
+
+    def __init__(self, scope: Literal["service", "owner"], unfinished: int, limit: int) -> None:
+        super().__init__(f"{unfinished} unfinished images of {limit} ({scope})")
+        self.scope = scope
+        self.unfinished = unfinished
+        self.limit = limit
 
 
 @dataclass(frozen=True)
@@ -86,10 +114,13 @@ class TaskRegistry(Protocol):
         *,
         callback_url: str | None = None,
         idempotency: IdempotencyKey | None = None,
+        priority: Priority = Priority.INTERACTIVE,
+        admission: Admission | None = None,
     ) -> TaskDetail:
         """A new queued task (`task_id`: an id made for it beforehand, else a new one;
         `precision`: what its model runs at; `callback_url`: where its completion webhook
-        goes; `idempotency`: the key that will stand for it). A durable registry has it on
+        goes; `idempotency`: the key that will stand for it; `admission`: the limits it must
+        fit in, else `NoRoom` is raised and nothing is kept). A durable registry has it on
         disk when this returns."""
         ...
 
@@ -104,9 +135,15 @@ class TaskRegistry(Protocol):
         ...
 
     async def page(
-        self, status: TaskStatus | None, limit: int, cursor: str | None, owner: str | None = None
+        self,
+        status: TaskStatus | None,
+        limit: int,
+        cursor: str | None,
+        owner: str | None = None,
+        priority: Priority | None = None,
     ) -> TaskPage:
-        """Task summaries, newest first; raises InvalidCursor for a cursor it did not issue."""
+        """Task summaries, newest first (only those in `status` and of `priority`, if given);
+        raises InvalidCursor for a cursor it did not issue."""
         ...
 
     async def update_item(

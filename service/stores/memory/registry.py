@@ -25,13 +25,14 @@ from service.tasks.records import (
     Item,
     ItemStatus,
     Label,
+    Priority,
     TaskDetail,
     TaskPage,
     TaskStatus,
     Webhook,
     utcnow,
 )
-from service.tasks.registry import ItemChange, TaskUpdate, decode_cursor, encode_cursor
+from service.tasks.registry import Admission, ItemChange, TaskUpdate, decode_cursor, encode_cursor
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +69,7 @@ class InMemoryRegistry:
         self._metrics = metrics
         self._next_seq = 1
         self._unfinished = 0
+        self._owner_unfinished: Counter[str | None] = Counter()  # the same, per owner
         self._keys = SubmissionKeys(idempotency_ttl, max_keys, clock)
         self._outbox: asyncio.Queue[Delivery] = asyncio.Queue()  # webhooks to deliver, as tasks end
 
@@ -91,13 +93,18 @@ class InMemoryRegistry:
         *,
         callback_url: str | None = None,
         idempotency: IdempotencyKey | None = None,
+        priority: Priority = Priority.INTERACTIVE,
+        admission: Admission | None = None,
     ) -> TaskDetail:
         self._expire()
+        if admission is not None:
+            admission.check(len(urls), self._unfinished, self._owner_unfinished[owner])
         record = TaskState(
             seq=self._next_seq,
             task_id=task_id or uuid.uuid4().hex,
             model=model,
             precision=precision,
+            priority=priority,
             top_k=top_k,
             items=[Item(index=index, url=url) for index, url in enumerate(urls)],
             owner=owner,
@@ -108,7 +115,7 @@ class InMemoryRegistry:
         self._next_seq += 1
         self._tasks[record.task_id] = record
         self._ids[record.seq] = record.task_id
-        self._unfinished += len(urls)
+        self._count_unfinished(record, len(urls))
         self._journal.created(record)
         if idempotency is not None:
             submission, forgotten = self._keys.add(owner, idempotency, record.task_id, record.total)
@@ -139,7 +146,12 @@ class InMemoryRegistry:
         return record.detail_json() if record else None
 
     async def page(
-        self, status: TaskStatus | None, limit: int, cursor: str | None, owner: str | None = None
+        self,
+        status: TaskStatus | None,
+        limit: int,
+        cursor: str | None,
+        owner: str | None = None,
+        priority: Priority | None = None,
     ) -> TaskPage:
         """Newest first. The cursor is the sequence number of the last task already seen."""
         self._expire()
@@ -150,6 +162,8 @@ class InMemoryRegistry:
             if before is not None and record.seq >= before:
                 continue
             if record.owner != owner or (status is not None and record.status != status):
+                continue
+            if priority is not None and record.priority != priority:
                 continue
             if len(page) == limit:
                 more = True
@@ -284,7 +298,7 @@ class InMemoryRegistry:
             self._tasks[record.task_id] = record
             self._ids[record.seq] = record.task_id
             self._next_seq = max(self._next_seq, record.seq + 1)
-            self._unfinished += record.total - record.done
+            self._count_unfinished(record, record.total - record.done)
             if record.status.is_final:
                 finished.append(record)
         for record in sorted(finished, key=lambda record: record.finished_at or record.created_at):
@@ -320,7 +334,7 @@ class InMemoryRegistry:
         """The one place an item becomes final, however it got there: counted here."""
         record.finals[status] += 1
         record.completed.append(index)
-        self._unfinished -= 1
+        self._count_unfinished(record, -1)
         if self._metrics is not None:
             error = record.items[index].error
             self._metrics.image_final(status.value, error.code if error is not None else "")
@@ -373,8 +387,14 @@ class InMemoryRegistry:
         record = self._tasks.pop(task_id)
         del self._ids[record.seq]
         self._keys.drop_task(task_id)
-        self._unfinished -= record.total - record.done
+        self._count_unfinished(record, record.done - record.total)
         return record.seq
+
+    def _count_unfinished(self, record: TaskState, images: int) -> None:
+        self._unfinished += images
+        self._owner_unfinished[record.owner] += images
+        if not self._owner_unfinished[record.owner]:
+            del self._owner_unfinished[record.owner]  # no entry kept per owner without work
 
     def _by_seq(self, seqs: Iterable[int]) -> list[TaskState]:
         return [self._tasks[self._ids[seq]] for seq in seqs if seq in self._ids]

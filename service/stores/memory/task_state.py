@@ -20,6 +20,7 @@ from service.tasks.records import (
     ErrorInfo,
     Item,
     ItemStatus,
+    Priority,
     Progress,
     TaskDetail,
     TaskStatus,
@@ -40,6 +41,7 @@ class TaskState:
     items: list[Item]  # emptied once the task is final: `frozen` holds them then
     owner: str | None = None
     precision: RunPrecision = "fp32"
+    priority: Priority = Priority.INTERACTIVE
     created_at: datetime = field(default_factory=utcnow)
     started_at: datetime | None = None
     finished_at: datetime | None = None
@@ -117,6 +119,7 @@ class TaskState:
             model=self.model,
             precision=self.precision,
             top_k=self.top_k,
+            priority=self.priority,
             created_at=self.created_at,
             started_at=self.started_at,
             finished_at=self.finished_at,

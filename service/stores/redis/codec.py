@@ -37,6 +37,7 @@ def summary_of(task_id: str, fields: dict[bytes, bytes]) -> TaskSummary:
             "status": text("status"),
             "model": text("model"),
             "precision": text("precision"),
+            "priority": text("priority") or "interactive",  # tasks made before priorities were
             "top_k": int(fields[b"top_k"]),
             "created_at": text("created_at"),
             "started_at": text("started_at"),

@@ -48,6 +48,7 @@ from service.tasks.records import (
     Item,
     ItemStatus,
     Label,
+    Priority,
     Progress,
     TaskDetail,
     TaskPage,
@@ -56,7 +57,7 @@ from service.tasks.records import (
     Webhook,
     utcnow,
 )
-from service.tasks.registry import ItemChange, TaskUpdate, decode_cursor, encode_cursor
+from service.tasks.registry import Admission, ItemChange, NoRoom, TaskUpdate, decode_cursor, encode_cursor
 
 log = logging.getLogger(__name__)
 
@@ -171,6 +172,8 @@ class RedisRegistry:
         *,
         callback_url: str | None = None,
         idempotency: IdempotencyKey | None = None,
+        priority: Priority = Priority.INTERACTIVE,
+        admission: Admission | None = None,
     ) -> TaskDetail:
         task_id = task_id or uuid.uuid4().hex
         items = [Item(index=index, url=url) for index, url in enumerate(urls)]  # refuses what JSON cannot carry
@@ -198,17 +201,29 @@ class RedisRegistry:
                     submission,
                     int(self._idempotency_ttl * 1000),
                     self._max_keys,
+                    priority.value,
+                    "" if admission is None else admission.max_images,
+                    ""
+                    if admission is None or admission.max_images_per_owner is None
+                    else admission.max_images_per_owner,
                     *(pydantic_core.to_json(item.url) for item in items),
                 ]
             )
         )
         if result[0] == 0:  # another replica took the key a moment ago
             raise SubmissionExists(submission_of(result[1]))
+        if result[0] < 0:
+            assert admission is not None
+            if result[0] == -1:
+                raise NoRoom("service", int(result[1]), admission.max_images)
+            assert admission.max_images_per_owner is not None
+            raise NoRoom("owner", int(result[1]), admission.max_images_per_owner)
         summary = TaskSummary(
             task_id=task_id,
             status=TaskStatus.QUEUED,
             model=model,
             precision=precision,
+            priority=priority,
             top_k=top_k,
             created_at=created,
             started_at=None,
@@ -238,11 +253,16 @@ class RedisRegistry:
         return await self.link.fast(self._detail_json(task_id, owner))
 
     async def page(
-        self, status: TaskStatus | None, limit: int, cursor: str | None, owner: str | None = None
+        self,
+        status: TaskStatus | None,
+        limit: int,
+        cursor: str | None,
+        owner: str | None = None,
+        priority: Priority | None = None,
     ) -> TaskPage:
         before = decode_cursor(cursor) if cursor else None
         await self._maybe_expire(always=True)
-        return await self.link.fast(self._page(status, limit, before, owner))
+        return await self.link.fast(self._page(status, priority, limit, before, owner))
 
     async def cancel(self, task_id: str, owner: str | None = None) -> TaskDetail | None:
         changed = await self.link.fast(
@@ -517,7 +537,9 @@ class RedisRegistry:
         items = [Item.model_validate_json(piece) for piece in pieces if piece is not None]
         return TaskUpdate(items=items, summary=summary)
 
-    async def _page(self, status: TaskStatus | None, limit: int, before: int | None, owner: str | None) -> TaskPage:
+    async def _page(
+        self, status: TaskStatus | None, priority: Priority | None, limit: int, before: int | None, owner: str | None
+    ) -> TaskPage:
         key = self._key("tasks:", owner or "-")
         top: float | str = "+inf" if before is None else f"({before}"
         found: list[tuple[int, TaskSummary]] = []
@@ -534,8 +556,11 @@ class RedisRegistry:
                     pipe.hgetall(self._key("task:", task_id.decode()))
                 rows = await pipe.execute()
             for (task_id, seq), fields in zip(ids, rows, strict=True):
-                if fields and (status is None or fields[b"status"].decode() == status.value):
-                    found.append((int(seq), summary_of(task_id.decode(), fields)))
+                if not fields or (status is not None and fields[b"status"].decode() != status.value):
+                    continue
+                summary = summary_of(task_id.decode(), fields)
+                if priority is None or summary.priority is priority:
+                    found.append((int(seq), summary))
             top = f"({int(ids[-1][1])}"
             if len(ids) < chunk:
                 break

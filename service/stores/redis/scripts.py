@@ -11,6 +11,7 @@ Keys (P is the prefix, `ics:` by default; one Redis, not a Cluster):
   P active       zset   sequence number -> task id, tasks not yet final
   P finished     zset   finish time (epoch s) -> task id, for expiry
   P seq, P unfinished, P counts (status -> tasks)
+  P unfinished:<owner>  string  unfinished images of one owner ("-": no API keys), gone at 0
   P idem:<owner, key>  string  what an idempotency key stands for (with its TTL)
   P idem-order   zset   sequence number -> idempotency key, to keep at most so many
 Every change that a watcher may wait for is published on the channel P changed (the task id).
@@ -30,6 +31,8 @@ local function item_final(id, index, status)
   redis.call('RPUSH', P .. 'done:' .. id, index)
   redis.call('HINCRBY', task_key(id), status, 1)
   redis.call('DECR', P .. 'unfinished')
+  local of_owner = P .. 'unfinished:' .. (redis.call('HGET', task_key(id), 'owner') or '-')
+  if redis.call('DECR', of_owner) <= 0 then redis.call('DEL', of_owner) end
 end
 
 local function start(id, now_iso)
@@ -75,9 +78,12 @@ end
 """
 
 # ARGV: P, id, model, precision, top_k, owner ('' = none), created_at, replica, callback ('' = none),
-# idempotency key ('' = none), its submission JSON, its ttl (ms), most keys kept, then each
-# item's URL literal. Returns {seq} for a new task, {0, submission JSON} if the idempotency
-# key is taken already. Keys expire by their TTL; beyond the most kept, the oldest go first.
+# idempotency key ('' = none), its submission JSON, its ttl (ms), most keys kept, priority, most
+# unfinished images of the service and of the owner ('' = no limit), then each item's URL literal.
+# Returns {seq} for a new task, {0, submission JSON} if the idempotency key is taken already,
+# {-1, unfinished} if the task would take the service past its limit, {-2, the owner's
+# unfinished} the owner past its own. Keys expire by their TTL; beyond the most kept, the
+# oldest go first.
 CREATE = (
     _COMMON
     + """
@@ -87,10 +93,19 @@ if redis.call('EXISTS', key) == 1 then  -- a create retried after its answer was
   return {tonumber(redis.call('HGET', key, 'seq'))}
 end
 local seq = tonumber(redis.call('GET', P .. 'seq') or '0') + 1
+local total = #ARGV - 16
+local owner = ARGV[6]
+if owner == '' then owner = '-' end
 if ARGV[10] ~= '' then
-  if not redis.call('SET', P .. 'idem:' .. ARGV[10], ARGV[11], 'NX', 'PX', ARGV[12]) then
-    return {0, redis.call('GET', P .. 'idem:' .. ARGV[10])}
-  end
+  local taken = redis.call('GET', P .. 'idem:' .. ARGV[10])
+  if taken then return {0, taken} end
+end
+local unfinished = tonumber(redis.call('GET', P .. 'unfinished') or '0')
+if ARGV[15] ~= '' and unfinished + total > tonumber(ARGV[15]) then return {-1, unfinished} end
+local of_owner = tonumber(redis.call('GET', P .. 'unfinished:' .. owner) or '0')
+if ARGV[16] ~= '' and of_owner + total > tonumber(ARGV[16]) then return {-2, of_owner} end
+if ARGV[10] ~= '' then
+  redis.call('SET', P .. 'idem:' .. ARGV[10], ARGV[11], 'PX', ARGV[12])
   redis.call('ZADD', P .. 'idem-order', seq, ARGV[10])
   local excess = redis.call('ZCARD', P .. 'idem-order') - tonumber(ARGV[13])
   if excess > 0 then
@@ -101,19 +116,17 @@ if ARGV[10] ~= '' then
   end
 end
 redis.call('SET', P .. 'seq', seq)
-local total = #ARGV - 13
 redis.call('HSET', key, 'seq', seq, 'model', ARGV[3], 'precision', ARGV[4], 'top_k', ARGV[5],
-  'created_at', ARGV[7], 'status', 'queued', 'total', total, 'replica', ARGV[8])
+  'created_at', ARGV[7], 'status', 'queued', 'total', total, 'replica', ARGV[8], 'priority', ARGV[14])
 if ARGV[6] ~= '' then redis.call('HSET', key, 'owner', ARGV[6]) end
 if ARGV[9] ~= '' then redis.call('HSET', key, 'callback', ARGV[9]) end
-for i = 14, #ARGV do
-  redis.call('HSET', P .. 'urls:' .. id, i - 14, ARGV[i])
+for i = 17, #ARGV do
+  redis.call('HSET', P .. 'urls:' .. id, i - 17, ARGV[i])
 end
-local owner = ARGV[6]
-if owner == '' then owner = '-' end
 redis.call('ZADD', P .. 'tasks:' .. owner, seq, id)
 redis.call('ZADD', P .. 'active', seq, id)
 redis.call('INCRBY', P .. 'unfinished', total)
+redis.call('INCRBY', P .. 'unfinished:' .. owner, total)
 redis.call('HINCRBY', P .. 'counts', 'queued', 1)
 return {seq}
 """

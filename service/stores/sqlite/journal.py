@@ -31,7 +31,7 @@ from service.stores.sqlite.loader import LABELS, VACUUM_PAGES, Stored, load_stor
 from service.stores.sqlite.schema import SCHEMA_VERSION, create, upgrade
 from service.tasks.deliveries import Delivery
 from service.tasks.idempotency import Submission
-from service.tasks.records import ItemStatus, TaskStatus
+from service.tasks.records import ItemStatus, Priority, TaskStatus
 from service.tasks.registry import StoreOpenError, StoreUnavailable
 
 log = logging.getLogger(__name__)
@@ -120,8 +120,8 @@ class SqliteJournal:
     def created(self, task: TaskState) -> None:
         self._queue(
             task.seq,
-            "INSERT INTO tasks (seq, task_id, owner, model, precision, top_k, status, created_at, total, webhook) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO tasks (seq, task_id, owner, model, precision, priority, top_k, status, created_at, total, "
+            "webhook) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             [
                 (
                     task.seq,
@@ -129,6 +129,7 @@ class SqliteJournal:
                     task.owner,
                     task.model,
                     task.precision,
+                    task.priority.value,
                     task.top_k,
                     task.status.value,
                     task.created_at.isoformat(),
@@ -302,12 +303,17 @@ class SqliteJournal:
     # --- reads, on the database thread ---
 
     async def page_seqs(
-        self, owner: str | None, status: TaskStatus | None, before: int | None, limit: int
+        self,
+        owner: str | None,
+        status: TaskStatus | None,
+        before: int | None,
+        limit: int,
+        priority: Priority | None = None,
     ) -> list[int]:
         """Sequence numbers of one page of tasks, newest first (by the owner/status indexes)."""
         with contextlib.suppress(StoreUnavailable):  # reads go on while writes fail (statuses may lag)
             await self.flush()
-        return await self._call(page_seqs, self._db(), owner, status, before, limit)
+        return await self._call(page_seqs, self._db(), owner, status, before, limit, priority)
 
     async def load(self, finished_ttl: float, max_finished: int, idempotency_ttl: float, now: float) -> Stored:
         """Delete what expired while the service was down; every other task (oldest first),

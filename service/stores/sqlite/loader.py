@@ -20,28 +20,37 @@ from pydantic import TypeAdapter
 from service.stores.memory.task_state import TaskState
 from service.tasks.deliveries import Delivery
 from service.tasks.idempotency import Submission
-from service.tasks.records import ErrorInfo, Item, ItemStatus, Label, TaskStatus, Webhook
+from service.tasks.records import ErrorInfo, Item, ItemStatus, Label, Priority, TaskStatus, Webhook
 
 VACUUM_PAGES = 512  # freed pages returned to the file system per batch that deleted tasks
 LABELS = TypeAdapter(list[Label])  # how an item's labels are stored (JSON)
 
 
 def page_seqs(
-    connection: sqlite3.Connection, owner: str | None, status: TaskStatus | None, before: int | None, limit: int
+    connection: sqlite3.Connection,
+    owner: str | None,
+    status: TaskStatus | None,
+    before: int | None,
+    limit: int,
+    priority: Priority | None = None,
 ) -> list[int]:
-    sql, args = page_query(owner, status, before, limit)
+    sql, args = page_query(owner, status, before, limit, priority)
     return [row[0] for row in connection.execute(sql, args)]
 
 
 def page_query(
-    owner: str | None, status: TaskStatus | None, before: int | None, limit: int
+    owner: str | None, status: TaskStatus | None, before: int | None, limit: int, priority: Priority | None = None
 ) -> tuple[str, tuple[Any, ...]]:
-    """The SQL for one page: an index range scan on (owner, [status,] seq), newest first."""
+    """The SQL for one page: an index range scan on (owner, [status,] seq), newest first (the
+    priority, if asked for, filters the rows the scan meets)."""
     conditions: list[str] = ["owner IS ?"]
     args: list[object] = [owner]
     if status is not None:
         conditions.append("status = ?")
         args.append(status.value)
+    if priority is not None:
+        conditions.append("priority = ?")
+        args.append(priority.value)
     if before is not None:
         conditions.append("seq < ?")
         args.append(before)
@@ -106,8 +115,8 @@ def load_tasks(connection: sqlite3.Connection, finished_ttl: float, max_finished
             orders.setdefault(seq, []).append((done_order, index))
     tasks = []
     for row in connection.execute(
-        "SELECT seq, task_id, owner, model, precision, top_k, status, created_at, started_at, finished_at, error, "
-        "total, succeeded, failed, cancelled, completed, snapshot, webhook FROM tasks ORDER BY seq"
+        "SELECT seq, task_id, owner, model, precision, priority, top_k, status, created_at, started_at, finished_at, "
+        "error, total, succeeded, failed, cancelled, completed, snapshot, webhook FROM tasks ORDER BY seq"
     ):
         tasks.append(_task_state(row, items.get(row[0], []), [index for _, index in sorted(orders.get(row[0], []))]))
     return tasks
@@ -120,6 +129,7 @@ def _task_state(row: Sequence[Any], items: list[Item], completed: list[int]) -> 
         owner,
         model,
         precision,
+        priority,
         top_k,
         status,
         created_at,
@@ -139,6 +149,7 @@ def _task_state(row: Sequence[Any], items: list[Item], completed: list[int]) -> 
         task_id=task_id,
         model=model,
         precision=precision,
+        priority=Priority(priority),
         top_k=top_k,
         items=items,
         owner=owner,

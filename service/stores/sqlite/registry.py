@@ -22,8 +22,8 @@ from service.stores.memory.registry import InMemoryRegistry
 from service.stores.sqlite.journal import RETRY_SECONDS, SqliteJournal, StoreError
 from service.tasks.deliveries import Delivery
 from service.tasks.idempotency import IdempotencyKey
-from service.tasks.records import TaskDetail, TaskPage, TaskStatus
-from service.tasks.registry import StoreUnavailable, decode_cursor, encode_cursor
+from service.tasks.records import Priority, TaskDetail, TaskPage, TaskStatus
+from service.tasks.registry import Admission, StoreUnavailable, decode_cursor, encode_cursor
 
 log = logging.getLogger(__name__)
 
@@ -95,9 +95,20 @@ class SqliteRegistry(InMemoryRegistry):
         *,
         callback_url: str | None = None,
         idempotency: IdempotencyKey | None = None,
+        priority: Priority = Priority.INTERACTIVE,
+        admission: Admission | None = None,
     ) -> TaskDetail:
         task = await super().create(
-            urls, model, top_k, owner, task_id, precision, callback_url=callback_url, idempotency=idempotency
+            urls,
+            model,
+            top_k,
+            owner,
+            task_id,
+            precision,
+            callback_url=callback_url,
+            idempotency=idempotency,
+            priority=priority,
+            admission=admission,
         )
         try:
             await self._store.flush()
@@ -131,11 +142,16 @@ class SqliteRegistry(InMemoryRegistry):
                 await asyncio.sleep(RETRY_SECONDS)  # the journal logs it and keeps trying
 
     async def page(
-        self, status: TaskStatus | None, limit: int, cursor: str | None, owner: str | None = None
+        self,
+        status: TaskStatus | None,
+        limit: int,
+        cursor: str | None,
+        owner: str | None = None,
+        priority: Priority | None = None,
     ) -> TaskPage:
         self._expire()
         before = decode_cursor(cursor) if cursor else None
-        seqs = await self._store.page_seqs(owner, status, before, limit + 1)
+        seqs = await self._store.page_seqs(owner, status, before, limit + 1, priority)
         summaries = [record.summary() for record in self._by_seq(seqs[:limit])]
         next_cursor = encode_cursor(seqs[limit - 1]) if len(seqs) > limit else None
         return TaskPage(tasks=summaries, next_cursor=next_cursor)

@@ -12,7 +12,7 @@ import sqlite3
 
 from service.tasks.records import TaskDetail
 
-SCHEMA_VERSION = 3  # 2: tasks.precision; 3: tasks.webhook, submissions, deliveries
+SCHEMA_VERSION = 4  # 2: tasks.precision; 3: tasks.webhook, submissions, deliveries; 4: tasks.priority
 
 SCHEMA = """
 CREATE TABLE tasks (
@@ -21,6 +21,7 @@ CREATE TABLE tasks (
     owner TEXT,
     model TEXT NOT NULL,
     precision TEXT NOT NULL DEFAULT 'fp32',
+    priority TEXT NOT NULL DEFAULT 'interactive',
     top_k INTEGER NOT NULL,
     status TEXT NOT NULL,
     created_at TEXT NOT NULL,
@@ -92,14 +93,21 @@ def upgrade(connection: sqlite3.Connection, version: int) -> None:
     with connection:
         if version < 2:  # every task so far ran in fp32; finished ones keep their snapshot, which gains the field
             connection.execute("ALTER TABLE tasks ADD COLUMN precision TEXT NOT NULL DEFAULT 'fp32'")
-            finished = connection.execute("SELECT seq, snapshot FROM tasks WHERE snapshot IS NOT NULL").fetchall()
-            for seq, snapshot in finished:
-                detail = TaskDetail.model_validate({**json.loads(snapshot), "precision": "fp32"})
-                connection.execute(
-                    "UPDATE tasks SET snapshot = ? WHERE seq = ?", (detail.model_dump_json().encode(), seq)
-                )
+            _add_to_snapshots(connection, {"precision": "fp32"})
         if version < 3:  # no task had a webhook or an idempotency key
             connection.execute("ALTER TABLE tasks ADD COLUMN webhook TEXT")
             for statement in SCHEMA_3_TABLES:
                 connection.execute(statement)
+        if version < 4:  # every task so far was interactive; finished ones' snapshots gain the field
+            connection.execute("ALTER TABLE tasks ADD COLUMN priority TEXT NOT NULL DEFAULT 'interactive'")
+            _add_to_snapshots(connection, {"priority": "interactive"})
         connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+
+def _add_to_snapshots(connection: sqlite3.Connection, fields: dict[str, str]) -> None:
+    """A field new in this version, with the value every older task had, into the snapshots
+    that finished tasks keep (served as they are stored)."""
+    finished = connection.execute("SELECT seq, snapshot FROM tasks WHERE snapshot IS NOT NULL").fetchall()
+    for seq, snapshot in finished:
+        detail = TaskDetail.model_validate({**json.loads(snapshot), **fields})
+        connection.execute("UPDATE tasks SET snapshot = ? WHERE seq = ?", (detail.model_dump_json().encode(), seq))
