@@ -106,7 +106,9 @@ async def test_a_long_url_list_runs_as_many_tasks_with_one_row_per_url(
     assert status == 1, stderr  # some failed
     rows = read_rows(output)
     check_rows(rows, expected)
-    assert len(await tasks_of(service)) == 20  # 2,000 URLs in tasks of the service's 100
+    tasks = await tasks_of(service)
+    assert len(tasks) == 20  # 2,000 URLs in tasks of the service's 100
+    assert {task["priority"] for task in tasks} == {"batch"}  # a bulk job leaves interactive work first
     assert all(image_server.hits[f"/file/g{n}"] == 1 for n in expected if expected[n] == "espresso")
     good = next(row for row in rows if row["status"] == "succeeded")
     assert good["labels"][0]["label"] == "espresso" and good["score"] > 0.9 and len(good["task_id"]) == 32
@@ -130,8 +132,9 @@ async def test_a_csv_column_and_a_directory_tree_go_into_a_csv(
     (tree / "a" / "notes.txt").write_text("not an image")
     output = tmp_path / "results.csv"
     args = ["-r", str(tree), "--urls-file", str(table), "--url-column", "image_url", "--output", str(output)]
-    status, stderr = await finish(await start_client(service, *args))
+    status, stderr = await finish(await start_client(service, *args, "--priority", "interactive"))
     assert status == 1, stderr
+    assert {task["priority"] for task in await tasks_of(service)} == {"interactive"}  # as told
     rows = {row["input"]: row for row in read_rows(output)}
     assert set(rows) == {
         str(tree / "coffee.jpg"),
