@@ -1,6 +1,6 @@
 """A shared service: one key's bulk load beside another key's one-photo tasks.
 
-    .venv/bin/python -m bench.fairness [--images 4000]   # ~4 minutes on 2 cores
+    .venv/bin/python -m bench.fairness [--images 4000]   # about a minute on 2 cores
 
 For each deployment, embedded (`run_service.py --workers 2`) and through Redis (a web-only
 replica and `run_worker.py --workers 2`), in one run: the latency of one-image interactive
