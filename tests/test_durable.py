@@ -273,7 +273,11 @@ async def test_a_reopened_store_has_every_task_as_it_was(tmp_path: Path) -> None
 
 
 # The tables as the first durable version (schema 1) wrote them: no tasks.precision.
-SCHEMA_V1 = SCHEMA.replace("    precision TEXT NOT NULL DEFAULT 'fp32',\n", "").replace(",\n    webhook TEXT\n", "\n")
+SCHEMA_V1 = (
+    SCHEMA.replace("    precision TEXT NOT NULL DEFAULT 'fp32',\n", "")
+    .replace("    priority TEXT NOT NULL DEFAULT 'interactive',\n", "")
+    .replace(",\n    webhook TEXT\n", "\n")
+)
 
 
 async def test_a_data_dir_of_the_previous_version_is_upgraded_in_place(tmp_path: Path) -> None:
