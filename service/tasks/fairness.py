@@ -37,10 +37,6 @@ class FairGate:
         self._reserved = reserved
         self._waiting: dict[Priority, Waiters] = {priority: OrderedDict() for priority in Priority}
 
-    def waiting(self, priority: Priority) -> int:
-        """Waiters of `priority` (what the queue-depth gauges count as held back)."""
-        return sum(len(futures) for futures in self._waiting[priority].values())
-
     async def acquire(self, priority: Priority, task_id: str) -> None:
         if self._may_take(priority) and not self._queued_before(priority):
             self._free -= 1
