@@ -178,6 +178,11 @@ class Settings(BaseSettings):
         "(run_worker.py) to classify; web replicas sharing it answer for each other's tasks (instead of --store)",
     )
     redis_prefix: str = Field("ics:", description="prefix of every Redis key the service uses")
+    metrics_port: Annotated[int, Field(ge=1, le=65535)] | None = Field(
+        None,
+        description="run_worker.py: serve /metrics, /healthz and /readyz on this port (on --host); default: off, "
+        "so that several workers on one machine need no port each",
+    )
     lease: PositiveSeconds = Field(
         10.0, description="seconds a web replica's hold on its tasks lasts unrenewed; then another replica adopts them"
     )

@@ -6,18 +6,23 @@ It is the web process's own pool and consumers without the web: the same setting
 models declared the same way as on the web replicas; `--serve-models` narrows them), the
 same supervision of the inference processes. It never downloads: the web tier does, behind
 its address policy. Stopping it (SIGTERM) leaves the batches it holds to other workers once
-`--claim-idle` has passed.
+`--claim-idle` has passed. With `--metrics-port` it serves its metrics and probes
+(`service.api.worker_probes`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
+from collections.abc import AsyncIterator
 
 import uvloop
+from aiohttp import web
 
 from inference.specs import CatalogError
+from service.api.worker_probes import create_probe_app
 from service.backend import open_backend
 from service.broker.streams import consumer_name
 from service.lifetimes import stop_tasks
@@ -36,6 +41,29 @@ log = logging.getLogger("service.worker")
 PROGRAM = "run_worker.py"
 
 
+class ProbePortError(Exception):
+    """The metrics port cannot be listened on (in use, say); the message is the one-line reason."""
+
+
+@contextlib.asynccontextmanager
+async def probes(settings: Settings, app: web.Application) -> AsyncIterator[None]:
+    """Serve `app` on `--host`:`--metrics-port` until the block ends (nothing without a port)."""
+    if settings.metrics_port is None:
+        yield
+        return
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    try:
+        try:
+            await web.TCPSite(runner, settings.host, settings.metrics_port).start()
+        except OSError as exc:
+            raise ProbePortError(f"--metrics-port {settings.metrics_port} on {settings.host}: {exc.strerror}") from None
+        log.info("metrics and probes on http://%s:%d", settings.host, settings.metrics_port)
+        yield
+    finally:
+        await runner.cleanup()
+
+
 async def work(settings: Settings) -> None:
     """Classify until SIGINT or SIGTERM."""
     stop = asyncio.Event()
@@ -49,7 +77,8 @@ async def work(settings: Settings) -> None:
         pool = make_pool(settings, catalog)
         try:
             await pool.start()
-            async with backend.batches(models) as batches:
+            probe_app = create_probe_app(metrics, pool, backend.registry)
+            async with probes(settings, probe_app), backend.batches(models) as batches:
                 classifier = Classifier(
                     backend.registry,
                     pool,
@@ -82,6 +111,6 @@ def main() -> None:
     configure_logging(settings.log_format)
     try:
         uvloop.run(work(settings))
-    except (DefaultModelError, CatalogError, StoreOpenError) as exc:
+    except (DefaultModelError, CatalogError, StoreOpenError, ProbePortError) as exc:
         log.error("%s", exc)
         raise SystemExit(1) from None

@@ -1,0 +1,106 @@
+"""Operating a fleet on the real parts: a web-only replica and `run_worker.py` processes with
+their metrics ports, sharing a real `redis-server`. A worker's own /metrics, /healthz and
+/readyz (503 while Redis is frozen), and a metrics port in use."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from testing.ports import free_port
+from testing.redis_server import RedisServer
+from testing.services import ROOT
+from tests.conftest import ImageServer
+from tests.test_scale_out import replica, running_worker, submit, wait_final
+
+pytestmark = pytest.mark.e2e  # real Redis, replicas and workers
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+@pytest.fixture
+def redis(tmp_path: Path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path / "redis")
+    server.directory.mkdir()
+    server.start()
+    yield server
+    server.stop()
+
+
+async def scrape(http: aiohttp.ClientSession, base: str) -> Samples:
+    async with http.get(f"{base}/metrics") as response:
+        assert response.status == 200
+        text = await response.text()
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+async def status_of(http: aiohttp.ClientSession, url: str) -> int:
+    async with http.get(url) as response:
+        return response.status
+
+
+async def test_a_worker_serves_its_metrics_and_probes(
+    redis: RedisServer, image_server: ImageServer, tmp_path: Path
+) -> None:
+    port = free_port()
+    probes = f"http://127.0.0.1:{port}"
+    flags = ("--host", "127.0.0.1", "--metrics-port", str(port))
+    async with (
+        replica(redis, log=tmp_path / "replica.log") as (_, base),
+        running_worker(redis, tmp_path / "worker.log", *flags),
+        aiohttp.ClientSession() as http,
+    ):
+        assert await status_of(http, f"{probes}/healthz") == 200
+        assert await status_of(http, f"{probes}/readyz") == 200
+        urls = [image_server.url(f"/photos/{name}") for name in ("coffee", "chelsea", "rocket")] * 2
+        task = await wait_final(http, base, await submit(http, base, urls))
+        assert task["progress"]["succeeded"] == 6
+        samples = await scrape(http, probes)
+        assert samples[("ics_batch_size_sum", ())] == 6  # real images per batch, every one of them
+        assert samples[("ics_inference_seconds_count", ())] == samples[("ics_batch_size_count", ())] >= 2
+        assert samples[("ics_images_total", (("code", ""), ("outcome", "succeeded")))] == 6
+        assert samples[("ics_worker_restarts", ())] == 0
+        assert samples[("ics_queue_wait_seconds_count", (("priority", "interactive"),))] == 6
+
+        assert redis.process is not None
+        os.kill(redis.process.pid, signal.SIGSTOP)  # Redis frozen: it holds connections, answers nothing
+        try:
+            async with asyncio.timeout(15):
+                while await status_of(http, f"{probes}/readyz") != 503:
+                    await asyncio.sleep(0.5)
+            async with http.get(f"{probes}/readyz") as response:
+                assert "Redis does not answer" in (await response.json())["error"]["message"]
+            assert await status_of(http, f"{probes}/healthz") == 200  # alive all the same
+        finally:
+            os.kill(redis.process.pid, signal.SIGCONT)
+        async with asyncio.timeout(15):
+            while await status_of(http, f"{probes}/readyz") != 200:
+                await asyncio.sleep(0.5)
+
+
+async def test_a_metrics_port_in_use_is_one_line_and_a_failed_exit(redis: RedisServer, tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        command = [sys.executable, "run_worker.py", "--redis", redis.url, "--workers", "1"]
+        command += ["--host", "127.0.0.1", "--metrics-port", str(port)]
+        finished = await asyncio.to_thread(subprocess.run, command, cwd=ROOT, capture_output=True, timeout=120)
+    assert finished.returncode == 1
+    errors = finished.stderr.decode()
+    assert f"--metrics-port {port} on 127.0.0.1: " in errors and "in use" in errors, errors
+    assert "Traceback" not in errors
