@@ -24,8 +24,15 @@ class Metrics:
         )
         self.queue_depth = Gauge(
             "ics_queue_depth",
-            "Downloaded images waiting for the model, by priority",
-            ["priority"],
+            "Downloaded images not yet classified, by model and priority: in this process's queue, or with Redis "
+            "fleet-wide in the job streams (those a worker holds included): the backlog to scale workers on",
+            ["model", "priority"],
+            registry=self.registry,
+        )
+        self.queue_oldest = Gauge(
+            "ics_queue_oldest_seconds",
+            "How long the oldest image waiting for the model has waited, by model and priority",
+            ["model", "priority"],
             registry=self.registry,
         )
         self.queue_wait = Histogram(

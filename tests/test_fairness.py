@@ -19,6 +19,7 @@ from inference.specs import EMBEDDED, ModelInfo
 from service.broker.local import BatchQueue
 from service.broker.streams import StreamBatches, StreamJobs, stream_of
 from service.stores.redis.registry import RedisRegistry
+from service.tasks.engine import TaskEngine
 from service.tasks.fairness import FairGate
 from service.tasks.queues import QueuedImage
 from service.tasks.records import Priority, TaskStatus
@@ -121,6 +122,25 @@ async def test_a_batch_takes_interactive_images_first_then_one_per_task_in_turn(
     assert queue.depths() == {INTERACTIVE: 0, BATCH: 4}
 
 
+async def test_the_backlog_is_counted_by_model_and_priority_with_the_oldest_age() -> None:
+    queue = BatchQueue(capacity=100)
+    now = time.time()
+    await queue.put(QueuedImage("bulk", 0, "m", 1, b"", priority=BATCH, queued_at=now - 7))
+    await queue.put(QueuedImage("bulk", 1, "m", 1, b"", priority=BATCH, queued_at=now - 1))
+    await queue.put(QueuedImage("other", 0, "m", 1, b"", priority=BATCH, queued_at=now - 3))
+    await queue.put(QueuedImage("photo", 0, "m", 1, b"", queued_at=now - 2))
+    waiting = {(b.model, b.priority): b for b in await queue.backlog(["m", "x"])}
+    assert {which: b.images for which, b in waiting.items()} == {
+        ("m", INTERACTIVE): 1,
+        ("m", BATCH): 3,
+        ("x", INTERACTIVE): 0,
+        ("x", BATCH): 0,
+    }
+    assert waiting[("m", BATCH)].oldest_seconds == pytest.approx(7, abs=0.5)
+    assert waiting[("m", INTERACTIVE)].oldest_seconds == pytest.approx(2, abs=0.5)
+    assert waiting[("x", BATCH)].oldest_seconds == 0
+
+
 async def test_models_with_interactive_images_go_first_then_models_take_turns() -> None:
     queue = BatchQueue(capacity=100)
     for n in range(4):
@@ -141,6 +161,10 @@ async def test_queue_room_goes_to_interactive_images_first() -> None:
     assert not blocked.done()
     await queue.next_batch(max_size=2, max_wait=0)
     await asyncio.wait_for(blocked, 1)
+
+
+async def waiting(engine: TaskEngine, priority: Priority) -> int:
+    return sum(backlog.images for backlog in await engine.backlog() if backlog.priority is priority)
 
 
 class SlowPool(FakePool):
@@ -203,11 +227,11 @@ async def test_batch_work_waits_while_interactive_work_is_queued(images: Images)
     async with engine(pool, batch_size=4, max_queued_images=64) as running:
         bulk = await running.service.create(images.urls(*["cat"] * 40), EMBEDDED.name, 1, None, priority=BATCH)
         async with asyncio.timeout(10):
-            while running.service.queue_depths()[BATCH] < 30:
+            while await waiting(running.service, BATCH) < 30:
                 await asyncio.sleep(0.01)
         photos = await running.service.create(images.urls("dog", "rocket", "dog"), EMBEDDED.name, 1, None)
         async with asyncio.timeout(10):
-            while running.service.queue_depths()[INTERACTIVE] < 3:
+            while await waiting(running.service, INTERACTIVE) < 3:
                 await asyncio.sleep(0.01)
         held = len(pool.batches)  # taken before the photos arrived
         pool.hold.set()
@@ -224,7 +248,7 @@ async def test_batch_work_alone_fills_every_batch(images: Images) -> None:
     async with engine(pool, batch_size=8, max_queued_images=64) as running:
         bulk = await running.service.create(images.urls(*["cat"] * 64), EMBEDDED.name, 1, None, priority=BATCH)
         async with asyncio.timeout(10):
-            while running.service.queue_depths()[BATCH] < 40:  # the queue fills while the pool holds
+            while await waiting(running.service, BATCH) < 40:  # the queue fills while the pool holds
                 await asyncio.sleep(0.01)
         pool.hold.set()
         done = await final(running.registry, bulk.task_id)
@@ -249,6 +273,16 @@ async def test_workers_read_interactive_streams_first(redis_server: RedisServer,
         for n in range(3):
             await jobs.put(QueuedImage(photo.task_id, n, "m", 1, b"y", queued_at=now))
         assert jobs.depths() == {INTERACTIVE: 3, BATCH: 20}
+        await asyncio.sleep(0.05)
+        waiting = {(b.model, b.priority): b for b in await jobs.backlog(["m", "other"])}
+        assert {which: b.images for which, b in waiting.items()} == {
+            ("m", INTERACTIVE): 3,
+            ("m", BATCH): 20,
+            ("other", INTERACTIVE): 0,
+            ("other", BATCH): 0,
+        }
+        assert 0.04 <= waiting[("m", BATCH)].oldest_seconds < 5
+        assert waiting[("other", BATCH)].oldest_seconds == 0
         batch = await batches.next_batch(max_size=8, max_wait=0.01)
         assert [(j.task_id, j.priority) for j in batch] == [(photo.task_id, INTERACTIVE)] * 3 + [
             (bulk.task_id, BATCH)

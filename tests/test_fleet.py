@@ -61,7 +61,7 @@ async def test_a_worker_serves_its_metrics_and_probes(
     flags = ("--host", "127.0.0.1", "--metrics-port", str(port))
     async with (
         replica(redis, log=tmp_path / "replica.log") as (_, base),
-        running_worker(redis, tmp_path / "worker.log", *flags),
+        running_worker(redis, tmp_path / "worker.log", *flags) as worker,
         aiohttp.ClientSession() as http,
     ):
         assert await status_of(http, f"{probes}/healthz") == 200
@@ -75,6 +75,21 @@ async def test_a_worker_serves_its_metrics_and_probes(
         assert samples[("ics_images_total", (("code", ""), ("outcome", "succeeded")))] == 6
         assert samples[("ics_worker_restarts", ())] == 0
         assert samples[("ics_queue_wait_seconds_count", (("priority", "interactive"),))] == 6
+
+        # The worker stopped: the replica's gauge is the backlog in Redis, for an autoscaler.
+        os.killpg(worker.pid, signal.SIGSTOP)
+        try:
+            waiting = await submit(http, base, urls)
+            labels = (("model", "efficientnet_lite0"), ("priority", "interactive"))
+            async with asyncio.timeout(15):
+                while (await scrape(http, base)).get(("ics_queue_depth", labels)) != 6:
+                    await asyncio.sleep(0.2)
+            await asyncio.sleep(1.1)
+            assert (await scrape(http, base))[("ics_queue_oldest_seconds", labels)] >= 1
+        finally:
+            os.killpg(worker.pid, signal.SIGCONT)
+        assert (await wait_final(http, base, waiting))["progress"]["succeeded"] == 6
+        assert (await scrape(http, base))[("ics_queue_depth", labels)] == 0
 
         assert redis.process is not None
         os.kill(redis.process.pid, signal.SIGSTOP)  # Redis frozen: it holds connections, answers nothing

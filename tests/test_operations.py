@@ -56,8 +56,9 @@ async def test_metrics_move_as_tasks_run(make_real_service: ServiceFactory, imag
     assert after[("ics_download_seconds_count", ())] == 5
     assert after[("ics_batch_size_sum", ())] == 4  # the three photos and the text body
     assert after[("ics_inference_seconds_count", ())] == after[("ics_batch_size_count", ())] >= 1
-    assert after[("ics_queue_depth", (("priority", "interactive"),))] == 0
-    assert after[("ics_queue_depth", (("priority", "batch"),))] == 0
+    for priority in ("interactive", "batch"):
+        waiting = (("model", "efficientnet_lite0"), ("priority", priority))
+        assert after[("ics_queue_depth", waiting)] == after[("ics_queue_oldest_seconds", waiting)] == 0
     assert after[("ics_queue_wait_seconds_count", (("priority", "interactive"),))] == 4  # every image downloaded
     assert ("ics_queue_wait_seconds_count", (("priority", "batch"),)) not in after
     assert after[("ics_worker_restarts", ())] == 0

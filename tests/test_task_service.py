@@ -199,7 +199,7 @@ async def test_cancel_stops_downloads_drops_queued_images_and_refuses_late_resul
         await asyncio.sleep(1.2)
         assert images.hits == hits < 20  # nothing new was fetched
         assert images.aborted == 2  # and both downloads in flight were cut off
-        assert sum(running.service.queue_depths().values()) == 0
+        assert sum(backlog.images for backlog in await running.service.backlog()) == 0
         pool.hold.set()  # the batch in the worker comes back now: refused
         await asyncio.sleep(0.1)
         assert await running.registry.get(task.task_id) == cancelled

@@ -57,8 +57,10 @@ async def metrics(request: web.Request) -> web.Response:
     app_metrics = app[METRICS]
     for status, count in (await app[REGISTRY].status_counts()).items():
         app_metrics.tasks.labels(status=status.value).set(count)
-    for priority, depth in app[ENGINE].queue_depths().items():
-        app_metrics.queue_depth.labels(priority=priority.value).set(depth)
+    for waiting in await app[ENGINE].backlog():
+        labels = {"model": waiting.model, "priority": waiting.priority.value}
+        app_metrics.queue_depth.labels(**labels).set(waiting.images)
+        app_metrics.queue_oldest.labels(**labels).set(waiting.oldest_seconds)
     app_metrics.upload_bytes.set(app[UPLOAD_BUDGET].used)
     if (pool := app.get(POOL)) is not None:
         app_metrics.worker_restarts.set(pool.restarts)

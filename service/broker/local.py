@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections import Counter, OrderedDict, deque
 
 from service.tasks.fairness import FairGate, interactive_reserve
-from service.tasks.queues import QueuedImage
+from service.tasks.queues import Backlog, QueuedImage
 from service.tasks.records import Priority
 
 Rings = dict[Priority, OrderedDict[str, deque[QueuedImage]]]  # per priority: task id -> its images, in turn order
@@ -42,6 +43,17 @@ class BatchQueue:
 
     def depths(self) -> dict[Priority, int]:
         return {priority: self._per_priority[priority] for priority in Priority}
+
+    async def backlog(self, models: list[str]) -> list[Backlog]:
+        now = time.time()
+        backlog = []
+        for model in models:
+            rings = self._models.get(model)
+            for priority in Priority:
+                images = list(rings[priority].values()) if rings else []
+                oldest = min((queued[0].queued_at for queued in images), default=now)
+                backlog.append(Backlog(model, priority, sum(map(len, images)), max(0.0, now - oldest)))
+        return backlog
 
     async def put(self, job: QueuedImage) -> None:
         await self._room.acquire(job.priority, job.task_id)

@@ -28,7 +28,7 @@ from redis.exceptions import ResponseError
 
 from service.lifetimes import stop_tasks
 from service.stores.redis.link import RedisLink, ensure_group, forget_idle_consumers, group_gone
-from service.tasks.queues import QueuedImage
+from service.tasks.queues import Backlog, QueuedImage
 from service.tasks.records import ErrorInfo, ItemStatus, Priority
 from service.tasks.registry import ItemChange
 
@@ -84,14 +84,37 @@ class StreamJobs:
         self._adds: list[Add] = []
         self._adding: asyncio.Task[None] | None = None
 
-    def __len__(self) -> int:
-        return sum(self._lengths.values())
-
     def depths(self) -> dict[Priority, int]:
+        """The last lengths this replica saw, by priority (not the fleet's: see `backlog`)."""
         return {
             priority: sum(length for (_, of), length in self._lengths.items() if of is priority)
             for priority in Priority
         }
+
+    async def backlog(self, models: list[str]) -> list[Backlog]:
+        """Fleet-wide, from Redis: each stream's entries (waiting, or held by a worker: an entry
+        is deleted once its outcome is in), and the age of the oldest, from its id (the time
+        Redis added it, in ms)."""
+        which = [(model, priority) for model in models for priority in Priority]
+        client = self._link.client
+
+        async def ask() -> tuple[list[int], list[Any], int]:
+            async with client.pipeline(transaction=False) as pipe:
+                for model, priority in which:
+                    pipe.xlen(stream_of(self._prefix, model, priority))
+                for model, priority in which:
+                    pipe.xrange(stream_of(self._prefix, model, priority), count=1)
+                pipe.time()
+                results = await pipe.execute()
+            seconds, micros = results[-1]
+            return results[: len(which)], results[len(which) : -1], int(seconds) * 1000 + int(micros) // 1000
+
+        lengths, heads, now_ms = await self._link.fast(ask())
+        backlog = []
+        for (model, priority), length, head in zip(which, lengths, heads, strict=True):
+            oldest = (now_ms - int(head[0][0].split(b"-")[0])) / 1000 if head else 0.0
+            backlog.append(Backlog(model, priority, int(length), max(0.0, oldest)))
+        return backlog
 
     async def put(self, job: QueuedImage) -> None:
         stream = stream_of(self._prefix, job.model, job.priority)

@@ -31,7 +31,7 @@ from service.pool.catalog import ModelCatalog
 from service.tasks.classifier import INTERNAL_ERROR, Classifier
 from service.tasks.idempotency import IdempotencyKey
 from service.tasks.pipeline import Pipeline
-from service.tasks.queues import BatchSource, ImageQueue
+from service.tasks.queues import Backlog, BatchSource, ImageQueue
 from service.tasks.records import Priority, TaskDetail
 from service.tasks.registry import Admission, TaskRegistry
 from service.tasks.uploads import UPLOAD_PREFIX, HeldUploads, TaskUploads, UploadBudget, UploadSpool
@@ -92,9 +92,9 @@ class TaskEngine:
     ) -> None:
         await self.close()
 
-    def queue_depths(self) -> dict[Priority, int]:
-        """Images waiting for the model, by priority (as far as this process knows)."""
-        return self._queue.depths()
+    async def backlog(self) -> list[Backlog]:
+        """Images waiting for the model, by model and priority (with Redis, fleet-wide)."""
+        return await self._queue.backlog([info.name for info in self._catalog.infos()])
 
     async def create(
         self,

@@ -26,13 +26,20 @@ class QueuedImage:
     queued_at: float = 0.0  # when it was downloaded and queued (epoch seconds: it may cross machines)
 
 
-class ImageQueue(Protocol):
-    def __len__(self) -> int:
-        """Images waiting, as far as this process knows."""
-        ...
+@dataclass(frozen=True)
+class Backlog:
+    """The images of one model and priority waiting for the model (or being classified):
+    what a gauge shows and what an autoscaler scales workers on."""
 
-    def depths(self) -> dict[Priority, int]:
-        """`len`, by priority."""
+    model: str
+    priority: Priority
+    images: int
+    oldest_seconds: float  # how long the oldest of them has waited; 0 when there are none
+
+
+class ImageQueue(Protocol):
+    async def backlog(self, models: list[str]) -> list[Backlog]:
+        """What waits for `models`, by model and priority: with a shared queue, fleet-wide."""
         ...
 
     async def put(self, job: QueuedImage) -> None:
