@@ -21,6 +21,7 @@ from testing.ports import free_port
 from testing.redis_server import RedisServer
 from testing.services import ROOT
 from tests.conftest import ImageServer
+from tests.test_deploy import dashboard_metrics
 from tests.test_scale_out import replica, running_worker, submit, wait_final
 
 pytestmark = pytest.mark.e2e  # real Redis, replicas and workers
@@ -46,6 +47,12 @@ async def scrape(http: aiohttp.ClientSession, base: str) -> Samples:
         for family in text_string_to_metric_families(text)
         for sample in family.samples
     }
+
+
+async def families(http: aiohttp.ClientSession, base: str) -> set[str]:
+    """The metric families a /metrics declares (those without samples yet included)."""
+    async with http.get(f"{base}/metrics") as response:
+        return {family.name for family in text_string_to_metric_families(await response.text())}
 
 
 async def status_of(http: aiohttp.ClientSession, url: str) -> int:
@@ -75,6 +82,9 @@ async def test_a_worker_serves_its_metrics_and_probes(
         assert samples[("ics_images_total", (("code", ""), ("outcome", "succeeded")))] == 6
         assert samples[("ics_worker_restarts", ())] == 0
         assert samples[("ics_queue_wait_seconds_count", (("priority", "interactive"),))] == 6
+        # Every metric the Grafana dashboard queries is on a replica's or a worker's /metrics.
+        missing = dashboard_metrics() - await families(http, base) - await families(http, probes)
+        assert not missing
 
         # The worker stopped: the replica's gauge is the backlog in Redis, for an autoscaler.
         os.killpg(worker.pid, signal.SIGSTOP)
