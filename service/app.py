@@ -50,6 +50,7 @@ from service.pool.factory import build_catalog, make_pool
 from service.settings import Settings
 from service.tasks.classifier import CONSUMERS_PER_WORKER
 from service.tasks.engine import TaskEngine
+from service.tasks.fleet import WorkerIdentity
 from service.tasks.uploads import UploadBudget
 from service.webhooks.sender import WebhookSender
 
@@ -119,10 +120,21 @@ async def engine_ctx(app: web.Application) -> AsyncIterator[None]:
                 pool=pool,
                 source=source,
                 adopt_every=backend.adopt_every,
+                identity=None if pool is None else _identity(app),
             )
         )
         app[ENGINE] = engine
         yield
+
+
+def _identity(app: web.Application) -> WorkerIdentity:
+    settings, catalog = app[SETTINGS], app[CATALOG]
+    return WorkerIdentity(
+        [info.name for info in catalog.infos()],
+        settings.resolved_runtime(),
+        catalog.info(catalog.default).precision,
+        settings.resolved_workers(),
+    )
 
 
 def download_session(settings: Settings) -> aiohttp.ClientSession:

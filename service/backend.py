@@ -12,8 +12,9 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from service.broker.fleet import RedisFleet
 from service.broker.local import BatchQueue
 from service.broker.streams import StreamBatches, StreamJobs, consumer_name
 from service.metrics import Metrics
@@ -21,6 +22,7 @@ from service.settings import Settings, StoreKind
 from service.stores.memory.registry import InMemoryRegistry
 from service.stores.redis.registry import RedisRegistry
 from service.stores.sqlite.registry import SqliteRegistry
+from service.tasks.fleet import FleetView, NoFleet
 from service.tasks.queues import BatchSource, ImageQueue
 from service.tasks.registry import TaskRegistry
 from service.tasks.uploads import UploadBudget, UploadSpool
@@ -36,6 +38,8 @@ class Backend:
     batches: BatchSourceOpener
     spool: UploadSpool | None = None  # where uploads wait on disk for their task (a durable store)
     adopt_every: float | None = None  # seconds between looks for tasks a gone replica left
+    fleet: FleetView = field(default_factory=NoFleet)  # the workers elsewhere, by their heartbeats
+    heartbeats: RedisFleet | None = None  # where a standalone worker says it is alive
 
 
 Opener = Callable[[Settings, Metrics, UploadBudget, bool], AbstractAsyncContextManager[Backend]]
@@ -86,6 +90,8 @@ async def open_redis(settings: Settings, metrics: Metrics, budget: UploadBudget,
         watch=web,
     )
 
+    fleet = RedisFleet(registry.link, registry.prefix)
+
     @asynccontextmanager
     async def batches(models: list[str]) -> AsyncIterator[BatchSource]:
         source = StreamBatches(
@@ -96,6 +102,7 @@ async def open_redis(settings: Settings, metrics: Metrics, budget: UploadBudget,
             consumer_name(),
             settings.claim_idle,
             settings.max_deliveries,
+            fleet,
         )
         await source.start()
         try:
@@ -105,7 +112,7 @@ async def open_redis(settings: Settings, metrics: Metrics, budget: UploadBudget,
 
     jobs = StreamJobs(registry.link, registry.prefix, settings.max_queued_images)
     try:
-        yield Backend(registry, jobs, batches, adopt_every=registry.adopt_every)
+        yield Backend(registry, jobs, batches, adopt_every=registry.adopt_every, fleet=fleet, heartbeats=fleet)
     finally:
         await jobs.close()
         await registry.close()

@@ -51,6 +51,12 @@ class Metrics:
         self.inference_seconds = Histogram(
             "ics_inference_seconds", "Seconds per batch in the inference pool", registry=self.registry
         )
+        self.workers = Gauge(
+            "ics_workers",
+            "Workers (inference pools): this process's own, and with Redis every worker by its heartbeat; by state",
+            ["state"],
+            registry=self.registry,
+        )
         self.worker_restarts = Gauge(
             "ics_worker_restarts", "Times the inference workers were replaced", registry=self.registry
         )

@@ -24,6 +24,7 @@ from aiohttp import web
 from inference.specs import CatalogError
 from service.api.worker_probes import create_probe_app
 from service.backend import open_backend
+from service.broker.fleet import HEARTBEAT_SECONDS, RedisFleet
 from service.broker.streams import consumer_name
 from service.lifetimes import stop_tasks
 from service.logs import configure_logging
@@ -33,6 +34,7 @@ from service.pool.factory import build_catalog, make_pool
 from service.settings import Settings, load_settings, usage_error
 from service.stores.redis.link import safe_url
 from service.tasks.classifier import CONSUMERS_PER_WORKER, Classifier
+from service.tasks.fleet import WorkerIdentity, WorkerStats
 from service.tasks.registry import StoreOpenError
 from service.tasks.uploads import UploadBudget
 
@@ -64,6 +66,21 @@ async def probes(settings: Settings, app: web.Application) -> AsyncIterator[None
         await runner.cleanup()
 
 
+async def heartbeat(fleet: RedisFleet, identity: WorkerIdentity, stats: WorkerStats) -> None:
+    """Tell the fleet this worker is alive, every `HEARTBEAT_SECONDS`, until cancelled; then
+    that it has left. A beat that fails is logged: missing beats are how others see it gone."""
+    try:
+        while True:
+            try:
+                await fleet.beat(identity.entry(stats))
+            except Exception as exc:  # Redis away: the others will take over what this worker holds
+                log.warning("heartbeat failed: %s", exc)
+            await asyncio.sleep(HEARTBEAT_SECONDS)
+    finally:
+        with contextlib.suppress(Exception):
+            await asyncio.shield(fleet.leave(identity.id))
+
+
 async def work(settings: Settings) -> None:
     """Classify until SIGINT or SIGTERM."""
     stop = asyncio.Event()
@@ -91,6 +108,15 @@ async def work(settings: Settings) -> None:
                 consumers = [
                     asyncio.create_task(classifier.consume()) for _ in range(CONSUMERS_PER_WORKER * pool.workers)
                 ]
+                if backend.heartbeats is not None:
+                    identity = WorkerIdentity(
+                        models,
+                        settings.resolved_runtime(),
+                        catalog.info(catalog.default).precision,
+                        pool.workers,
+                        id=consumer_name(),
+                    )
+                    consumers.append(asyncio.create_task(heartbeat(backend.heartbeats, identity, classifier.stats)))
                 where = safe_url(settings.redis)
                 log.info(
                     "worker %s: %d processes classify %s at %s", consumer_name(), pool.workers, ", ".join(models), where

@@ -12,9 +12,11 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
+import redis.asyncio as aioredis
 from prometheus_client.parser import text_string_to_metric_families
 
 from testing.ports import free_port
@@ -22,7 +24,7 @@ from testing.redis_server import RedisServer
 from testing.services import ROOT
 from tests.conftest import ImageServer
 from tests.test_deploy import dashboard_metrics
-from tests.test_scale_out import replica, running_worker, submit, wait_final
+from tests.test_scale_out import kill, replica, running_worker, submit, together, wait_final
 
 pytestmark = pytest.mark.e2e  # real Redis, replicas and workers
 
@@ -129,3 +131,63 @@ async def test_a_metrics_port_in_use_is_one_line_and_a_failed_exit(redis: RedisS
     errors = finished.stderr.decode()
     assert f"--metrics-port {port} on 127.0.0.1: " in errors and "in use" in errors, errors
     assert "Traceback" not in errors
+
+
+async def test_the_fleet_view_and_a_killed_workers_batch_taken_over_within_a_few_heartbeats(
+    redis: RedisServer, image_server: ImageServer, tmp_path: Path
+) -> None:
+    ports = free_port(), free_port()
+    flags = [("--host", "127.0.0.1", "--metrics-port", str(port), "--claim-idle", "60") for port in ports]
+    urls = [image_server.url(f"/photos/{name}") for name in ("coffee", "chelsea", "rocket")] * 10
+    client = aioredis.Redis.from_url(redis.url)
+    async with (
+        together(
+            replica(redis, log=tmp_path / "replica.log"),
+            running_worker(redis, tmp_path / "w1.log", *flags[0]),
+            running_worker(redis, tmp_path / "w2.log", *flags[1]),
+        ) as ((_, base), first, second),
+        aiohttp.ClientSession() as http,
+    ):
+        ids = {f"{socket.gethostname()}-{worker.pid}" for worker in (first, second)}
+        async with asyncio.timeout(10):
+            while {worker["id"] for worker in await workers_of(http, base) if worker["state"] == "up"} != ids:
+                await asyncio.sleep(0.2)
+        assert (await scrape(http, base))[("ics_workers", (("state", "up"),))] == 2
+        task = await wait_final(http, base, await submit(http, base, urls))
+        assert task["progress"]["succeeded"] == 30
+        per_worker = [await scrape(http, f"http://127.0.0.1:{port}") for port in ports]
+        assert sum(samples[("ics_batch_size_sum", ())] for samples in per_worker) == 30  # every image, once
+        async with asyncio.timeout(10):  # the heartbeats after those batches tell the same
+            while sum(worker["images"] for worker in await workers_of(http, base)) != 30:
+                await asyncio.sleep(0.2)
+
+        # The first worker dies holding a batch: the second takes it over within a few
+        # heartbeats, long before --claim-idle (60 s) would hand it over.
+        task_id = await submit(http, base, urls * 2)
+        victim = f"{socket.gethostname()}-{first.pid}"
+        async with asyncio.timeout(30):
+            while not await holds(client, victim):
+                await asyncio.sleep(0.01)
+        os.killpg(first.pid, signal.SIGSTOP)
+        kill(first)
+        killed = asyncio.get_running_loop().time()
+        task = await wait_final(http, base, task_id, timeout=30)
+        assert task["progress"]["succeeded"] == 60
+        assert asyncio.get_running_loop().time() - killed < 20
+        assert "heartbeat stopped" in (tmp_path / "w2.log").read_text()
+        states = {worker["id"]: worker["state"] for worker in await workers_of(http, base)}
+        assert states[victim] == "gone"
+        assert (await scrape(http, base))[("ics_workers", (("state", "gone"),))] == 1
+    await client.aclose()
+
+
+async def workers_of(http: aiohttp.ClientSession, base: str) -> list[dict[str, Any]]:
+    async with http.get(f"{base}/workers") as response:
+        assert response.status == 200
+        return list((await response.json())["workers"])
+
+
+async def holds(client: aioredis.Redis, consumer: str) -> bool:
+    """Whether `consumer` holds entries of the default model's stream (taken, not confirmed)."""
+    summary = await client.xpending("ics:jobs:efficientnet_lite0", "workers")
+    return any(entry["name"].decode() == consumer for entry in summary["consumers"] or [])

@@ -167,6 +167,7 @@ def test_document_is_valid_and_describes_every_route(service_url: str) -> None:
         "/readyz",
         "/metrics",
         "/models",
+        "/workers",
         "/submit",
         "/tasks",
         "/tasks/{task_id}",

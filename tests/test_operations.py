@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import socket
 from pathlib import Path
 
 import psutil
@@ -117,3 +118,21 @@ async def test_a_frozen_worker_fails_readiness_and_is_replaced(
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(frozen, signal.SIGKILL)
+
+
+async def test_the_workers_list_shows_this_services_own_pool(
+    make_service: ServiceFactory, image_server: ImageServer
+) -> None:
+    client = await make_service()
+    urls = [image_server.url("/photos/coffee")] * 3
+    await wait_for_task(client, (await submit(client, urls))["task_id"])
+    response = await client.get("/workers")
+    assert response.status == 200
+    (worker,) = (await response.json())["workers"]
+    assert worker["id"] == f"{socket.gethostname()}-{os.getpid()}" and worker["pid"] == os.getpid()
+    assert (worker["state"], worker["processes"], worker["images"]) == ("up", 1, 3)
+    assert worker["models"] == ["efficientnet_lite0"] and worker["batches"] >= 1
+    assert worker["last_batch_at"] is not None
+    samples = await scrape(client)
+    assert samples[("ics_workers", (("state", "up"),))] == 1
+    assert samples[("ics_workers", (("state", "gone"),))] == 0

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 from aiohttp import web
 
-from service.api.appkeys import CATALOG, ENGINE, METRICS, POOL, REGISTRY, UPLOAD_BUDGET
+from service.api.appkeys import BACKEND, CATALOG, ENGINE, METRICS, POOL, REGISTRY, UPLOAD_BUDGET
 from service.api.errors import ApiError
 from service.api.openapi import Reply, documented
-from service.api.schemas import Health, ModelEntry, ModelList
+from service.api.schemas import Health, ModelEntry, ModelList, WorkerList
 from service.api.tasks import json_response
 from service.metrics import CONTENT_TYPE
 from service.pool.catalog import ModelCatalog
+from service.tasks.fleet import WorkerEntry, WorkerState
 
 routes = web.RouteTableDef()
 
@@ -64,8 +67,27 @@ async def metrics(request: web.Request) -> web.Response:
     app_metrics.upload_bytes.set(app[UPLOAD_BUDGET].used)
     if (pool := app.get(POOL)) is not None:
         app_metrics.worker_restarts.set(pool.restarts)
+    states = Counter(worker.state for worker in await fleet(app))
+    for state in WorkerState:
+        app_metrics.workers.labels(state=state.value).set(states[state])
     app[REGISTRY].observe()
     return web.Response(body=app_metrics.render(), headers={"Content-Type": CONTENT_TYPE})
+
+
+@routes.get("/workers")
+@documented(
+    summary="The workers that classify: this process's own pool, and with Redis every worker by its heartbeat",
+    tag="operations",
+    replies={200: Reply("The workers, up or gone (a gone one is listed for 10 minutes)", WorkerList)},
+    errors={503: "store_unavailable (Redis is away; see the Retry-After header)"},
+)
+async def list_workers(request: web.Request) -> web.Response:
+    return json_response(WorkerList(workers=await fleet(request.app)))
+
+
+async def fleet(app: web.Application) -> list[WorkerEntry]:
+    own = app[ENGINE].own_worker()
+    return ([] if own is None else [own]) + await app[BACKEND].fleet.workers()
 
 
 @routes.get("/models")

@@ -11,6 +11,7 @@ from pydantic_core import PydanticCustomError
 
 from inference.specs import RunPrecision
 from service.fetch.policy import url_problem
+from service.tasks.fleet import WorkerEntry
 from service.tasks.records import Priority, Progress, Record, TaskStatus, TaskSummary
 
 
@@ -28,6 +29,10 @@ class ModelEntry(Record):
 class ModelList(Record):
     default: str
     models: list[ModelEntry]
+
+
+class WorkerList(Record):
+    workers: list[WorkerEntry]
 
 
 class Health(Record):

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import socket
 import time
 from collections import deque
 from collections.abc import Iterable
@@ -26,8 +24,10 @@ from typing import Any, Protocol, cast
 
 from redis.exceptions import ResponseError
 
+from service.broker.fleet import HEARTBEAT_SECONDS, RedisFleet
 from service.lifetimes import stop_tasks
 from service.stores.redis.link import RedisLink, ensure_group, forget_idle_consumers, group_gone
+from service.tasks.fleet import process_id
 from service.tasks.queues import Backlog, QueuedImage
 from service.tasks.records import ErrorInfo, ItemStatus, Priority
 from service.tasks.registry import ItemChange
@@ -51,8 +51,8 @@ Add = tuple[tuple[str, Priority], Fields, asyncio.Future[None]]
 
 def consumer_name() -> str:
     """This process's name in the consumer groups: a worker that dies leaves its entries
-    under it, for others to claim."""
-    return f"{socket.gethostname()}-{os.getpid()}"
+    under it, for others to claim (the same as its id in the fleet's heartbeats)."""
+    return process_id()
 
 
 def stream_of(prefix: str, model: str, priority: Priority = Priority.INTERACTIVE) -> str:
@@ -190,8 +190,12 @@ class StreamBatches:
         consumer: str,
         claim_idle: float,
         max_deliveries: int,
+        fleet: RedisFleet | None = None,
     ) -> None:
+        """`fleet`: the workers' heartbeats, to claim at once what a gone worker held."""
         self._link = link
+        self._fleet = fleet
+        self._looked_at = 0.0  # when the heartbeats were last looked at
         self._prefix = prefix
         self._store = store
         # Every stream, interactive ones first (the order reads go in).
@@ -223,7 +227,10 @@ class StreamBatches:
     async def next_batch(self, max_size: int, max_wait: float) -> list[QueuedImage]:
         while True:
             try:
-                if time.monotonic() - self._claimed_at >= self._claim_idle_ms / 2000:
+                if self._fleet is not None and time.monotonic() - self._looked_at >= HEARTBEAT_SECONDS:
+                    self._looked_at = time.monotonic()
+                    batch = await self._claim_from_gone(max_size) or await self._read(max_size, max_wait)
+                elif time.monotonic() - self._claimed_at >= self._claim_idle_ms / 2000:
                     self._claimed_at = time.monotonic()
                     batch = await self._claim(max_size)
                 else:
@@ -335,26 +342,50 @@ class StreamBatches:
             pending = await self._link.patient(
                 client.xpending_range, stream, GROUP, min="-", max="+", count=max_size, idle=self._claim_idle_ms
             )
-            if not pending:
-                continue
-            deliveries = {cast(bytes, entry["message_id"]): int(entry["times_delivered"]) for entry in pending}
-            claimed = await self._link.patient(
-                client.xclaim, stream, GROUP, self._consumer, self._claim_idle_ms, list(deliveries)
-            )
-            jobs = self._jobs(stream, claimed)
-            log.warning("claimed %d images that a worker took and never finished", len(jobs))
-            given_up = [job for job in jobs if deliveries[job.receipt] >= self._max_deliveries]
-            for job in given_up:
-                log.error("task %s item %d: given up after %d deliveries", job.task_id, job.index, self._max_deliveries)
-            if given_up:
-                await self._store.update_items(
-                    [ItemChange(job.task_id, job.index, ItemStatus.FAILED, error=WORKER_CRASHED) for job in given_up]
-                )
-                await self.finished(given_up)
-            batch = await self._skip_final([job for job in jobs if job not in given_up])
+            batch = await self._take_over(stream, pending, self._claim_idle_ms)
             if batch:
                 return batch
         return []
+
+    async def _claim_from_gone(self, max_size: int) -> list[QueuedImage]:
+        """Entries held by workers whose heartbeat expired (`service.broker.fleet`): claimed at
+        once, not after `claim_idle`. The claim asks for a heartbeat's idle time, so of two
+        workers claiming together one gets them, and the other takes none back from it."""
+        assert self._fleet is not None
+        gone = await self._link.patient(self._fleet.gone_ids) - {self._consumer}
+        client = self._link.client
+        for worker_id in sorted(gone):
+            for stream in self._streams:
+                pending = await self._link.patient(
+                    client.xpending_range, stream, GROUP, min="-", max="+", count=max_size, consumername=worker_id
+                )
+                batch = await self._take_over(stream, pending, int(HEARTBEAT_SECONDS * 1000))
+                if batch:
+                    log.warning("took over %d images of worker %s: its heartbeat stopped", len(batch), worker_id)
+                    return batch
+        return []
+
+    async def _take_over(self, stream: str, pending: Any, min_idle_ms: int) -> list[QueuedImage]:
+        """Claim `pending` entries (as XPENDING lists them) still idle `min_idle_ms`; those
+        delivered `max_deliveries` times already fail; the rest are the next batch."""
+        if not pending:
+            return []
+        client = self._link.client
+        deliveries = {cast(bytes, entry["message_id"]): int(entry["times_delivered"]) for entry in pending}
+        claimed = await self._link.patient(client.xclaim, stream, GROUP, self._consumer, min_idle_ms, list(deliveries))
+        jobs = self._jobs(stream, claimed)
+        if not jobs:
+            return []
+        log.warning("claimed %d images that a worker took and never finished", len(jobs))
+        given_up = [job for job in jobs if deliveries[job.receipt] >= self._max_deliveries]
+        for job in given_up:
+            log.error("task %s item %d: given up after %d deliveries", job.task_id, job.index, self._max_deliveries)
+        if given_up:
+            await self._store.update_items(
+                [ItemChange(job.task_id, job.index, ItemStatus.FAILED, error=WORKER_CRASHED) for job in given_up]
+            )
+            await self.finished(given_up)
+        return await self._skip_final([job for job in jobs if job not in given_up])
 
     async def _renew(self) -> None:
         """Keep what this process holds from looking abandoned: reset its idle time three

@@ -19,6 +19,7 @@ from inference.protocol import ModelLoadError, Prediction
 from service.metrics import Metrics
 from service.pool import InferencePool, InferenceTimeout, WorkerCrashed
 from service.pool.catalog import ModelCatalog
+from service.tasks.fleet import WorkerStats
 from service.tasks.queues import BatchSource, QueuedImage
 from service.tasks.records import ErrorInfo, ItemStatus
 from service.tasks.registry import ItemChange, TaskRegistry
@@ -43,8 +44,11 @@ class Classifier:
         metrics: Metrics,
         batch_size: int,
         batch_wait: float,
+        stats: WorkerStats | None = None,
     ) -> None:
+        """`stats` counts the batches classified (what a worker's heartbeat tells)."""
         self._registry = registry
+        self.stats = stats or WorkerStats()
         self._pool = pool
         self._catalog = catalog
         self._source = source
@@ -113,6 +117,7 @@ class Classifier:
                 changes.append(ItemChange(job.task_id, job.index, ItemStatus.FAILED, error=error))
         await self._registry.update_items(changes)  # one write for the batch
         self._observe_waits(batch)
+        self.stats.batch_done(len(batch))
 
     def _observe_waits(self, batch: list[QueuedImage]) -> None:
         now = time.time()

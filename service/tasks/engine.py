@@ -29,6 +29,7 @@ from service.metrics import Metrics
 from service.pool import InferencePool
 from service.pool.catalog import ModelCatalog
 from service.tasks.classifier import INTERNAL_ERROR, Classifier
+from service.tasks.fleet import WorkerEntry, WorkerIdentity
 from service.tasks.idempotency import IdempotencyKey
 from service.tasks.pipeline import Pipeline
 from service.tasks.queues import Backlog, BatchSource, ImageQueue
@@ -60,9 +61,11 @@ class TaskEngine:
         pool: InferencePool | None = None,
         source: BatchSource | None = None,
         adopt_every: float | None = None,
+        identity: WorkerIdentity | None = None,
     ) -> None:
-        """`consumers` classify batches from `source` with `pool`; `adopt_every`: seconds
-        between looks for tasks a shared registry has for this replica to take over."""
+        """`consumers` classify batches from `source` with `pool` (`identity`: what that pool
+        is, for the fleet view); `adopt_every`: seconds between looks for tasks a shared
+        registry has for this replica to take over."""
         self._registry = registry
         self._budget = budget
         self._spool = spool  # None: uploads are held in memory
@@ -75,6 +78,7 @@ class TaskEngine:
             else None
         )
         self._consumer_count = consumers if self._classifier is not None else 0
+        self._identity = identity
         self._consumers: list[asyncio.Task[None]] = []
         self._adopt_every = adopt_every
         self._jobs = aiojobs.Scheduler(limit=None, close_timeout=STOP_TIMEOUT, wait_timeout=None)
@@ -91,6 +95,12 @@ class TaskEngine:
         self, kind: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
     ) -> None:
         await self.close()
+
+    def own_worker(self) -> WorkerEntry | None:
+        """This process's own inference pool as the fleet view lists it (None: it has none)."""
+        if self._classifier is None or self._identity is None:
+            return None
+        return self._identity.entry(self._classifier.stats)
 
     async def backlog(self) -> list[Backlog]:
         """Images waiting for the model, by model and priority (with Redis, fleet-wide)."""
