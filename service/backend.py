@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from service.broker.fleet import RedisFleet
 from service.broker.local import BatchQueue
@@ -22,7 +22,6 @@ from service.settings import Settings, StoreKind
 from service.stores.memory.registry import InMemoryRegistry
 from service.stores.redis.registry import RedisRegistry
 from service.stores.sqlite.registry import SqliteRegistry
-from service.tasks.fleet import FleetView, NoFleet
 from service.tasks.queues import BatchSource, ImageQueue
 from service.tasks.registry import TaskRegistry
 from service.tasks.uploads import UploadBudget, UploadSpool
@@ -38,8 +37,7 @@ class Backend:
     batches: BatchSourceOpener
     spool: UploadSpool | None = None  # where uploads wait on disk for their task (a durable store)
     adopt_every: float | None = None  # seconds between looks for tasks a gone replica left
-    fleet: FleetView = field(default_factory=NoFleet)  # the workers elsewhere, by their heartbeats
-    heartbeats: RedisFleet | None = None  # where a standalone worker says it is alive
+    fleet: RedisFleet | None = None  # the workers' heartbeats: where they beat, what lists them
 
 
 Opener = Callable[[Settings, Metrics, UploadBudget, bool], AbstractAsyncContextManager[Backend]]
@@ -112,7 +110,7 @@ async def open_redis(settings: Settings, metrics: Metrics, budget: UploadBudget,
 
     jobs = StreamJobs(registry.link, registry.prefix, settings.max_queued_images)
     try:
-        yield Backend(registry, jobs, batches, adopt_every=registry.adopt_every, fleet=fleet, heartbeats=fleet)
+        yield Backend(registry, jobs, batches, adopt_every=registry.adopt_every, fleet=fleet)
     finally:
         await jobs.close()
         await registry.close()

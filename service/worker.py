@@ -108,7 +108,7 @@ async def work(settings: Settings) -> None:
                 consumers = [
                     asyncio.create_task(classifier.consume()) for _ in range(CONSUMERS_PER_WORKER * pool.workers)
                 ]
-                if backend.heartbeats is not None:
+                if backend.fleet is not None:
                     identity = WorkerIdentity(
                         models,
                         settings.resolved_runtime(),
@@ -116,7 +116,7 @@ async def work(settings: Settings) -> None:
                         pool.workers,
                         id=consumer_name(),
                     )
-                    consumers.append(asyncio.create_task(heartbeat(backend.heartbeats, identity, classifier.stats)))
+                    consumers.append(asyncio.create_task(heartbeat(backend.fleet, identity, classifier.stats)))
                 where = safe_url(settings.redis)
                 log.info(
                     "worker %s: %d processes classify %s at %s", consumer_name(), pool.workers, ", ".join(models), where

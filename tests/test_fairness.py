@@ -21,7 +21,7 @@ from service.broker.streams import StreamBatches, StreamJobs, stream_of
 from service.stores.redis.registry import RedisRegistry
 from service.tasks.engine import TaskEngine
 from service.tasks.fairness import FairGate
-from service.tasks.queues import QueuedImage
+from service.tasks.queues import ImageQueue, QueuedImage
 from service.tasks.records import Priority, TaskStatus
 from testing.redis_server import RedisServer
 from tests.conftest import ImageServer, ServiceFactory, submit, wait_for_task
@@ -109,7 +109,7 @@ async def test_a_batch_takes_interactive_images_first_then_one_per_task_in_turn(
     for n in range(3):
         await queue.put(job("big", n))
     await queue.put(job("photo", 0))
-    assert queue.depths() == {INTERACTIVE: 4, BATCH: 6}
+    assert await depths(queue) == {INTERACTIVE: 4, BATCH: 6}
     batch = await queue.next_batch(max_size=6, max_wait=0)
     assert [(j.task_id, j.index) for j in batch] == [
         ("big", 0),
@@ -119,7 +119,7 @@ async def test_a_batch_takes_interactive_images_first_then_one_per_task_in_turn(
         ("bulk", 0),
         ("bulk", 1),
     ]
-    assert queue.depths() == {INTERACTIVE: 0, BATCH: 4}
+    assert await depths(queue) == {INTERACTIVE: 0, BATCH: 4}
 
 
 async def test_the_backlog_is_counted_by_model_and_priority_with_the_oldest_age() -> None:
@@ -161,6 +161,11 @@ async def test_queue_room_goes_to_interactive_images_first() -> None:
     assert not blocked.done()
     await queue.next_batch(max_size=2, max_wait=0)
     await asyncio.wait_for(blocked, 1)
+
+
+async def depths(queue: ImageQueue, model: str = "m") -> dict[Priority, int]:
+    """Images of `model` waiting, by priority."""
+    return {backlog.priority: backlog.images for backlog in await queue.backlog([model])}
 
 
 async def waiting(engine: TaskEngine, priority: Priority) -> int:
@@ -272,7 +277,7 @@ async def test_workers_read_interactive_streams_first(redis_server: RedisServer,
             await jobs.put(QueuedImage(bulk.task_id, n, "m", 1, b"x", priority=BATCH, queued_at=now))
         for n in range(3):
             await jobs.put(QueuedImage(photo.task_id, n, "m", 1, b"y", queued_at=now))
-        assert jobs.depths() == {INTERACTIVE: 3, BATCH: 20}
+        assert await depths(jobs) == {INTERACTIVE: 3, BATCH: 20}
         await asyncio.sleep(0.05)
         waiting = {(b.model, b.priority): b for b in await jobs.backlog(["m", "other"])}
         assert {which: b.images for which, b in waiting.items()} == {

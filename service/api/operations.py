@@ -86,8 +86,9 @@ async def list_workers(request: web.Request) -> web.Response:
 
 
 async def fleet(app: web.Application) -> list[WorkerEntry]:
-    own = app[ENGINE].own_worker()
-    return ([] if own is None else [own]) + await app[BACKEND].fleet.workers()
+    """This process's own pool, then the workers that beat into a shared store."""
+    own, shared = app[ENGINE].own_worker(), app[BACKEND].fleet
+    return ([] if own is None else [own]) + ([] if shared is None else await shared.workers())
 
 
 @routes.get("/models")

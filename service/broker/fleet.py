@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from typing import cast
 
 from service.stores.redis.link import RedisLink
-from service.tasks.fleet import WorkerEntry, WorkerState
+from service.tasks.fleet import WorkerEntry
 
 HEARTBEAT_SECONDS = 2.0
 MISSED = 3  # heartbeats a worker may miss before it is gone
@@ -58,7 +58,9 @@ class RedisFleet:
             return []
         beats = cast(list[bytes | None], await client.mget([self._key(worker_id.decode()) for worker_id, _ in seen]))
         return [
-            WorkerEntry.model_validate_json(beat) if beat is not None else _gone(worker_id.decode(), last)
+            WorkerEntry.model_validate_json(beat)
+            if beat is not None
+            else WorkerEntry.gone(worker_id.decode(), datetime.fromtimestamp(last, UTC))
             for (worker_id, last), beat in zip(seen, beats, strict=True)
         ]
 
@@ -73,24 +75,3 @@ class RedisFleet:
                 pipe.exists(self._key(worker_id))
             present = await pipe.execute()
         return {worker_id for worker_id, here in zip(seen, present, strict=True) if not here}
-
-
-def _gone(worker_id: str, last: float) -> WorkerEntry:
-    """Gone: what it said last is no longer kept, only when it said it."""
-    host, _, pid = worker_id.rpartition("-")
-    when = datetime.fromtimestamp(last, UTC)
-    return WorkerEntry(
-        id=worker_id,
-        host=host,
-        pid=int(pid) if pid.isdigit() else 0,
-        state=WorkerState.GONE,
-        models=[],
-        runtime="",
-        precision="",
-        processes=0,
-        batches=0,
-        images=0,
-        last_batch_at=None,
-        started_at=when,
-        last_seen=when,
-    )

@@ -34,15 +34,11 @@ class BatchQueue:
     def __init__(self, capacity: int) -> None:
         self._models: OrderedDict[str, Rings] = OrderedDict()  # in turn order too
         self._per_model: Counter[str] = Counter()
-        self._per_priority: Counter[Priority] = Counter()
         self._room = FairGate(capacity, reserved=interactive_reserve(capacity))
         self._arrived = asyncio.Event()
 
     def __len__(self) -> int:
         return self._per_model.total()
-
-    def depths(self) -> dict[Priority, int]:
-        return {priority: self._per_priority[priority] for priority in Priority}
 
     async def backlog(self, models: list[str]) -> list[Backlog]:
         now = time.time()
@@ -60,7 +56,6 @@ class BatchQueue:
         rings = self._models.setdefault(job.model, {priority: OrderedDict() for priority in Priority})
         rings[job.priority].setdefault(job.task_id, deque()).append(job)
         self._per_model[job.model] += 1
-        self._per_priority[job.priority] += 1
         self._changed()
 
     async def next_batch(self, max_size: int, max_wait: float) -> list[QueuedImage]:
@@ -123,5 +118,4 @@ class BatchQueue:
     def _forget(self, jobs: list[QueuedImage]) -> None:
         for job in jobs:
             self._per_model[job.model] -= 1
-            self._per_priority[job.priority] -= 1
             self._room.release()

@@ -84,13 +84,6 @@ class StreamJobs:
         self._adds: list[Add] = []
         self._adding: asyncio.Task[None] | None = None
 
-    def depths(self) -> dict[Priority, int]:
-        """The last lengths this replica saw, by priority (not the fleet's: see `backlog`)."""
-        return {
-            priority: sum(length for (_, of), length in self._lengths.items() if of is priority)
-            for priority in Priority
-        }
-
     async def backlog(self, models: list[str]) -> list[Backlog]:
         """Fleet-wide, from Redis: each stream's entries (waiting, or held by a worker: an entry
         is deleted once its outcome is in), and the age of the oldest, from its id (the time

@@ -1,8 +1,8 @@
 """The workers that classify, as operators see them (`GET /workers`, `ics_workers{state}`).
 
 A worker is one inference pool: a `run_worker.py` process with its inference processes, or a
-service's own pool. `WorkerStats` is what its consumers count as they go; `FleetView` is
-where the entries come from (Redis heartbeats, `service.broker.fleet`, or nothing).
+service's own pool. `WorkerStats` is what its consumers count as they go; with Redis the
+entries of the other workers come from their heartbeats (`service.broker.fleet`).
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Protocol
 
 from service.tasks.records import Record
 
@@ -38,6 +37,26 @@ class WorkerEntry(Record):
     started_at: datetime
     last_seen: datetime
 
+    @classmethod
+    def gone(cls, worker_id: str, last_seen: datetime) -> WorkerEntry:
+        """A worker whose heartbeat expired: what it said is no longer kept, only when it said it."""
+        host, pid = host_and_pid(worker_id)
+        return cls(
+            id=worker_id,
+            host=host,
+            pid=pid,
+            state=WorkerState.GONE,
+            models=[],
+            runtime="",
+            precision="",
+            processes=0,
+            batches=0,
+            images=0,
+            last_batch_at=None,
+            started_at=last_seen,
+            last_seen=last_seen,
+        )
+
 
 @dataclass
 class WorkerStats:
@@ -58,6 +77,12 @@ def process_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
 
 
+def host_and_pid(worker_id: str) -> tuple[str, int]:
+    """What a `process_id` is made of (pid 0 for a name that is not one)."""
+    host, _, pid = worker_id.rpartition("-")
+    return host, int(pid) if pid.isdigit() else 0
+
+
 @dataclass(frozen=True)
 class WorkerIdentity:
     """What a worker is, from its start to its end."""
@@ -71,12 +96,12 @@ class WorkerIdentity:
 
     def entry(self, stats: WorkerStats) -> WorkerEntry:
         """It, as it is now: up, with what it has done."""
-        host, _, pid = self.id.rpartition("-")
+        host, pid = host_and_pid(self.id)
         last = stats.last_batch_at
         return WorkerEntry(
             id=self.id,
             host=host,
-            pid=int(pid),
+            pid=pid,
             state=WorkerState.UP,
             models=self.models,
             runtime=self.runtime,
@@ -88,16 +113,3 @@ class WorkerIdentity:
             started_at=self.started_at,
             last_seen=datetime.now(UTC),
         )
-
-
-class FleetView(Protocol):
-    async def workers(self) -> list[WorkerEntry]:
-        """The workers that beat recently, and those gone not long ago."""
-        ...
-
-
-class NoFleet:
-    """No shared fleet (a service with its own pool only)."""
-
-    async def workers(self) -> list[WorkerEntry]:
-        return []
