@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -21,6 +22,7 @@ class Engine:
     config: WorkerConfig
     models: OrderedDict[str, LoadedModel] = field(default_factory=OrderedDict)  # least recently used first
     startup_error: str = ""  # why the default model did not load, if it did not
+    on_load: Callable[[], None] | None = None  # told of each model loaded (the pool counts them)
 
     def model(self, info: ModelInfo) -> LoadedModel:
         """Load on first use, then keep the `max_loaded_models` most recently used (the
@@ -33,6 +35,8 @@ class Engine:
         loaded = self.models[info.name] = load_model(
             info, config.runtime, config.threads, config.model_cache_dir, config.batch_size, config.refine_margin
         )
+        if self.on_load is not None:
+            self.on_load()
         default = config.default_model.name
         while len(self.models) > max(config.max_loaded_models, 1 if info.name == default else 2):
             evicted = next(name for name in self.models if name != default)

@@ -1,4 +1,5 @@
-"""Worker processes end with the web process, however it ended, and say that they are alive.
+"""Worker processes end with the web process, however it ended, say that they are alive, and
+count the models they load.
 
 A `kill -9` of the web process used to leave its workers (hundreds of MB each) running under
 PID 1 for good, and a restart started more beside them. Linux's parent-death signal kills a
@@ -35,13 +36,15 @@ HEARTBEAT_SECONDS = 0.5  # how often a worker says it is alive
 class Heartbeat:
     """Shared memory in which each worker of one pool writes, every HEARTBEAT_SECONDS, that it
     is alive, from a thread of its own: a worker that is stopped (SIGSTOP) or otherwise
-    frozen falls silent, which the pool sees, even while idle. Made by the pool, handed to
-    its workers as they start."""
+    frozen falls silent, which the pool sees, even while idle. Each worker also counts there
+    the models it loads, for the pool's metrics. Made by the pool, handed to its workers as
+    they start."""
 
     def __init__(self, workers: int, context: BaseContext) -> None:
         self._pids = context.Array("i", workers)  # slot -> the pid of the worker writing there
         self._beats = context.Array("d", workers)  # slot -> its last beat, time.monotonic()
         self._taken = context.Value("i", 0)
+        self._loads = context.Value("i", 0)  # models loaded by the workers, all together
 
     def start(self) -> None:
         """In a worker: take a slot and beat until the process ends."""
@@ -62,3 +65,13 @@ class Heartbeat:
         now = time.monotonic()
         taken = min(self._taken.value, len(self._pids))
         return [self._pids[slot] for slot in range(taken) if now - self._beats[slot] > longer_than]
+
+    def model_loaded(self) -> None:
+        """In a worker: one more model loaded."""
+        with self._loads.get_lock():
+            self._loads.value += 1
+
+    @property
+    def model_loads(self) -> int:
+        """In the pool: the models its workers have loaded so far."""
+        return int(self._loads.value)

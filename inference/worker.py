@@ -38,7 +38,7 @@ def init_worker(config: WorkerConfig, heartbeat: Heartbeat | None = None) -> Non
         heartbeat.start()
     if config.nice:
         os.nice(config.nice)
-    _engine = Engine(config)
+    _engine = Engine(config, on_load=heartbeat.model_loaded if heartbeat is not None else None)
     try:
         _engine.model(config.default_model)
     except ModelLoadError as exc:

@@ -101,6 +101,7 @@ async def open_redis(settings: Settings, metrics: Metrics, budget: UploadBudget,
             settings.claim_idle,
             settings.max_deliveries,
             fleet,
+            metrics,
         )
         await source.start()
         try:

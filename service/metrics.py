@@ -15,6 +15,7 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        self._totals_seen: dict[tuple[str, str], int] = {}  # see images_final_totals
         self.tasks = Gauge("ics_tasks", "Tasks in the registry, by status", ["status"], registry=self.registry)
         self.images = Counter(
             "ics_images",
@@ -59,6 +60,27 @@ class Metrics:
         )
         self.worker_restarts = Gauge(
             "ics_worker_restarts", "Times the inference workers were replaced", registry=self.registry
+        )
+        self.model_loads = Gauge(
+            "ics_model_loads",
+            "Models loaded by the inference workers (each one's default model at its start included): "
+            "more than workers and restarts explain means --max-loaded-models is too small for the models in use",
+            registry=self.registry,
+        )
+        self.inference_failures = Counter(
+            "ics_inference_failures",
+            "Images this process's workers failed instead of classifying them, by code: worker_crashed (a worker "
+            "died on them twice, or they were handed out --max-deliveries times), inference_timeout, "
+            "inference_error, model_load_failed, internal_error",
+            ["code"],
+            registry=self.registry,
+        )
+        self.claimed = Counter(
+            "ics_claimed_images",
+            "Images this worker took over from another that held them without an outcome (each one a "
+            "redelivery), by reason: gone (its heartbeat stopped) or idle (held longer than --claim-idle)",
+            ["reason"],
+            registry=self.registry,
         )
 
         self.upload_bytes = Gauge(
@@ -106,6 +128,15 @@ class Metrics:
     def image_final(self, outcome: str, code: str, count: int = 1) -> None:
         """`count` images reached a final state (succeeded, failed with `code`, or cancelled)."""
         self.images.labels(outcome=outcome, code=code).inc(count)
+
+    def images_final_totals(self, totals: dict[tuple[str, str], int]) -> None:
+        """The images made final so far, by (outcome, code), as a store elsewhere counted them:
+        the counter moves on by what is new. A total below the last one seen started again
+        from zero (its key expired while this process was stopped, say): all of it is new."""
+        for labels, total in totals.items():
+            seen = self._totals_seen.get(labels, 0)
+            self.image_final(*labels, total - seen if total >= seen else total)
+            self._totals_seen[labels] = total
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

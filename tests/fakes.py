@@ -24,11 +24,13 @@ def infos(specs: list[ModelSpec]) -> list[ModelInfo]:
 class FakePool(InferencePool):
     """An inference pool without processes. An image whose bytes are `image(label)` gets that
     label (score 0.9); other bytes are rejected as `not_an_image`. `failures` are raised by the
-    next calls, one each, in order; while `hold` is cleared, batches wait."""
+    next calls, one each, in order; while `hold` is cleared, batches wait. A model "loads" the
+    first time it is asked for."""
 
     def __init__(self) -> None:
         self._restarts = 0
         self.batches: list[list[bytes]] = []
+        self.models: set[str] = set()  # those asked for so far
         self.failures: list[Exception] = []
         self.hold = asyncio.Event()
         self.hold.set()
@@ -37,11 +39,16 @@ class FakePool(InferencePool):
     def restarts(self) -> int:
         return self._restarts
 
+    @property
+    def model_loads(self) -> int:
+        return len(self.models)
+
     def check_ready(self) -> bool:
         return True
 
     async def classify(self, model: ModelInfo, images: list[bytes], top_k: list[int]) -> list[Outcome]:
         self.batches.append(images)
+        self.models.add(model.name)
         await self.hold.wait()
         if self.failures:
             raise self.failures.pop(0)

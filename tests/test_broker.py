@@ -10,15 +10,20 @@ import pytest
 
 from inference.protocol import Label
 from service.broker.streams import GROUP, StreamBatches, StreamJobs, stream_of
+from service.metrics import Metrics
 from service.stores.redis.registry import RedisRegistry
 from service.tasks.queues import QueuedImage
 from service.tasks.records import ItemStatus
 from testing.redis_server import RedisServer
 
 
-async def vanishing_worker(registry: RedisRegistry, name: str, timeout: float = 5.0) -> list[int]:
+async def vanishing_worker(
+    registry: RedisRegistry, name: str, timeout: float = 5.0, metrics: Metrics | None = None
+) -> list[int]:
     """A worker that takes the next batch (within `timeout`) and dies with it; the indices it took."""
-    worker = StreamBatches(registry.link, registry.prefix, registry, ["m"], name, claim_idle=0.2, max_deliveries=3)
+    worker = StreamBatches(
+        registry.link, registry.prefix, registry, ["m"], name, claim_idle=0.2, max_deliveries=3, metrics=metrics
+    )
     await worker.start()
     batch = await asyncio.wait_for(worker.next_batch(4, 0), timeout)
     await worker.close()
@@ -34,12 +39,15 @@ async def test_an_abandoned_batch_is_claimed_and_an_image_that_keeps_killing_wor
     await StreamJobs(registry.link, registry.prefix, 10).put(QueuedImage(task.task_id, 0, "m", 1, b"poison"))
 
     # Three workers in turn take it and die: each next one claims it once it has been idle.
+    metrics = Metrics()
     for name in ("w0", "w1", "w2"):
-        assert await vanishing_worker(registry, name) == [0]
+        assert await vanishing_worker(registry, name, metrics=metrics) == [0]
         await asyncio.sleep(0.3)
     # A fourth delivery would be one too many: the image fails instead, and leaves the stream.
     with pytest.raises(TimeoutError):
-        await vanishing_worker(registry, "w3", timeout=1.5)
+        await vanishing_worker(registry, "w3", timeout=1.5, metrics=metrics)
+    assert metrics.registry.get_sample_value("ics_claimed_images_total", {"reason": "idle"}) == 3
+    assert metrics.registry.get_sample_value("ics_inference_failures_total", {"code": "worker_crashed"}) == 1
     failed = await registry.get(task.task_id)
     assert failed is not None and failed.status.value == "completed"
     assert failed.items[0].status is ItemStatus.FAILED

@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -81,8 +82,10 @@ async def test_a_worker_serves_its_metrics_and_probes(
         samples = await scrape(http, probes)
         assert samples[("ics_batch_size_sum", ())] == 6  # real images per batch, every one of them
         assert samples[("ics_inference_seconds_count", ())] == samples[("ics_batch_size_count", ())] >= 2
-        assert samples[("ics_images_total", (("code", ""), ("outcome", "succeeded")))] == 6
         assert samples[("ics_worker_restarts", ())] == 0
+        assert samples[("ics_model_loads", ())] == 1  # its one process's default model
+        assert not images_total(samples)  # the replica running the task counts its outcomes
+        assert images_total(await scrape(http, base)) == {("succeeded", ""): 6}
         assert samples[("ics_queue_wait_seconds_count", (("priority", "interactive"),))] == 6
         # Every metric the Grafana dashboard queries is on a replica's or a worker's /metrics.
         missing = dashboard_metrics() - await families(http, base) - await families(http, probes)
@@ -143,9 +146,10 @@ async def test_the_fleet_view_and_a_killed_workers_batch_taken_over_within_a_few
     async with (
         together(
             replica(redis, log=tmp_path / "replica.log"),
+            replica(redis, log=tmp_path / "replica2.log"),
             running_worker(redis, tmp_path / "w1.log", *flags[0]),
             running_worker(redis, tmp_path / "w2.log", *flags[1]),
-        ) as ((_, base), first, second),
+        ) as ((_, base), (_, other), first, second),
         aiohttp.ClientSession() as http,
     ):
         ids = {f"{socket.gethostname()}-{worker.pid}" for worker in (first, second)}
@@ -178,7 +182,29 @@ async def test_the_fleet_view_and_a_killed_workers_batch_taken_over_within_a_few
         states = {worker["id"]: worker["state"] for worker in await workers_of(http, base)}
         assert states[victim] == "gone"
         assert (await scrape(http, base))[("ics_workers", (("state", "gone"),))] == 1
+        survivor = await scrape(http, f"http://127.0.0.1:{ports[1]}")
+        assert survivor[("ics_claimed_images_total", (("reason", "gone"),))] >= 1
+        assert ("ics_claimed_images_total", (("reason", "idle"),)) not in survivor
+
+        # The other replica's task, with downloads that fail: the replicas' counts of outcomes
+        # add up to the tasks' progress, each image once, whoever classified it.
+        failing = [image_server.url("/status/404"), image_server.url("/text")]
+        last = await wait_final(http, other, await submit(http, other, urls[:3] + failing))
+        assert last["progress"] == {**last["progress"], "succeeded": 3, "failed": 2}
+        counted: Counter[tuple[str, str]] = Counter()
+        for replica_base in (base, other):
+            counted.update(images_total(await scrape(http, replica_base)))
+        assert counted == {("succeeded", ""): 30 + 60 + 3, ("failed", "http_error"): 1, ("failed", "not_an_image"): 1}
     await client.aclose()
+
+
+def images_total(samples: Samples) -> dict[tuple[str, str], float]:
+    """`ics_images_total` by (outcome, code)."""
+    return {
+        (dict(labels)["outcome"], dict(labels)["code"]): value
+        for (name, labels), value in samples.items()
+        if name == "ics_images_total"
+    }
 
 
 async def workers_of(http: aiohttp.ClientSession, base: str) -> list[dict[str, Any]]:

@@ -36,7 +36,9 @@ async def test_readyz_flips_during_a_worker_kill_and_recovers(
     assert victim not in client.server.app[POOL].worker_pids()
     task = await wait_for_task(client, (await submit(client, [image_server.url("/photos/coffee")]))["task_id"])
     assert task["items"][0]["labels"][0]["label"] == "espresso"
-    assert (await scrape(client))[("ics_worker_restarts", ())] == 1
+    after = await scrape(client)
+    assert after[("ics_worker_restarts", ())] == 1
+    assert after[("ics_model_loads", ())] == 2  # the default model, in the killed worker and in the new one
 
 
 async def test_metrics_move_as_tasks_run(make_real_service: ServiceFactory, image_server: ImageServer) -> None:

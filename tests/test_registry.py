@@ -19,7 +19,7 @@ from service.stores.redis.registry import RedisRegistry
 from service.stores.sqlite.registry import SqliteRegistry
 from service.tasks.deliveries import payload
 from service.tasks.records import ErrorInfo, ItemStatus, Label, Priority, TaskStatus, Webhook, WebhookStatus
-from service.tasks.registry import Admission, InvalidCursor, NoRoom, TaskRegistry
+from service.tasks.registry import Admission, InvalidCursor, ItemChange, NoRoom, TaskRegistry
 from testing.redis_server import RedisServer
 
 LABELS = [Label(label="espresso", class_index=967, score=0.9)]
@@ -29,19 +29,22 @@ MakeRegistry = Callable[..., Awaitable[TaskRegistry]]
 
 @pytest.fixture(params=["memory", "sqlite", pytest.param("redis", marks=pytest.mark.e2e)])
 async def make_registry(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[MakeRegistry]:
-    """`await make_registry(finished_ttl=..., max_finished=..., clock=...)` on this backend."""
+    """`await make_registry(finished_ttl=..., max_finished=..., clock=..., metrics=...)` on this
+    backend; with Redis, `store="name"` opens another replica on the store of that name."""
     opened: list[SqliteRegistry | RedisRegistry] = []
 
     async def make(**options: Any) -> TaskRegistry:
         options = {"finished_ttl": 3600.0, "max_finished": 10_000, **options}
+        store = options.pop("store", len(opened))
         registry: SqliteRegistry | RedisRegistry
         if request.param == "memory":
             return InMemoryRegistry(**options)
         if request.param == "sqlite":
-            registry = await SqliteRegistry.open(tmp_path / f"data{len(opened)}", metrics=Metrics(), **options)
+            options.setdefault("metrics", Metrics())
+            registry = await SqliteRegistry.open(tmp_path / f"data{len(opened)}", **options)
         else:
             server: RedisServer = request.getfixturevalue("redis_server")
-            prefix = f"{request.getfixturevalue('redis_prefix')}{len(opened)}:"
+            prefix = f"{request.getfixturevalue('redis_prefix')}{store}:"
             registry = await RedisRegistry.open(server.url, prefix=prefix, **options)
         opened.append(registry)
         return registry
@@ -119,6 +122,58 @@ async def test_fail_closes_unfinished_items_with_the_task_error(make_registry: M
     assert failed.items[0].status is ItemStatus.SUCCEEDED
     assert not await registry.fail(task.task_id, error)
     assert (await registry.cancel(task.task_id)).status is TaskStatus.FAILED
+
+
+async def test_every_outcome_is_counted_once_for_the_replica_running_the_task(make_registry: MakeRegistry) -> None:
+    """`ics_images_total` counts each image once, whichever process wrote its outcome: with
+    Redis, a worker's outcomes (another registry on the same Redis) count for the replica that
+    runs the task, which exports them at scrape time (`observe`); the worker exports none."""
+    owner_metrics, writer_metrics = Metrics(), Metrics()
+    registry = await make_registry(metrics=owner_metrics, store="shared")
+    writer = registry
+    if isinstance(registry, RedisRegistry):
+        writer = await make_registry(metrics=writer_metrics, store="shared")
+    first = await registry.create(["u0", "u1", "u2"], "m", 1)
+    second = await registry.create(["u0", "u1"], "m", 1)
+    not_an_image = ErrorInfo(code="not_an_image", message="no")
+    await writer.update_items(
+        [
+            ItemChange(first.task_id, 0, ItemStatus.SUCCEEDED, labels=LABELS),
+            ItemChange(first.task_id, 1, ItemStatus.FAILED, error=not_an_image),
+        ]
+    )
+    assert not await writer.update_item(first.task_id, 1, ItemStatus.SUCCEEDED, labels=LABELS)  # final already
+    await registry.cancel(first.task_id)
+    assert await writer.fail(second.task_id, ErrorInfo(code="worker_crashed", message="gone"))
+    for _ in range(2):  # a second scrape finds nothing new
+        await registry.observe()
+        await writer.observe()
+    assert images_total(owner_metrics) == {
+        ("succeeded", ""): 1,
+        ("failed", "not_an_image"): 1,
+        ("cancelled", ""): 1,
+        ("failed", "worker_crashed"): 2,
+    }
+    if writer is not registry:
+        assert images_total(writer_metrics) == {}
+
+
+def test_totals_counted_elsewhere_move_the_counter_on_and_a_restart_of_them_does_not_take_it_back() -> None:
+    metrics = Metrics()
+    metrics.images_final_totals({("succeeded", ""): 5})
+    metrics.images_final_totals({("succeeded", ""): 7, ("failed", "http_error"): 1})
+    assert images_total(metrics) == {("succeeded", ""): 7, ("failed", "http_error"): 1}
+    metrics.images_final_totals({("succeeded", ""): 2})  # Redis's count started again (its key expired)
+    assert images_total(metrics) == {("succeeded", ""): 9, ("failed", "http_error"): 1}
+
+
+def images_total(metrics: Metrics) -> dict[tuple[str, str], float]:
+    return {
+        (sample.labels["outcome"], sample.labels["code"]): sample.value
+        for family in metrics.registry.collect()
+        for sample in family.samples
+        if sample.name == "ics_images_total"
+    }
 
 
 async def test_text_json_cannot_carry_is_replaced_and_a_change_that_cannot_be_read_is_refused(

@@ -243,6 +243,13 @@ async def test_inference_failures_become_item_error_codes(
     assert first.status is TaskStatus.COMPLETED
     assert labels(first) == expected
     assert labels(after) == ["owl"]  # the consumer carried on
+    failed = {code: 2.0 for code in expected if code not in ("cat", "dog")}
+    assert {
+        sample.labels["code"]: sample.value
+        for family in running.metrics.registry.collect()
+        for sample in family.samples
+        if sample.name == "ics_inference_failures_total"
+    } == failed
 
 
 async def test_drain_waits_for_tasks_that_finish_in_time_and_cancels_the_rest(images: Images) -> None:

@@ -67,10 +67,11 @@ async def metrics(request: web.Request) -> web.Response:
     app_metrics.upload_bytes.set(app[UPLOAD_BUDGET].used)
     if (pool := app.get(POOL)) is not None:
         app_metrics.worker_restarts.set(pool.restarts)
+        app_metrics.model_loads.set(pool.model_loads)
     states = Counter(worker.state for worker in await fleet(app))
     for state in WorkerState:
         app_metrics.workers.labels(state=state.value).set(states[state])
-    app[REGISTRY].observe()
+    await app[REGISTRY].observe()
     return web.Response(body=app_metrics.render(), headers={"Content-Type": CONTENT_TYPE})
 
 

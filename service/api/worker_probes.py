@@ -50,7 +50,9 @@ async def readyz(request: web.Request) -> web.Response:
 @routes.get("/metrics")
 async def metrics(request: web.Request) -> web.Response:
     app_metrics = request.app[METRICS]
-    app_metrics.worker_restarts.set(request.app[POOL].restarts)
+    pool = request.app[POOL]
+    app_metrics.worker_restarts.set(pool.restarts)
+    app_metrics.model_loads.set(pool.model_loads)
     return web.Response(body=app_metrics.render(), headers={"Content-Type": CONTENT_TYPE})
 
 

@@ -26,6 +26,7 @@ from redis.exceptions import ResponseError
 
 from service.broker.fleet import HEARTBEAT_SECONDS, RedisFleet
 from service.lifetimes import stop_tasks
+from service.metrics import Metrics
 from service.stores.redis.link import RedisLink, ensure_group, forget_idle_consumers, group_gone
 from service.tasks.fleet import process_id
 from service.tasks.queues import Backlog, QueuedImage
@@ -184,9 +185,12 @@ class StreamBatches:
         claim_idle: float,
         max_deliveries: int,
         fleet: RedisFleet | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
-        """`fleet`: the workers' heartbeats, to claim at once what a gone worker held."""
+        """`fleet`: the workers' heartbeats, to claim at once what a gone worker held;
+        `metrics`: where claims and images given up are counted."""
         self._link = link
+        self._metrics = metrics
         self._fleet = fleet
         self._looked_at = 0.0  # when the heartbeats were last looked at
         self._prefix = prefix
@@ -335,7 +339,7 @@ class StreamBatches:
             pending = await self._link.patient(
                 client.xpending_range, stream, GROUP, min="-", max="+", count=max_size, idle=self._claim_idle_ms
             )
-            batch = await self._take_over(stream, pending, self._claim_idle_ms)
+            batch = await self._take_over(stream, pending, self._claim_idle_ms, reason="idle")
             if batch:
                 return batch
         return []
@@ -352,15 +356,16 @@ class StreamBatches:
                 pending = await self._link.patient(
                     client.xpending_range, stream, GROUP, min="-", max="+", count=max_size, consumername=worker_id
                 )
-                batch = await self._take_over(stream, pending, int(HEARTBEAT_SECONDS * 1000))
+                batch = await self._take_over(stream, pending, int(HEARTBEAT_SECONDS * 1000), reason="gone")
                 if batch:
                     log.warning("took over %d images of worker %s: its heartbeat stopped", len(batch), worker_id)
                     return batch
         return []
 
-    async def _take_over(self, stream: str, pending: Any, min_idle_ms: int) -> list[QueuedImage]:
+    async def _take_over(self, stream: str, pending: Any, min_idle_ms: int, reason: str) -> list[QueuedImage]:
         """Claim `pending` entries (as XPENDING lists them) still idle `min_idle_ms`; those
-        delivered `max_deliveries` times already fail; the rest are the next batch."""
+        delivered `max_deliveries` times already fail; the rest are the next batch. `reason`:
+        why they are claimed, for the metrics (gone, idle)."""
         if not pending:
             return []
         client = self._link.client
@@ -370,10 +375,14 @@ class StreamBatches:
         if not jobs:
             return []
         log.warning("claimed %d images that a worker took and never finished", len(jobs))
+        if self._metrics is not None:
+            self._metrics.claimed.labels(reason=reason).inc(len(jobs))
         given_up = [job for job in jobs if deliveries[job.receipt] >= self._max_deliveries]
         for job in given_up:
             log.error("task %s item %d: given up after %d deliveries", job.task_id, job.index, self._max_deliveries)
         if given_up:
+            if self._metrics is not None:
+                self._metrics.inference_failures.labels(code=WORKER_CRASHED.code).inc(len(given_up))
             await self._store.update_items(
                 [ItemChange(job.task_id, job.index, ItemStatus.FAILED, error=WORKER_CRASHED) for job in given_up]
             )

@@ -30,6 +30,11 @@ class InferencePool(Protocol):
         """Times the workers were replaced."""
         ...
 
+    @property
+    def model_loads(self) -> int:
+        """Models the workers have loaded, the replaced ones' included."""
+        ...
+
     def check_ready(self) -> bool:
         """Every worker is up with the default model loaded (no side effects)."""
         ...

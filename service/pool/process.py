@@ -135,6 +135,7 @@ class ProcessInferencePool:
     def __init__(self, workers: int, config: WorkerConfig, batch_timeout: float) -> None:
         self.workers = workers
         self._restarts = 0
+        self._loads_before = 0  # models loaded by the workers replaced so far
         self._config = config
         self._batch_timeout = batch_timeout
         self._closing = False
@@ -145,6 +146,10 @@ class ProcessInferencePool:
     @property
     def restarts(self) -> int:
         return self._restarts
+
+    @property
+    def model_loads(self) -> int:
+        return self._loads_before + self._current.heartbeat.model_loads
 
     @property
     def batch_directory(self) -> Path | None:
@@ -229,6 +234,7 @@ class ProcessInferencePool:
             return
         log.error("%s; replacing the inference workers", reason)
         self._restarts += 1
+        self._loads_before += workers.heartbeat.model_loads
         if kill:
             workers.kill()
         workers.executor.shutdown(wait=False, cancel_futures=True)

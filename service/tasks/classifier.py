@@ -87,6 +87,7 @@ class Classifier:
         except ModelLoadError as exc:
             log.error("model %s failed to load: %s", model, exc)
             error = ErrorInfo(code="model_load_failed", message=str(exc))
+            self._metrics.inference_failures.labels(code=error.code).inc(len(batch))
             for task_id in {job.task_id for job in batch}:
                 await self._registry.fail(task_id, error)  # its pipeline stops when the task is final
             return
@@ -126,6 +127,7 @@ class Classifier:
                 self._metrics.queue_wait.labels(priority=job.priority.value).observe(max(0.0, now - job.queued_at))
 
     async def _fail_jobs(self, jobs: list[QueuedImage], error: ErrorInfo) -> None:
+        self._metrics.inference_failures.labels(code=error.code).inc(len(jobs))
         await self._registry.update_items(
             [ItemChange(job.task_id, job.index, ItemStatus.FAILED, error=error) for job in jobs]
         )

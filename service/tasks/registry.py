@@ -99,8 +99,9 @@ class TaskRegistry(Protocol):
         """`healthy`, after asking the store now if it is elsewhere (what readiness probes call)."""
         ...
 
-    def observe(self) -> None:
-        """Bring the store's own gauges in the metrics up to date (at scrape time)."""
+    async def observe(self) -> None:
+        """Bring the store's own figures in the metrics up to date (at scrape time): its gauges,
+        and the image outcomes it counts itself where others write them (Redis)."""
         ...
 
     async def create(

@@ -79,7 +79,7 @@ class InMemoryRegistry:
     async def check(self) -> bool:
         return self.healthy()
 
-    def observe(self) -> None:
+    async def observe(self) -> None:
         """Nothing of its own to report: its tasks are counted by status like every store's."""
 
     async def create(

@@ -63,6 +63,8 @@ log = logging.getLogger(__name__)
 
 LOOK_AGAIN = 1.0  # seconds a watcher waits for a message before it looks for itself
 GROUP_WRITES = 64  # calls of update_items applied by one script call at most
+ITEM_ARGS = 7  # UPDATE_ITEMS's arguments per item
+OUTCOMES_LEASES = 3  # a gone replica's outcome counts outlive its lease by this many times
 
 
 class RedisRegistry:
@@ -90,7 +92,7 @@ class RedisRegistry:
         self._clock = clock
         self._idempotency_ttl = idempotency_ttl
         self._max_keys = max_keys  # idempotency keys kept at most
-        self._metrics = metrics  # counts the images this process made final
+        self._metrics = metrics  # ics_images_total of the tasks this replica runs (`observe`)
         self._expired_at = 0.0
         self._events: dict[str, asyncio.Event] = {}
         self._outbox = RedisOutbox(link, prefix, self.replica, abandoned_after=3 * lease)
@@ -137,7 +139,7 @@ class RedisRegistry:
         """Stop listening and give up the lease at once: another replica adopts what is left."""
         await stop_tasks([*self._background, *([self._writing] if self._writing is not None else [])])
         with contextlib.suppress(RedisError, OSError):  # else it expires by itself
-            await self.client.delete(self._key("replica:", self.replica))
+            await self.client.delete(self._key("replica:", self.replica), self._key("outcomes:", self.replica))
         await self.link.close()
 
     def healthy(self) -> bool:
@@ -147,8 +149,18 @@ class RedisRegistry:
         """Ask Redis now (readiness probes do)."""
         return await self.link.check()
 
-    def observe(self) -> None:
-        """Nothing of its own to report yet."""
+    async def observe(self) -> None:
+        """The outcomes of the images of the tasks this replica runs, whoever classified them
+        (the scripts count them in Redis as they become final): summed over the replicas, every
+        image once."""
+        if self._metrics is None:
+            return
+        counts = await self.link.fast(self.client.hgetall(self._key("outcomes:", self.replica)))
+        totals = {}
+        for field, count in counts.items():
+            outcome, _, code = as_bytes(field).decode().partition("|")
+            totals[outcome, code] = int(count)
+        self._metrics.images_final_totals(totals)
 
     @property
     def client(self) -> aioredis.Redis:
@@ -303,19 +315,14 @@ class RedisRegistry:
         args: list[str | int | float] = []
         for change in changes:
             tail = item_tail(change.status, change.labels, change.error) if change.status.is_final else ""
-            # The last: the id of the webhook delivery, if this change completes the task.
-            args += [change.task_id, change.index, change.status.value, int(change.status.is_final), tail]
-            args.append(uuid.uuid4().hex)
+            code = change.error.code if change.error is not None else ""
+            args += [change.task_id, change.index, change.status.value, int(change.status.is_final), tail, code]
+            args.append(uuid.uuid4().hex)  # the id of the webhook delivery, if this change completes the task
         applied: asyncio.Future[list[bool]] = asyncio.get_running_loop().create_future()
         self._writes.append((args, applied))
         if self._writing is None or self._writing.done():
             self._writing = asyncio.create_task(self._write())
-        results = await applied
-        if self._metrics is not None:
-            for change, done in zip(changes, results, strict=True):
-                if done and change.status.is_final:
-                    self._metrics.image_final(change.status.value, change.error.code if change.error else "")
-        return results
+        return await applied
 
     async def _write(self) -> None:
         """Apply the queued item changes, as many as have come, in order, until none is left."""
@@ -336,7 +343,7 @@ class RedisRegistry:
                         applied.set_exception(exc)
                 continue
             for part, applied in group:
-                count = len(part) // 6
+                count = len(part) // ITEM_ARGS
                 if not applied.done():  # its caller may have been cancelled meanwhile
                     applied.set_result(results[:count])
                 results = results[count:]
@@ -429,7 +436,10 @@ class RedisRegistry:
     async def _renew(self) -> None:
         """The lease, and the webhook deliveries this replica is trying (so that no other
         replica takes them for abandoned while this one waits to try again)."""
-        await self.client.set(self._key("replica:", self.replica), b"1", px=int(self.lease * 1000))
+        async with self.client.pipeline(transaction=False) as pipe:
+            pipe.set(self._key("replica:", self.replica), b"1", px=int(self.lease * 1000))
+            pipe.pexpire(self._key("outcomes:", self.replica), int(OUTCOMES_LEASES * self.lease * 1000))
+            await pipe.execute()
         await self._outbox.renew()
 
     async def _keep_lease(self) -> None:
@@ -482,7 +492,7 @@ class RedisRegistry:
     ) -> int:
         """`owner_check`: "" to close whoever owns the task, else its owner ("-": none).
         Returns what the script does (above)."""
-        changed = int(
+        return int(
             await self._scripts["CLOSE"](
                 args=[
                     self.prefix,
@@ -495,12 +505,10 @@ class RedisRegistry:
                     self._clock(),
                     uuid.uuid4().hex,
                     owner_check,
+                    error.code if error is not None else "",
                 ]
             )
         )
-        if changed > 1 and self._metrics is not None:
-            self._metrics.image_final(item_status.value, error.code if error is not None else "", changed - 1)
-        return changed
 
     async def _detail_json(self, task_id: str, owner: str | None) -> bytes | None:
         """The task as GET /tasks/<id> sends it, read in one transaction."""

@@ -12,6 +12,8 @@ Keys (P is the prefix, `ics:` by default; one Redis, not a Cluster):
   P finished     zset   finish time (epoch s) -> task id, for expiry
   P seq, P unfinished, P counts (status -> tasks)
   P unfinished:<owner>  string  unfinished images of one owner ("-": no API keys), gone at 0
+  P outcomes:<replica>  hash  "status|code" -> images made final among the tasks that replica runs
+                         (it exports them as ics_images_total; gone with its lease)
   P idem:<owner, key>  string  what an idempotency key stands for (with its TTL)
   P idem-order   zset   sequence number -> idempotency key, to keep at most so many
 Every change that a watcher may wait for is published on the channel P changed (the task id).
@@ -27,9 +29,13 @@ local FINAL = {succeeded = true, failed = true, cancelled = true, completed = tr
 
 local function task_key(id) return P .. 'task:' .. id end
 
-local function item_final(id, index, status)
+local function item_final(id, index, status, code)
   redis.call('RPUSH', P .. 'done:' .. id, index)
   redis.call('HINCRBY', task_key(id), status, 1)
+  -- Counted for the replica running the task, whoever wrote the outcome (a worker, mostly).
+  local outcomes = P .. 'outcomes:' .. (redis.call('HGET', task_key(id), 'replica') or '-')
+  redis.call('HINCRBY', outcomes, status .. '|' .. code, 1)
+  if redis.call('PTTL', outcomes) < 0 then redis.call('EXPIRE', outcomes, 3600) end  -- its lease renewals shorten it
   redis.call('DECR', P .. 'unfinished')
   local of_owner = P .. 'unfinished:' .. (redis.call('HGET', task_key(id), 'owner') or '-')
   if redis.call('DECR', of_owner) <= 0 then redis.call('DEL', of_owner) end
@@ -133,12 +139,13 @@ return {seq}
 )
 
 # Move items on, each as the registry's update_item does (a batch's outcomes in one call).
-# ARGV: P, now_iso, now_epoch, then per item: id, index, status, final (1/0), tail, delivery_id.
+# ARGV: P, now_iso, now_epoch, then per item: id, index, status, final (1/0), tail, error code ('' = none),
+# delivery_id.
 # Returns per item 1, or 0 if refused (its task or the item is final, or the task is gone).
 UPDATE_ITEMS = (
     _COMMON
     + """
-local function update(id, index, status, final, tail, delivery_id)
+local function update(id, index, status, final, tail, code, delivery_id)
   local key = task_key(id)
   local task_status = redis.call('HGET', key, 'status')
   if not task_status or FINAL[task_status] then return 0 end
@@ -153,7 +160,7 @@ local function update(id, index, status, final, tail, delivery_id)
   if final == '1' then
     local url = redis.call('HGET', P .. 'urls:' .. id, index)
     redis.call('HSET', P .. 'items:' .. id, index, '{"index":' .. index .. ',"url":' .. url .. tail)
-    item_final(id, index, status)
+    item_final(id, index, status, code)
     if redis.call('LLEN', P .. 'done:' .. id) == tonumber(redis.call('HGET', key, 'total')) then
       finish(id, 'completed', ARGV[2], ARGV[3], delivery_id)
     end
@@ -164,9 +171,9 @@ local function update(id, index, status, final, tail, delivery_id)
 end
 
 local results = {}
-for first = 4, #ARGV, 6 do
+for first = 4, #ARGV, 7 do
   results[#results + 1] = update(ARGV[first], ARGV[first + 1], ARGV[first + 2], ARGV[first + 3],
-    ARGV[first + 4], ARGV[first + 5])
+    ARGV[first + 4], ARGV[first + 5], ARGV[first + 6])
 end
 return results
 """
@@ -174,7 +181,8 @@ return results
 
 # Cancel or fail a task: every item not final yet gets `tail` (its status and error).
 # ARGV: P, id, item status, tail, task status, task error JSON ('' = none), now_iso, now_epoch,
-# delivery_id, owner check ('' = skip it, '-' = no owner, else the owner). Returns 1 + the
+# delivery_id, owner check ('' = skip it, '-' = no owner, else the owner), the items' error code
+# ('' = none). Returns 1 + the
 # number of items it closed, 0 if the task was final already, -1 if there is no such task
 # (for that owner).
 CLOSE = (
@@ -194,7 +202,7 @@ for index = 0, total - 1 do
     redis.call('HSET', P .. 'state:' .. id, index, ARGV[3])
     local url = redis.call('HGET', P .. 'urls:' .. id, index)
     redis.call('HSET', P .. 'items:' .. id, index, '{"index":' .. index .. ',"url":' .. url .. ARGV[4])
-    item_final(id, index, ARGV[3])
+    item_final(id, index, ARGV[3], ARGV[11])
     closed = closed + 1
   end
 end

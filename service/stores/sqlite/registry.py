@@ -79,7 +79,7 @@ class SqliteRegistry(InMemoryRegistry):
     def healthy(self) -> bool:
         return self._store.healthy
 
-    def observe(self) -> None:
+    async def observe(self) -> None:
         if self._metrics is not None:
             self._metrics.store_pending.set(self._store.pending())
             self._metrics.store_bytes.set(self._store.size_bytes())
