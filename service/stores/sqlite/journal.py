@@ -27,7 +27,7 @@ from typing import Any, TextIO, TypeVar
 
 from service.metrics import Metrics
 from service.stores.memory.task_state import TaskState
-from service.stores.sqlite.loader import LABELS, VACUUM_PAGES, Stored, load_stored, page_seqs
+from service.stores.sqlite.loader import LABELS, Stored, give_back_space, load_stored, page_seqs
 from service.stores.sqlite.schema import SCHEMA_VERSION, create, upgrade
 from service.tasks.deliveries import Delivery
 from service.tasks.idempotency import Submission
@@ -41,6 +41,7 @@ LOCK = "lock"
 FLUSH_SECONDS = 0.02  # results reach the database within this (plus the write itself)
 RETRY_SECONDS = 1.0  # after a failed write, the next try
 BUSY_SECONDS = 1.0  # how long a write waits for a lock held by another process before it fails
+WAL_LIMIT_BYTES = 4 << 20  # the WAL file is truncated to this at each checkpoint
 
 T = TypeVar("T")
 
@@ -111,6 +112,7 @@ class SqliteJournal:
             if connection.execute("PRAGMA journal_mode = WAL").fetchone()[0] != "wal":
                 raise StoreError(f"database {self.path}: cannot switch to WAL mode")
             connection.execute("PRAGMA synchronous = NORMAL")
+            connection.execute(f"PRAGMA journal_size_limit = {WAL_LIMIT_BYTES}")  # the WAL is cut back to this
         except sqlite3.DatabaseError as exc:
             raise StoreError(f"database {self.path} cannot be used: {exc}") from None
         self._connection = connection
@@ -296,8 +298,8 @@ class SqliteJournal:
             # Consecutive changes of one kind (a batch of finished items) as one statement.
             for sql, group in itertools.groupby(ops, key=lambda op: op[1]):
                 connection.executemany(sql, [row for _, _, rows in group for row in rows])
-        if any(sql.startswith("DELETE FROM tasks") for _, sql, _ in ops):
-            connection.execute(f"PRAGMA incremental_vacuum({VACUUM_PAGES})").fetchall()
+        if any(sql.startswith("DELETE") for _, sql, _ in ops):
+            give_back_space(connection)
         return time.perf_counter() - started
 
     # --- reads, on the database thread ---

@@ -22,7 +22,6 @@ from service.tasks.deliveries import Delivery
 from service.tasks.idempotency import Submission
 from service.tasks.records import ErrorInfo, Item, ItemStatus, Label, Priority, TaskStatus, Webhook
 
-VACUUM_PAGES = 512  # freed pages returned to the file system per batch that deleted tasks
 LABELS = TypeAdapter(list[Label])  # how an item's labels are stored (JSON)
 
 
@@ -71,6 +70,7 @@ def load_stored(
     tasks = load_tasks(connection, finished_ttl, max_finished, now)
     with connection:
         connection.execute("DELETE FROM submissions WHERE created_epoch <= ?", (now - idempotency_ttl,))
+    give_back_space(connection)
     submissions = [
         Submission(owner or None, key, fingerprint, task_id, total, created)
         for owner, key, fingerprint, task_id, total, created in connection.execute(
@@ -87,6 +87,18 @@ def load_stored(
     return Stored(tasks, submissions, deliveries)
 
 
+def give_back_space(connection: sqlite3.Connection) -> int:
+    """Return every free page to the file system (the database is `auto_vacuum = INCREMENTAL`);
+    the number returned. `executescript` runs the pragma to its end: `execute` steps it
+    once, which frees one page. The file shrinks at the next checkpoint, which comes at once
+    and truncates the WAL the moved pages went through."""
+    free = int(connection.execute("PRAGMA freelist_count").fetchone()[0])
+    if free:
+        connection.executescript("PRAGMA incremental_vacuum;")
+        connection.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+    return free
+
+
 def load_tasks(connection: sqlite3.Connection, finished_ttl: float, max_finished: int, now: float) -> list[TaskState]:
     with connection:
         connection.execute("DELETE FROM tasks WHERE finished_epoch <= ?", (now - finished_ttl,))
@@ -96,7 +108,6 @@ def load_tasks(connection: sqlite3.Connection, finished_ttl: float, max_finished
             (max_finished,),
         )
         connection.execute("DELETE FROM items WHERE task_seq NOT IN (SELECT seq FROM tasks)")
-    connection.execute(f"PRAGMA incremental_vacuum({VACUUM_PAGES * 8})").fetchall()
     items: dict[int, list[Item]] = {}
     orders: dict[int, list[tuple[int, int]]] = {}
     for seq, index, url, status, labels, error, done_order in connection.execute(
