@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from service.tasks.registry import StoreUnavailable
+
 log = logging.getLogger(__name__)
 
 UPLOAD_PREFIX = "upload:"  # an uploaded file's item has url `upload:<file name>`
@@ -150,9 +152,14 @@ class UploadSpool:
         self._budget = budget
 
     async def save(self, task_id: str, files: dict[int, bytes]) -> SpooledUploads:
-        """Write the files (and fsync them) before the task that holds them is accepted."""
+        """Write the files (and fsync them) before the task that holds them is accepted.
+        Raises StoreUnavailable when they cannot be (a full disk, say), leaving none of them."""
         directory = self.directory / task_id
-        await asyncio.to_thread(_write_files, directory, files)
+        try:
+            await asyncio.to_thread(_write_files, directory, files)
+        except OSError as exc:
+            await asyncio.to_thread(shutil.rmtree, directory, ignore_errors=True)
+            raise StoreUnavailable(f"cannot spool the uploads to {directory}: {exc.strerror or exc}") from None
         return SpooledUploads(directory, {index: len(data) for index, data in files.items()}, self._budget)
 
     def resume(self, task_id: str, indices: Iterable[int]) -> SpooledUploads:

@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import fcntl
 import itertools
 import json
 import logging
 import os
+import shutil
 import sqlite3
 import time
 from collections.abc import Callable
@@ -42,6 +44,7 @@ FLUSH_SECONDS = 0.02  # results reach the database within this (plus the write i
 RETRY_SECONDS = 1.0  # after a failed write, the next try
 BUSY_SECONDS = 1.0  # how long a write waits for a lock held by another process before it fails
 WAL_LIMIT_BYTES = 4 << 20  # the WAL file is truncated to this at each checkpoint
+FULL_BYTES = 1 << 20  # a file system with less free is called full in error messages
 
 T = TypeVar("T")
 
@@ -80,10 +83,15 @@ class SqliteJournal:
             holder = lock.read().strip()
             lock.close()
             raise StoreError(f"data dir {data_dir} is in use by another running instance (pid {holder})") from None
-        lock.seek(0)
-        lock.truncate()
-        lock.write(f"{os.getpid()}\n")
-        lock.flush()
+        try:
+            lock.seek(0)
+            lock.truncate()
+            lock.write(f"{os.getpid()}\n")
+            lock.flush()
+        except OSError as exc:  # a full disk, say
+            with contextlib.suppress(OSError):  # closing flushes what could not be written: it fails again
+                lock.close()
+            raise StoreError(f"data dir {data_dir} is not usable: cannot write {data_dir / LOCK}: {why(exc)}") from None
         journal = cls(data_dir / DATABASE, lock, metrics)
         try:
             await journal._call(journal._connect)
@@ -114,7 +122,8 @@ class SqliteJournal:
             connection.execute("PRAGMA synchronous = NORMAL")
             connection.execute(f"PRAGMA journal_size_limit = {WAL_LIMIT_BYTES}")  # the WAL is cut back to this
         except sqlite3.DatabaseError as exc:
-            raise StoreError(f"database {self.path} cannot be used: {exc}") from None
+            reason = f"{exc} ({exc.sqlite_errorname}){space_left(self.path.parent)}"
+            raise StoreError(f"database {self.path} cannot be used: {reason}") from None
         self._connection = connection
 
     # --- changes, queued on the loop (see service.stores.memory.task_state.Journal) ---
@@ -353,4 +362,18 @@ def _open_lock(data_dir: Path) -> TextIO:
         data_dir.mkdir(parents=True, exist_ok=True)
         return (data_dir / LOCK).open("a+")
     except OSError as exc:
-        raise StoreError(f"data dir {data_dir} is not usable: {exc.strerror or exc}") from None
+        raise StoreError(f"data dir {data_dir} is not usable: {why(exc)}") from None
+
+
+def space_left(directory: Path) -> str:
+    """"; no space left on its file system" when that is so (SQLite's errors do not say)."""
+    with contextlib.suppress(OSError):
+        if shutil.disk_usage(directory).free < FULL_BYTES:
+            return "; no space left on its file system (ENOSPC)"
+    return ""
+
+
+def why(exc: OSError) -> str:
+    """An OS error in a line: its text and errno name ("No space left on device (ENOSPC)")."""
+    name = errno.errorcode.get(exc.errno, str(exc.errno)) if exc.errno is not None else ""
+    return f"{exc.strerror or exc} ({name})" if name else str(exc.strerror or exc)

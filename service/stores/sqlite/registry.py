@@ -119,8 +119,12 @@ class SqliteRegistry(InMemoryRegistry):
         return task
 
     async def cancel(self, task_id: str, owner: str | None = None) -> TaskDetail | None:
+        """Answered once the cancel is on disk; a task final already needs no write, so its
+        answer comes even while the disk refuses writes."""
+        record = self._owned(task_id, owner)
+        was_final = record is not None and record.status.is_final
         task = await super().cancel(task_id, owner)
-        if task is not None:
+        if task is not None and not was_final:
             await self._store.flush()
         return task
 
