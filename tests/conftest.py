@@ -20,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from service.app import create_app
 from service.pool import InferencePool
-from service.pool.handover import SHARED_MEMORY, remove_orphans
+from service.pool.leftovers import remove_leftovers
 from service.settings import Settings
 from testing.ports import free_port
 from testing.redis_server import RedisServer
@@ -91,12 +91,12 @@ def empty_torch_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]
 
 
 @pytest.fixture(scope="session", autouse=True)
-def no_batch_directories_left() -> Iterator[None]:
-    """Services and workers killed with -9 (on purpose) leave their batch directories in
-    /dev/shm, for the next start on the machine to remove; the run removes them itself."""
+def no_shared_memory_left() -> Iterator[None]:
+    """Services and workers killed with -9 (on purpose) leave their batch directories and
+    semaphores in /dev/shm, for the next start on the machine to remove; the run removes
+    them itself."""
     yield
-    if SHARED_MEMORY.is_dir():
-        remove_orphans(SHARED_MEMORY)
+    remove_leftovers()
 
 
 @pytest.fixture(scope="session", autouse=True)

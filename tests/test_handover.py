@@ -17,6 +17,7 @@ import pytest
 from inference.handover import BatchFileUnreadable, SharedBatch, images_of
 from service.api.appkeys import POOL
 from service.pool.handover import KEEP_BYTES, LOCK, PREFIX, BatchFiles
+from service.pool.leftovers import remove_leftovers
 from tests.conftest import ImageServer, ServiceFactory, submit, wait_for_task
 
 
@@ -77,7 +78,7 @@ def test_directories_of_ended_services_are_removed_and_live_ones_kept(tmp_path: 
     unrelated.mkdir()
     live = BatchFiles(tmp_path)
 
-    BatchFiles(tmp_path)
+    remove_leftovers(tmp_path)  # as a pool does when it starts
     assert not orphan.exists()
     assert live.directory.exists() and unrelated.exists()
     with open(live.directory / LOCK) as lock, pytest.raises(BlockingIOError):

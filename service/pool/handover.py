@@ -16,6 +16,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,7 +41,6 @@ class BatchFiles:
     """Batch files in `directory` (created, private to this process, removed by `close`)."""
 
     def __init__(self, root: Path) -> None:
-        remove_orphans(root)
         self.directory = Path(tempfile.mkdtemp(prefix=PREFIX, dir=root))
         self._lock = os.open(self.directory / LOCK, os.O_RDWR | os.O_CREAT, 0o600)
         fcntl.flock(self._lock, fcntl.LOCK_EX)
@@ -127,12 +127,21 @@ class BatchFiles:
             os.unlink(file.path)
 
 
-def remove_orphans(root: Path) -> None:
-    """Directories left by services that were killed: nobody holds their lock any more."""
+def remove_orphans(root: Path, settle_seconds: float) -> int:
+    """Directories left by processes that were killed: nobody holds their lock any more, or
+    they have none and are older than `settle_seconds` (killed between making the directory
+    and its lock). Returns how many went."""
+    removed = 0
     for directory in root.glob(f"{PREFIX}*"):
         try:
             lock = os.open(directory / LOCK, os.O_RDWR)
-        except OSError:  # not ours, or being set up right now
+        except FileNotFoundError:
+            with contextlib.suppress(OSError):
+                if time.time() - directory.stat().st_mtime > settle_seconds:
+                    shutil.rmtree(directory, ignore_errors=True)
+                    removed += 1
+            continue
+        except OSError:  # not ours
             continue
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -140,5 +149,7 @@ def remove_orphans(root: Path) -> None:
             continue  # in use
         else:
             shutil.rmtree(directory, ignore_errors=True)
+            removed += 1
         finally:
             os.close(lock)
+    return removed

@@ -27,6 +27,7 @@ from inference.protocol import Outcome, WorkerConfig
 from inference.specs import ModelInfo, ModelSpec
 from service.pool import DefaultModelError, InferenceTimeout, WorkerCrashed
 from service.pool.handover import BatchFiles
+from service.pool.leftovers import remove_leftovers
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +141,7 @@ class ProcessInferencePool:
         self._batch_timeout = batch_timeout
         self._closing = False
         self._watch: asyncio.Task[None] | None = None
+        remove_leftovers()  # of this kind of process, killed before
         self._files = BatchFiles.on_shared_memory()
         self._current = self._start_workers()
 

@@ -366,7 +366,7 @@ def _open_lock(data_dir: Path) -> TextIO:
 
 
 def space_left(directory: Path) -> str:
-    """"; no space left on its file system" when that is so (SQLite's errors do not say)."""
+    """ "; no space left on its file system" when that is so (SQLite's errors do not say)."""
     with contextlib.suppress(OSError):
         if shutil.disk_usage(directory).free < FULL_BYTES:
             return "; no space left on its file system (ENOSPC)"
