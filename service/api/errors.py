@@ -20,6 +20,8 @@ log = logging.getLogger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 RETRY_AFTER_SECONDS = 5
+# What every operation that reads or writes the task store declares (`service.api.openapi`).
+STORE_UNAVAILABLE = {503: "store_unavailable: the task store cannot write or be reached now (see Retry-After)"}
 
 # Codes for the HTTP errors aiohttp raises itself (unknown route, wrong method, ...).
 _HTTP_CODES = {
@@ -76,7 +78,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return error_response(
             503,
             "store_unavailable",
-            "the task store cannot write right now; retry later",
+            "the task store cannot write or be reached right now; retry after the Retry-After seconds",
             headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
         )
     except ConnectionResetError:

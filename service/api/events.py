@@ -11,6 +11,7 @@ from aiohttp_sse import EventSourceResponse
 
 from service.api.appkeys import CLOSING, METRICS, REGISTRY
 from service.api.auth import request_owner
+from service.api.errors import STORE_UNAVAILABLE
 from service.api.openapi import Reply, documented
 from service.api.schemas import ProgressEvent, ServerEvent
 from service.api.tasks import TASK_NOT_FOUND, task_id_of, task_not_found, unless
@@ -35,7 +36,7 @@ EVENT_PING_SECONDS = 5.0  # a comment line on idle event streams; a failed one n
             media_type="text/event-stream",
         )
     },
-    errors=TASK_NOT_FOUND,
+    errors={**TASK_NOT_FOUND, **STORE_UNAVAILABLE},
 )
 async def task_events(request: web.Request) -> web.StreamResponse:
     registry, owner, task_id = request.app[REGISTRY], request_owner(request), task_id_of(request)

@@ -7,7 +7,7 @@ from collections import Counter
 from aiohttp import web
 
 from service.api.appkeys import BACKEND, CATALOG, ENGINE, METRICS, POOL, REGISTRY, UPLOAD_BUDGET
-from service.api.errors import ApiError
+from service.api.errors import STORE_UNAVAILABLE, ApiError
 from service.api.openapi import Reply, documented
 from service.api.schemas import Health, ModelEntry, ModelList, WorkerList
 from service.api.tasks import json_response
@@ -53,6 +53,7 @@ async def readyz(request: web.Request) -> web.Response:
     summary="Prometheus metrics",
     tag="operations",
     replies={200: Reply("Prometheus text format", media_type="text/plain")},
+    errors=STORE_UNAVAILABLE,
 )
 async def metrics(request: web.Request) -> web.Response:
     """Prometheus text format; current-state gauges are read at scrape time."""
@@ -80,7 +81,7 @@ async def metrics(request: web.Request) -> web.Response:
     summary="The workers that classify: this process's own pool, and with Redis every worker by its heartbeat",
     tag="operations",
     replies={200: Reply("The workers, up or gone (a gone one is listed for 10 minutes)", WorkerList)},
-    errors={503: "store_unavailable (Redis is away; see the Retry-After header)"},
+    errors=STORE_UNAVAILABLE,
 )
 async def list_workers(request: web.Request) -> web.Response:
     return json_response(WorkerList(workers=await fleet(request.app)))

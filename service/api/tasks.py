@@ -24,7 +24,7 @@ from service.api.appkeys import (
     WEBHOOKS,
 )
 from service.api.auth import request_owner
-from service.api.errors import ApiError, too_busy
+from service.api.errors import STORE_UNAVAILABLE, ApiError, too_busy
 from service.api.openapi import Reply, RequestHeader, documented
 from service.api.schemas import SubmitResponse, TaskListQuery, TaskQuery
 from service.api.submission import TaskRequest, read_task_request
@@ -39,7 +39,6 @@ routes = web.RouteTableDef()
 T = TypeVar("T")
 
 TASK_NOT_FOUND = {404: "task_not_found"}
-STORE_UNAVAILABLE = {503: "store_unavailable (see the Retry-After header)"}
 IDEMPOTENCY_HEADER = RequestHeader(
     "a key of yours for this submit (a UUID): retried with the same key and request within --idempotency-ttl "
     "(24 h), the submit answers with the original task instead of making a second one",
@@ -223,7 +222,10 @@ def _check_model(catalog: ModelCatalog, name: str) -> None:
     summary="Task summaries, newest first, a page at a time",
     query=TaskListQuery,
     replies={200: Reply("A page of tasks", TaskPage)},
-    errors={400: "unknown_parameter, invalid_status, invalid_priority, invalid_limit, invalid_cursor"},
+    errors={
+        400: "unknown_parameter, invalid_status, invalid_priority, invalid_limit, invalid_cursor",
+        **STORE_UNAVAILABLE,
+    },
 )
 async def list_tasks(request: web.Request) -> web.Response:
     query = validate(TaskListQuery, request.query, query_error_code)
@@ -241,7 +243,7 @@ async def list_tasks(request: web.Request) -> web.Response:
     summary="A task with every item's status and labels; with `wait`, a long poll",
     query=TaskQuery,
     replies={200: Reply("The task (after a change, or when `wait` ran out)", TaskDetail)},
-    errors={**TASK_NOT_FOUND, 400: "unknown_parameter, invalid_wait, invalid_done"},
+    errors={**TASK_NOT_FOUND, 400: "unknown_parameter, invalid_wait, invalid_done", **STORE_UNAVAILABLE},
 )
 async def get_task(request: web.Request) -> web.Response:
     query = validate(TaskQuery, request.query, query_error_code)

@@ -34,7 +34,7 @@ from service.tasks.idempotency import IdempotencyKey
 from service.tasks.pipeline import Pipeline
 from service.tasks.queues import Backlog, BatchSource, ImageQueue
 from service.tasks.records import Priority, TaskDetail
-from service.tasks.registry import Admission, TaskRegistry
+from service.tasks.registry import Admission, StoreUnavailable, TaskRegistry
 from service.tasks.uploads import UPLOAD_PREFIX, HeldUploads, TaskUploads, UploadBudget, UploadSpool
 
 log = logging.getLogger(__name__)
@@ -193,9 +193,13 @@ class TaskEngine:
 
     async def drain(self, grace: float) -> None:
         """At shutdown: give active tasks `grace` seconds to finish, then stop every job."""
-        unfinished = await self._registry.unfinished_images()
-        if unfinished:
-            log.info("shutting down: waiting up to %gs for %d unfinished images", grace, unfinished)
+        try:
+            unfinished = await self._registry.unfinished_images()
+        except StoreUnavailable:  # the count is for the log only: the grace holds all the same
+            log.info("shutting down: waiting up to %gs for the unfinished images", grace)
+        else:
+            if unfinished:
+                log.info("shutting down: waiting up to %gs for %d unfinished images", grace, unfinished)
         await self._jobs.wait_and_close(grace)
 
     async def close(self) -> None:

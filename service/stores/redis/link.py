@@ -29,6 +29,7 @@ P = ParamSpec("P")
 # Redis away, loading its data, full (noeviction) or a read-only replica after a failover:
 # requests answer 503, background work waits for it.
 UNREACHABLE = (RedisConnectionError, RedisTimeoutError, OSError, OutOfMemoryError, ReadOnlyError)
+FAST_SECONDS = 2.0  # a request waits this long for Redis at most
 
 
 class RedisUnreachable(StoreOpenError):
@@ -80,9 +81,17 @@ class RedisLink:
         return self._healthy
 
     async def fast(self, call: Awaitable[T]) -> T:
-        """A request's call: StoreUnavailable (503) if Redis is away."""
+        """A request's call: StoreUnavailable (503) if Redis is away, or does not answer
+        within `FAST_SECONDS` (frozen, say: the client's own timeouts and retries would hold
+        the request for half a minute). A write given up on that way may still be applied:
+        retried with the same Idempotency-Key, a submit finds it."""
         try:
-            result = await call
+            async with asyncio.timeout(FAST_SECONDS):
+                result = await call
+        except TimeoutError:
+            exc = RedisTimeoutError(f"no answer within {FAST_SECONDS:g} s")
+            self._set_healthy(False, exc)
+            raise StoreUnavailable(f"Redis is unreachable: {exc}") from None
         except UNREACHABLE as exc:
             self._set_healthy(False, exc)
             raise StoreUnavailable(f"Redis is unreachable: {exc}") from None

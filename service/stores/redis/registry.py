@@ -101,7 +101,7 @@ class RedisRegistry:
         self._writing: asyncio.Task[None] | None = None
         self._scripts = {
             name: link.client.register_script(getattr(redis_scripts, name))
-            for name in ("CREATE", "UPDATE_ITEMS", "CLOSE", "FORGET", "EXPIRE", "ADOPT")
+            for name in ("CREATE", "UPDATE_ITEMS", "CLOSE", "FORGET", "EXPIRE", "RENEW", "ADOPT")
         }
 
     @classmethod
@@ -376,6 +376,8 @@ class RedisRegistry:
         wait: bool = True,
         status: TaskStatus | None = None,
     ) -> TaskUpdate | None:
+        if not wait:  # one look, on a request's behalf: it fails fast while Redis is away
+            return await self.link.fast(self._update(task_id, seen, owner))
         while True:
             changed = self._watch(task_id)
             update = await self.patient(self._update, task_id, seen, owner)
@@ -436,10 +438,8 @@ class RedisRegistry:
     async def _renew(self) -> None:
         """The lease, and the webhook deliveries this replica is trying (so that no other
         replica takes them for abandoned while this one waits to try again)."""
-        async with self.client.pipeline(transaction=False) as pipe:
-            pipe.set(self._key("replica:", self.replica), b"1", px=int(self.lease * 1000))
-            pipe.pexpire(self._key("outcomes:", self.replica), int(OUTCOMES_LEASES * self.lease * 1000))
-            await pipe.execute()
+        lease_ms = int(self.lease * 1000)
+        await self._scripts["RENEW"](args=[self.prefix, self.replica, lease_ms, OUTCOMES_LEASES * lease_ms])
         await self._outbox.renew()
 
     async def _keep_lease(self) -> None:

@@ -16,6 +16,9 @@ Keys (P is the prefix, `ics:` by default; one Redis, not a Cluster):
                          (it exports them as ics_images_total; gone with its lease)
   P idem:<owner, key>  string  what an idempotency key stands for (with its TTL)
   P idem-order   zset   sequence number -> idempotency key, to keep at most so many
+  P replica:<id>  string  a replica's lease (expires unless renewed)
+  P lease-clock  string  Redis's time (ms) of the last lease renewal, by any replica
+  P adoption-paused  string  while it lives, no task is adopted (see RENEW)
 Every change that a watcher may wait for is published on the channel P changed (the task id).
 An item's JSON is spliced here from its URL literal and the rest, which Python made with
 pydantic (`tail`: everything after the URL), so it reads exactly like the in-memory one.
@@ -239,11 +242,37 @@ return gone
 """
 )
 
-# Take over the active tasks whose replica is gone (its lease key expired).
+# Renew a replica's lease (and the time to live of its outcome counts). Redis's own clock
+# tells a stall apart from a dead replica: when no renewal reached Redis for over half a lease
+# (Redis stopped, frozen, or every replica was away), every lease may have run out meanwhile
+# although its replica lives; so no task is adopted for one lease from now, time for every
+# live replica to renew (its renewals come every third of a lease).
+# ARGV: P, replica id, lease (ms), outcome counts' time to live (ms).
+RENEW = """
+local P = ARGV[1]
+local lease = tonumber(ARGV[3])
+local time = redis.call('TIME')
+local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+local last = tonumber(redis.call('GET', P .. 'lease-clock') or '0')
+if last > 0 and now - last > lease / 2 then
+  redis.call('SET', P .. 'adoption-paused', 1, 'PX', lease)
+end
+redis.call('SET', P .. 'lease-clock', now)
+redis.call('SET', P .. 'replica:' .. ARGV[2], '1', 'PX', lease)
+redis.call('PEXPIRE', P .. 'outcomes:' .. ARGV[2], ARGV[4])
+return 1
+"""
+
+# Take over the active tasks whose replica is gone (its lease key expired), checked and
+# taken in one step; none while leases may have run out in a stall (see RENEW), nor by a
+# replica whose own lease has run out.
 # ARGV: P, this replica's id, at most this many. Returns the ids taken over.
 ADOPT = (
     _COMMON
     + """
+if redis.call('EXISTS', P .. 'adoption-paused') == 1 or redis.call('EXISTS', P .. 'replica:' .. ARGV[2]) == 0 then
+  return {}
+end
 local taken = {}
 for _, id in ipairs(redis.call('ZRANGE', P .. 'active', 0, -1)) do
   local replica = redis.call('HGET', task_key(id), 'replica')

@@ -1,0 +1,62 @@
+"""A Redis that stalls (SIGSTOP, then SIGCONT), under two live replicas (issue 34, item 2).
+
+The stall used to make a live replica adopt the other's tasks when Redis resumed (every lease
+had run out by Redis's clock meanwhile) and download their images a second time; a request
+waited 30-40 s for an answer. Now no task is adopted for a lease after Redis was silent, a
+replica whose own lease ran out adopts nothing, and requests answer 503 within ~2 s."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from testing.redis_server import RedisServer
+from tests.conftest import ImageServer, ServiceFactory, submit, wait_for_task
+
+pytestmark = pytest.mark.e2e  # a real redis-server, stopped and continued
+
+LEASE = 1.0  # seconds
+STALL = 3.5  # seconds: several leases
+
+
+@pytest.fixture
+def redis(tmp_path: Path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path / "redis")
+    server.directory.mkdir()
+    server.start()
+    yield server
+    server.stop()
+
+
+async def test_a_stall_makes_no_live_replica_adopt_and_requests_fail_fast(
+    make_service: ServiceFactory, image_server: ImageServer, redis: RedisServer
+) -> None:
+    settings = {"redis": redis.url, "lease": LEASE, "download_concurrency": 2}
+    first, second = await make_service(**settings), await make_service(**settings)
+    urls = [image_server.url(f"/slow/coffee?delay=0.1&n={n}") for n in range(20)]
+    tasks = [(await submit(client, urls))["task_id"] for client in (first, second)]
+    await asyncio.sleep(0.3)  # both replicas are downloading
+
+    assert redis.process is not None
+    os.kill(redis.process.pid, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        response = await first.get(f"/tasks/{tasks[0]}")
+        assert response.status == 503 and (await response.json())["error"]["code"] == "store_unavailable"
+        ready = await first.get("/readyz")
+        assert ready.status == 503
+        assert time.monotonic() - started < 6  # two requests, ~2 s each at most (it was 30-40 s)
+        await asyncio.sleep(max(0.0, STALL - (time.monotonic() - started)))
+    finally:
+        os.kill(redis.process.pid, signal.SIGCONT)
+
+    done = [await wait_for_task(client, task_id, timeout=60) for client, task_id in zip((first, second), tasks)]
+    assert [task["progress"]["done"] for task in done] == [20, 20]  # (the fake pool calls photos not_an_image)
+    await asyncio.sleep(3 * LEASE)  # time for any adoption to have happened
+    assert image_server.hits["/slow/coffee"] == 40  # every image downloaded once: no task adopted
