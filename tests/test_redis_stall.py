@@ -56,7 +56,9 @@ async def test_a_stall_makes_no_live_replica_adopt_and_requests_fail_fast(
     finally:
         os.kill(redis.process.pid, signal.SIGCONT)
 
-    done = [await wait_for_task(client, task_id, timeout=60) for client, task_id in zip((first, second), tasks)]
+    done = [
+        await wait_for_task(client, task_id, timeout=60) for client, task_id in zip((first, second), tasks, strict=True)
+    ]
     assert [task["progress"]["done"] for task in done] == [20, 20]  # (the fake pool calls photos not_an_image)
     await asyncio.sleep(3 * LEASE)  # time for any adoption to have happened
     assert image_server.hits["/slow/coffee"] == 40  # every image downloaded once: no task adopted
