@@ -147,6 +147,13 @@ async def webhooks_ctx(app: web.Application) -> AsyncIterator[None]:
     restart included, until shutdown (a durable store keeps what is still pending)."""
     settings = app[SETTINGS]
     if not settings.webhook_secret:
+        pending = await app[REGISTRY].pending_deliveries()
+        if pending:  # kept from a run with a secret: they wait, and say so
+            log.warning(
+                "%d completion webhooks are pending but --webhook-secret is not set: they are sent once it is",
+                pending,
+            )
+        app[METRICS].webhooks_pending.set(pending)
         yield
         return
     sender = WebhookSender(

@@ -22,10 +22,11 @@ from inference.protocol import Label
 from service.fetch.policy import AddressPolicy
 from service.metrics import Metrics
 from service.stores.memory.registry import InMemoryRegistry
+from service.stores.sqlite.registry import SqliteRegistry
 from service.tasks.deliveries import Delivery
 from service.tasks.records import ItemStatus
 from service.webhooks import signing
-from service.webhooks.sender import WebhookSender, backoff
+from service.webhooks.sender import PER_HOST, WebhookSender, backoff
 from testing.services import kill_group
 from tests.conftest import ImageServer, ServiceFactory, running_service, scrape, submit, wait_for_task
 
@@ -269,3 +270,57 @@ async def test_the_sender_goes_on_after_its_store_failed_to_hand_over_a_delivery
     running.cancel()
     await asyncio.gather(running, return_exceptions=True)
     await sender.close()
+
+
+async def test_a_hanging_receiver_delays_no_other(
+    receiver: Receiver, aiohttp_server: Callable[..., Awaitable[TestServer]]
+) -> None:
+    """Issue 34, item 3: 200 deliveries to a receiver that hangs held every shared slot, and
+    five healthy receivers' webhooks came a minute late. Attempts are limited per receiver."""
+    hanging = Receiver(answers=["hang"] * 200)
+    app = web.Application()
+    app.router.add_post("/hook", hanging.handle)
+    hanging.server = await aiohttp_server(app, host="127.0.0.1")
+    registry = InMemoryRegistry(metrics=Metrics())
+    policy = AddressPolicy.from_strings(False, ["127.0.0.1/32"])
+    sender = WebhookSender(registry, policy, SECRET, timeout=10, retry_for=60, metrics=Metrics())
+    running = asyncio.create_task(sender.run())
+    try:
+        for callback in [hanging.url] * 200 + [receiver.url] * 5:
+            task = await registry.create(["u0"], "m", 1, callback_url=callback)
+            await registry.update_item(task.task_id, 0, ItemStatus.SUCCEEDED, labels=[Label("cat", 281, 0.9)])
+        finished = time.monotonic()
+        await receiver.wait_calls(5, timeout=10)
+        assert time.monotonic() - finished < 2
+        assert len(hanging.calls) == PER_HOST  # the hanging receiver holds its own few slots only
+    finally:
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
+        await sender.close()
+
+
+async def test_deliveries_pending_without_a_secret_are_told_at_start(
+    make_service: ServiceFactory, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """They wait for a secret (they cannot be signed): said in the log and in ics_webhooks_pending."""
+    registry = await SqliteRegistry.open(tmp_path, 3600, 100, Metrics())
+    task = await registry.create(["u0"], "m", 1, callback_url="http://203.0.113.9/hook")
+    await registry.update_item(task.task_id, 0, ItemStatus.SUCCEEDED, labels=[Label("cat", 281, 0.9)])
+    await registry.close()
+    client = await make_service(data_dir=tmp_path)
+    assert "1 completion webhooks are pending but --webhook-secret is not set" in caplog.text
+    assert (await scrape(client))[("ics_webhooks_pending", ())] == 1
+
+
+async def test_callback_hosts_in_an_odd_numeric_form_are_refused(make_service: ServiceFactory) -> None:
+    """`0177.0.0.1` (octal) and `0x7f.1` (hex): resolvers read them differently (c-ares took
+    the first for 177.0.0.1, and the attempts were then refused for the whole retry hour)."""
+    client = await make_service(webhook_secret=SECRET)
+    for host in ("0177.0.0.1", "0x7f.1", "2130706433", "127.1"):
+        response = await client.post(
+            "/submit", json={"urls": ["http://203.0.113.9/a.jpg"], "callback_url": f"http://{host}/"}
+        )
+        body = await response.json()
+        assert response.status == 400 and body["error"]["code"] == "callback_url_refused", (host, body)
+        response = await client.post("/submit", json={"urls": [f"http://{host}/a.jpg"]})
+        assert response.status == 400 and (await response.json())["error"]["code"] == "invalid_url", host

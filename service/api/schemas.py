@@ -10,7 +10,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, St
 from pydantic_core import PydanticCustomError
 
 from inference.specs import RunPrecision
-from service.fetch.policy import url_problem
+from service.fetch.policy import odd_numeric_host, url_host, url_problem
 from service.tasks.fleet import WorkerEntry
 from service.tasks.records import Priority, Progress, Record, TaskStatus, TaskSummary
 
@@ -88,7 +88,8 @@ URL_PATTERN = r"^[Hh][Tt][Tt][Pp][Ss]?://[^\x00-\x20\x7f/?#@]+([/?#][^\x00-\x1f\
 def _check_url(url: str) -> str:
     problem = url_problem(url)
     if problem:
-        raise PydanticCustomError("invalid_url", problem)
+        # An address in an odd form is refused as an address (a callback's callback_url_refused).
+        raise PydanticCustomError("address_refused" if odd_numeric_host(url_host(url)) else "invalid_url", problem)
     return url
 
 

@@ -30,6 +30,8 @@ _FIELD_CODES = {
     ("callback_url", "string_pattern_mismatch"): "invalid_callback_url",
     ("callback_url", "string_too_long"): "invalid_callback_url",
     ("callback_url", "invalid_url"): "invalid_callback_url",
+    ("callback_url", "address_refused"): "callback_url_refused",
+    ("urls", "address_refused"): "invalid_url",
     ("top_k", "greater_than_equal"): "top_k_out_of_range",
     ("top_k", "less_than_equal"): "top_k_out_of_range",
     ("priority", "enum"): "invalid_priority",

@@ -122,6 +122,9 @@ def policy_connector(policy: AddressPolicy, resolver: PolicyResolver, limit: int
 # decodes to) are not text at all and could not even be written back out.
 _NEVER_IN_A_URL = re.compile("[\x00-\x1f\x7f\ud800-\udfff]")
 _NEVER_IN_A_HOST = re.compile(r"[\s%]")
+# A host of numbers only (octal 0177.0.0.1, hex 0x7f.1, 2130706433): resolvers read such
+# forms differently (c-ares reads 0177.0.0.1 as 177.0.0.1), so only the dotted-decimal form is taken.
+_NUMERIC_HOST = re.compile(r"(0x[0-9a-f]*|[0-9]+)(\.(0x[0-9a-f]*|[0-9]+))*\.?", re.IGNORECASE)
 
 
 def url_problem(url: str, max_length: int | None = None) -> str | None:
@@ -140,6 +143,27 @@ def url_problem(url: str, max_length: int | None = None) -> str | None:
         return "URL has no host"
     if _NEVER_IN_A_HOST.search(parsed.host):
         return "URL host contains spaces or percent signs"
+    if odd_numeric_host(parsed.host):
+        return f"URL host {parsed.host} is not an IPv4 address in its usual form (four decimal numbers)"
     if parsed.user is not None or parsed.password is not None:
         return "URLs with user credentials are not accepted"
     return None
+
+
+def odd_numeric_host(host: str) -> bool:
+    """A host of numbers only that is not a dotted-decimal IPv4 address (0177.0.0.1, 0x7f.1)."""
+    if not _NUMERIC_HOST.fullmatch(host):
+        return False
+    try:
+        ipaddress.IPv4Address(host)
+    except ValueError:
+        return True
+    return False
+
+
+def url_host(url: str) -> str:
+    """The host of `url` as written ("" if it is not a URL)."""
+    try:
+        return URL(url).raw_host or ""
+    except (ValueError, TypeError):
+        return ""

@@ -204,6 +204,11 @@ class TaskRegistry(Protocol):
         """Return once the task is in a final state, or gone (whoever owns it)."""
         ...
 
+    async def pending_deliveries(self) -> int:
+        """Webhook deliveries waiting to be delivered or given up (what a start without a
+        webhook secret leaves waiting)."""
+        ...
+
     async def next_delivery(self) -> Delivery:
         """Wait for the next webhook delivery to try: made when a task with a callback
         reaches a final state (a durable registry also hands back, after a restart, those

@@ -14,12 +14,13 @@ again at every connection (DNS may change meanwhile).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import logging
 import random
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
 
 import aiohttp
@@ -37,6 +38,7 @@ log = logging.getLogger(__name__)
 FIRST_RETRY = 1.0  # seconds before the second attempt (with jitter); doubles each time
 MAX_RETRY = 300.0
 CONCURRENCY = 32  # attempts in flight at once
+PER_HOST = 4  # attempts in flight to one receiver (scheme, host, port): a hanging one holds no more
 USER_AGENT = "image-classification-service-webhooks/1.0"
 
 
@@ -51,6 +53,38 @@ def backoff(attempts: int) -> float:
 class Failure:
     reason: str
     final: bool = False  # not worth trying again
+
+
+class HostSlots:
+    """Attempts in flight: `total` at most, and `per_host` to any one receiver, so a receiver
+    that hangs holds a few slots, not all (200 deliveries to one made five others' wait a
+    minute). Waiters of one host queue on its own semaphore before the shared one, whose
+    waiters are served in turn: hosts share it fairly. A host's entry goes with its last user."""
+
+    def __init__(self, total: int, per_host: int) -> None:
+        self._total = asyncio.Semaphore(total)
+        self._per_host = per_host
+        self._hosts: dict[tuple[str, str, int | None], _Host] = {}
+
+    @contextlib.asynccontextmanager
+    async def taken(self, url: str) -> AsyncIterator[None]:
+        parsed = URL(url)
+        key = (parsed.scheme, parsed.host or "", parsed.port)
+        host = self._hosts.setdefault(key, _Host(asyncio.Semaphore(self._per_host)))
+        host.users += 1
+        try:
+            async with host.slots, self._total:
+                yield
+        finally:
+            host.users -= 1
+            if not host.users:
+                del self._hosts[key]
+
+
+@dataclass
+class _Host:
+    slots: asyncio.Semaphore
+    users: int = 0  # attempts holding or waiting for its slots
 
 
 class CallbackRefused(Exception):
@@ -83,7 +117,7 @@ class WebhookSender:
         self._retry_for = retry_for
         self._metrics = metrics
         self._clock = clock
-        self._slots = asyncio.Semaphore(CONCURRENCY)
+        self._slots = HostSlots(CONCURRENCY, PER_HOST)
 
     async def check_url(self, url: str, max_length: int) -> None:
         """Raise CallbackRefused unless `url` is one the sender may call: an absolute http(s)
@@ -127,7 +161,7 @@ class WebhookSender:
         try:
             while True:
                 await asyncio.sleep(max(0.0, delivery.next_attempt - self._clock()))
-                async with self._slots:
+                async with self._slots.taken(delivery.url):
                     failure = await self._attempt(delivery)
                 attempts = delivery.attempts + 1
                 now = self._clock()

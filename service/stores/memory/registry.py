@@ -268,6 +268,9 @@ class InMemoryRegistry:
         if active:
             log.info("cancelled %d active tasks at shutdown", len(active))
 
+    async def pending_deliveries(self) -> int:
+        return self._outbox.qsize()
+
     async def next_delivery(self) -> Delivery:
         return await self._outbox.get()
 

@@ -43,6 +43,10 @@ class RedisOutbox:
         self._held: dict[str, bytes] = {}  # delivery id -> its stream entry, while this replica tries it
         self._swept = 0.0  # when idle consumers were last forgotten (monotonic)
 
+    async def pending(self) -> int:
+        """Deliveries in the stream: new, or held by a replica (each is deleted once done)."""
+        return int(await self._link.fast(self._link.client.xlen(self._stream)))
+
     async def next(self) -> Delivery:
         """The next delivery to try: one a gone replica held, else a new one."""
         client = self._link.client

@@ -421,6 +421,9 @@ class RedisRegistry:
     async def shutdown(self) -> None:
         """Tasks stay in Redis: another replica, or this one restarted, goes on with them."""
 
+    async def pending_deliveries(self) -> int:
+        return await self._outbox.pending()
+
     async def next_delivery(self) -> Delivery:
         """The next completion webhook to try: new ones, and those a replica that died was
         trying (idle for three leases)."""
