@@ -97,7 +97,7 @@ class BulkJob:
                 if source.index in self._results.written:
                     continue
                 if source.kind == "invalid":
-                    self._fail(source, "invalid_input", "not an http(s) URL")
+                    self._fail(source, "invalid_input", source.problem)
                     continue
                 batch.append(source)
                 if len(batch) == limit:

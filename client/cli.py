@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import codecs
 import json
 import os
 import sys
@@ -69,6 +70,11 @@ def parse_args(argv: Sequence[str] | None, env: dict[str, str]) -> argparse.Name
     bulk = parser.add_argument_group("bulk jobs", "many tasks, one results row per input, resumable")
     bulk.add_argument("--urls-file", metavar="FILE", help="image URLs, one per line, or a CSV column; - for stdin")
     bulk.add_argument("--url-column", metavar="NAME", help="the URL column of a CSV --urls-file (default: url)")
+    bulk.add_argument(
+        "--encoding",
+        default="utf-8",
+        help="the text encoding of --urls-file (default: %(default)s; a byte-order mark is dropped)",
+    )
     bulk.add_argument("-r", "--recursive", action="store_true", help="walk directories to the bottom")
     bulk.add_argument(
         "--output", metavar="FILE", help="write one row per input as results arrive: .csv, or JSON Lines otherwise"
@@ -84,6 +90,10 @@ def parse_args(argv: Sequence[str] | None, env: dict[str, str]) -> argparse.Name
         parser.error("--resume needs --output, the results file of the job to finish")
     if args.concurrency < 1:
         parser.error("--concurrency must be at least 1")
+    try:
+        codecs.lookup(args.encoding)
+    except LookupError:
+        parser.error(f"--encoding {args.encoding}: not an encoding Python knows (e.g. utf-8, latin-1, cp1252)")
     args.api_key = env.get("ICS_API_KEY", "")  # not a flag: flags show in `ps`
     return args
 
@@ -182,7 +192,7 @@ async def run_bulk(args: argparse.Namespace, session: aiohttp.ClientSession) -> 
         raise ClientError(f"{output} exists: add --resume to finish its job, or remove it to start again")
 
     def listed() -> Iterator[Source]:
-        return sources(args.images, args.urls_file, args.url_column, args.recursive)
+        return sources(args.images, args.urls_file, args.url_column, args.recursive, args.encoding)
 
     try:
         total = None if args.urls_file == "-" else sum(1 for _ in listed())  # standard input is read once

@@ -14,7 +14,9 @@ import json
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
+
+from client.appending import AppendFile
 
 
 @dataclass
@@ -31,7 +33,7 @@ class Manifest:
     job: str = field(default_factory=lambda: uuid.uuid4().hex)
     pending: dict[int, Chunk] = field(default_factory=dict)  # chunks not yet finished
     next_number: int = 0
-    _handle: IO[str] | None = None
+    _file: AppendFile | None = None
 
     @classmethod
     def open(cls, path: Path | None, resume: bool) -> Manifest:
@@ -40,7 +42,7 @@ class Manifest:
         if path is not None and resume and path.exists():
             manifest._read_back(path)
         if path is not None:  # a new job starts a new manifest
-            manifest._handle = path.open("a" if resume else "w", encoding="utf-8")
+            manifest._file = AppendFile(path, truncate=not resume)
             if manifest.next_number == 0:
                 manifest._append({"job": manifest.job})
         return manifest
@@ -89,13 +91,12 @@ class Manifest:
         return {index for chunk in self.pending.values() for index in chunk.inputs}
 
     def _append(self, entry: dict[str, Any]) -> None:
-        if self._handle is not None:
-            self._handle.write(json.dumps(entry) + "\n")
-            self._handle.flush()
+        if self._file is not None:
+            self._file.append(json.dumps(entry) + "\n")
 
     def close(self, complete: bool) -> None:
         """`complete`: every input has its row, so the manifest has nothing left to say."""
-        if self._handle is not None:
-            self._handle.close()
+        if self._file is not None:
+            self._file.close()
         if complete and self.path is not None:
             self.path.unlink(missing_ok=True)

@@ -6,11 +6,13 @@ reopens the file, drops a row cut off mid-line, and learns which inputs have the
 from __future__ import annotations
 
 import csv
+import io
 import json
 import sys
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
+from client.appending import AppendFile
 from client.inputs import Source
 
 FIELDS = ["index", "input", "status", "label", "score", "labels", "error_code", "error_message", "task_id"]
@@ -53,22 +55,21 @@ def row(source: Source, item: dict[str, Any], task_id: str) -> dict[str, Any]:
 
 
 class ResultsFile:
-    """Rows out, as JSON Lines or CSV; `written` holds the inputs that have theirs."""
+    """Rows out, as JSON Lines or CSV, to a file (each row appended whole: `AppendFile`) or
+    to standard output; `written` holds the inputs that have theirs."""
 
     def __init__(self, path: Path | None, resume: bool) -> None:
         self.path = path
         self.written = Seen()
         self.failed_before = 0  # rows of earlier runs (`resume`) whose input was not classified
         self._csv = path is not None and path.suffix.lower() == ".csv"
-        if path is None:
-            self._handle: IO[str] = sys.stdout
-        else:
+        self._file: AppendFile | None = None
+        if path is not None:
             if resume and path.exists():
                 self._read_back(path)
-            self._handle = path.open("a", newline="", encoding="utf-8")
-        self._writer = csv.DictWriter(self._handle, FIELDS) if self._csv else None
-        if self._writer is not None and self.written.count == 0 and self._handle.tell() == 0:
-            self._writer.writeheader()
+            self._file = AppendFile(path)
+            if self._csv and self._file.size() == 0:
+                self._out(_csv_line(dict(zip(FIELDS, FIELDS, strict=True))))
 
     def _read_back(self, path: Path) -> None:
         _drop_partial_line(path)  # a row cut off by a kill: its input gets its row again
@@ -82,18 +83,31 @@ class ResultsFile:
         if source.index in self.written:
             return
         record = row(source, item, task_id)
-        if self._writer is not None:
-            self._writer.writerow({**record, "labels": json.dumps(record["labels"])})
+        if self._csv:
+            self._out(_csv_line({**record, "labels": json.dumps(record["labels"])}))
         else:
-            self._handle.write(json.dumps(record) + "\n")
-        self._handle.flush()  # a row is on disk (or on its way down the pipe) as it arrives
+            self._out(json.dumps(record) + "\n")
         self.written.add(source.index)
 
-    def close(self) -> None:
-        if self._handle is not sys.stdout:
-            self._handle.close()
+    def _out(self, line: str) -> None:
+        """One row, on disk (or on its way down the pipe) as it arrives."""
+        if self._file is not None:
+            self._file.append(line)
         else:
-            self._handle.flush()
+            sys.stdout.write(line)
+            sys.stdout.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+        else:
+            sys.stdout.flush()
+
+
+def _csv_line(record: dict[str, Any]) -> str:
+    buffer = io.StringIO()
+    csv.DictWriter(buffer, FIELDS).writerow(record)
+    return buffer.getvalue()
 
 
 def _drop_partial_line(path: Path, block: int = 65_536) -> None:

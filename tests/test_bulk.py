@@ -274,3 +274,22 @@ async def test_ctrl_c_with_cancel_cancels_the_tasks_in_flight_and_resume_finishe
     status, stderr = await finish(await start_client(service, *args, "--resume"))
     assert status == 1, stderr
     check_rows(read_rows(output), expected)  # cancelled inputs without a row were sent again
+
+
+async def test_a_urls_file_with_a_mark_and_a_bad_byte_runs_and_resumes(
+    service: str, image_server: ImageServer, tmp_path: Path
+) -> None:
+    """Issue 34, item 4: one non-UTF-8 byte was a traceback with no row, and `--resume` the same."""
+    urls = tmp_path / "urls.txt"
+    good = image_server.url("/photos/coffee").encode()
+    urls.write_bytes(b"\xef\xbb\xbf" + good + b"\n" + good + b"?caf\xe9\n" + good + b"?n=3\n")
+    output = tmp_path / "rows.jsonl"
+    status, stderr = await finish(await start_client(service, "--urls-file", str(urls), "--output", str(output)))
+    assert status == 1 and "Traceback" not in stderr, stderr
+    rows = {row["index"]: row for row in read_rows(output)}
+    assert [rows[index]["status"] for index in range(3)] == ["succeeded", "failed", "succeeded"]
+    assert rows[1]["error_code"] == "invalid_input"
+    assert rows[1]["error_message"] == "line 2 is not valid utf-8 (see --encoding)"
+    args = ["--urls-file", str(urls), "--output", str(output), "--resume"]
+    status, stderr = await finish(await start_client(service, *args))
+    assert status == 1 and "3 rows" in stderr and "Traceback" not in stderr, stderr

@@ -8,6 +8,7 @@ import asyncio
 import json
 import re
 import signal
+import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from client.inputs import Source
+from client.inputs import Source, sources
 from client.results import ResultsFile
 from testing.services import ROOT
 from tests.conftest import PHOTOS_DIR, ImageServer, ServiceFactory, metric
@@ -199,3 +200,65 @@ def test_a_results_row_is_in_the_file_as_soon_as_it_is_written(tmp_path: Path, n
     rows = path.read_text().splitlines()
     assert len(rows) == (2 if name.endswith(".csv") else 1) and "espresso" in rows[-1]
     results.close()
+
+
+def test_a_urls_file_with_a_byte_order_mark_and_an_undecodable_line_reads_every_other_line(tmp_path: Path) -> None:
+    """Issue 34, item 4: a BOM made the first URL invalid_input and hid a CSV's first column;
+    one byte that was not UTF-8 anywhere was a traceback, with no row (and `--resume` failed alike)."""
+    text = tmp_path / "urls.txt"
+    text.write_bytes(
+        b"\xef\xbb\xbfhttp://a.example/1.jpg\nhttp://a.example/caf\xe9.jpg\n# note\nhttp://a.example/3.jpg\n"
+    )
+    listed = list(sources([], str(text), None, False))
+    assert [(source.value, source.kind) for source in listed] == [
+        ("http://a.example/1.jpg", "url"),
+        ("http://a.example/caf\ufffd.jpg", "invalid"),
+        ("http://a.example/3.jpg", "url"),
+    ]
+    assert listed[1].problem == "line 2 is not valid utf-8 (see --encoding)"
+    latin = list(sources([], str(text), None, False, encoding="latin-1"))
+    assert latin[1].value == "http://a.example/caf\xe9.jpg" and latin[1].kind == "url"
+
+    table = tmp_path / "urls.csv"
+    table.write_bytes(b"\xef\xbb\xbfurl,note\nhttp://a.example/1.jpg,a\nhttp://a.example/\xff.jpg,b\n")
+    listed = list(sources([], str(table), None, False))
+    assert [source.kind for source in listed] == ["url", "invalid"]
+    assert listed[1].problem == "line 3 is not valid utf-8 (see --encoding)"
+    # The row of an undecodable line can be written, in either format.
+    for name in ("rows.jsonl", "rows.csv"):
+        results = ResultsFile(tmp_path / name, resume=False)
+        results.write(listed[1], {"status": "failed", "error": {"code": "invalid_input", "message": "x"}}, "")
+        results.close()
+        written = (tmp_path / name).read_text(encoding="utf-8")
+        assert "\ufffd" in (json.loads(written)["input"] if name.endswith(".jsonl") else written)
+
+
+@pytest.mark.parametrize("name", ["rows.jsonl", "rows.csv"])
+def test_a_row_that_cannot_be_written_leaves_the_file_ending_with_a_whole_row(tmp_path: Path, name: str) -> None:
+    """A full disk while writing a row: one ClientError naming the file and the errno, and
+    the file cut back to its last whole row (it was a traceback and a row cut mid-line)."""
+    path = tmp_path / name
+    results = ResultsFile(path, resume=False)
+    labels = [{"label": "espresso", "class_index": 967, "score": 0.9}]
+    results.write(Source(0, "https://images.example/a.jpg"), {"status": "succeeded", "labels": labels}, "t1")
+    whole = path.read_bytes()
+    limit = len(whole) + 40  # room for part of the next row only
+    script = (
+        "import resource, signal, sys\n"
+        "from pathlib import Path\n"
+        "from client.api import ClientError\n"
+        "from client.inputs import Source\n"
+        "from client.results import ResultsFile\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit}))\n"
+        f"results = ResultsFile(Path({str(path)!r}), resume=True)\n"
+        "try:\n"
+        "    results.write(Source(1, 'https://images.example/' + 'b' * 200 + '.jpg'), {'status': 'failed'}, 't1')\n"
+        "except ClientError as exc:\n"
+        "    print(exc)\n"
+        "    sys.exit(2)\n"
+    )
+    finished = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert finished.returncode == 2, finished.stderr
+    assert finished.stdout.strip() == f"{path}: cannot write: File too large (EFBIG)"
+    assert path.read_bytes() == whole  # the partial row is gone
