@@ -121,6 +121,7 @@ class ImageServer:
         self.photos = photos
         self.files: dict[str, bytes] = {}
         self.hits: Counter[str] = Counter()
+        self.dropped = 0  # /drip downloads the client gave up on
         self.server: TestServer | None = None
         self.app = web.Application()
         self.app.add_routes(
@@ -211,13 +212,18 @@ class ImageServer:
         raise web.HTTPFound(request.query["to"])
 
     async def _drip(self, request: web.Request) -> web.StreamResponse:
-        """One byte every 0.2 s: never idle long enough for a read timeout."""
+        """One byte every 0.2 s: never idle long enough for a read timeout. A client that
+        hangs up meanwhile is counted in `dropped`."""
         self.hits[request.path] += 1
         response = web.StreamResponse(headers={"Content-Type": "image/jpeg"})
         await response.prepare(request)
-        for _ in range(300):
-            await response.write(b"\xff")
-            await asyncio.sleep(0.2)
+        try:
+            for _ in range(300):
+                await response.write(b"\xff")
+                await asyncio.sleep(0.2)
+        except (ConnectionResetError, asyncio.CancelledError):  # the test server cancels a gone client's handler
+            self.dropped += 1
+            raise
         return response
 
     async def _file(self, request: web.Request) -> web.Response:

@@ -35,6 +35,9 @@ async def test_every_endpoint_but_health_needs_a_valid_key(make_service: Service
             ("GET", "/metrics"),
             ("DELETE", "/tasks/x"),
             ("POST", "/tasks/x/cancel"),
+            ("GET", "/tasks/x/events"),
+            ("GET", "/workers"),
+            ("GET", "/models"),
         ]:
             response = await client.request(method, path, headers=headers, json={"urls": ["http://example.com/a"]})
             assert response.status == 401, (method, path, headers)
@@ -57,6 +60,7 @@ async def test_tasks_are_invisible_to_other_keys(
     for method, path in [
         ("GET", f"/tasks/{alices}"),
         ("POST", f"/tasks/{alices}/cancel"),
+        ("GET", f"/tasks/{alices}/events"),
         ("DELETE", f"/tasks/{alices}"),
     ]:
         response = await client.request(method, path, headers=auth(BOB))

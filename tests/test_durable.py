@@ -77,11 +77,15 @@ async def test_a_kill_9_and_a_sigterm_lose_nothing_a_client_was_told(image_serve
             done_upload = await post(http, base, data=upload_form("coffee.jpg", urls=[]))
             finished = {task_id: await wait_for(http, base, task_id) for task_id in (done_urls, done_upload)}
             deleted = await post(http, base, json={"urls": [image_server.url("/slow/rocket?delay=30")]})
-            async with http.delete(f"{base}/tasks/{deleted}") as response:
-                assert response.status == 200
+            cancelled = await post(http, base, json={"urls": [image_server.url("/slow/rocket?delay=30")]})
             big = await post(http, base, data=upload_form("rocket.jpg", urls=slow))
             before_crash = final_items(await wait_for(http, base, big, done=6))
             workers = psutil.Process(process.pid).children(recursive=True)
+            # A delete and a cancel answered 200, then the kill at once: both were on disk before the 200.
+            async with http.delete(f"{base}/tasks/{deleted}") as response:
+                assert response.status == 200
+            async with http.post(f"{base}/tasks/{cancelled}/cancel") as response:
+                assert response.status == 200
             kill_group(process.pid)  # the web process and its workers, all at once
             process.wait()
             psutil.wait_procs(workers, timeout=10)
@@ -95,6 +99,7 @@ async def test_a_kill_9_and_a_sigterm_lose_nothing_a_client_was_told(image_serve
             for task_id, task in finished.items():
                 assert await get(http, f"{base}/tasks/{task_id}") == (200, task)  # unchanged, uploads included
             assert (await get(http, f"{base}/tasks/{deleted}"))[0] == 404  # deleted before the crash: stays so
+            assert (await get(http, f"{base}/tasks/{cancelled}"))[1]["status"] == "cancelled"
             resumed = await wait_for(http, base, big)
             assert resumed["status"] == "completed"
             assert resumed["progress"]["succeeded"] == 25, resumed["items"]
@@ -106,7 +111,7 @@ async def test_a_kill_9_and_a_sigterm_lose_nothing_a_client_was_told(image_serve
                 events = [(name, json.loads(data)) async for name, data in read_events(response)]
             assert sorted(data["index"] for name, data in events if name == "item") == list(range(25))
             listing = (await get(http, f"{base}/tasks"))[1]
-            assert {task["task_id"] for task in listing["tasks"]} == {done_urls, done_upload, big}
+            assert {task["task_id"] for task in listing["tasks"]} == {done_urls, done_upload, big, cancelled}
 
             # SIGTERM with a task running: the grace bounds the exit, and the task is kept.
             interrupted = await post(http, base, json={"urls": slow[:12]})

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import re
+import socket
 from collections.abc import Awaitable, Callable
 
+import pytest
 from aiohttp import web
+from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.test_utils import TestServer
 
 from service.app import download_session
 from service.fetch.fetcher import fetch
+from service.fetch.policy import AddressPolicy, BlockedAddressError, PolicyResolver
 from tests.conftest import settings_for
 
 
@@ -36,3 +41,53 @@ async def test_a_cookie_one_download_was_given_is_not_sent_with_the_next(
             url = server.make_url(f"/img/{name}").with_host("localhost")
             assert (await fetch(session, str(url), limits)).startswith(b"\xff\xd8")
     assert cookies_sent == [None, None]
+
+
+class FixedResolver(AbstractResolver):
+    """Answers every name with `addresses`, as a DNS server would."""
+
+    def __init__(self, addresses: list[str]) -> None:
+        self.addresses = addresses
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        return [
+            ResolveResult(hostname=host, host=address, port=port, family=socket.AF_INET, proto=0, flags=0)
+            for address in self.addresses
+        ]
+
+    async def close(self) -> None:
+        pass
+
+
+async def test_a_name_with_a_private_and_a_public_address_connects_only_to_the_public_one() -> None:
+    """The README's promise: of several DNS answers, the private ones are dropped (a name
+    that also points inside cannot be used to reach inside); only private ones fail clearly."""
+    policy = AddressPolicy()
+    mixed = PolicyResolver(FixedResolver(["10.0.0.7", "93.184.215.14", "127.0.0.1"]), policy)
+    assert [answer["host"] for answer in await mixed.resolve("images.example", 80)] == ["93.184.215.14"]
+    inside = PolicyResolver(FixedResolver(["10.0.0.7", "192.168.1.2"]), policy)
+    with pytest.raises(BlockedAddressError, match=re.escape("10.0.0.7, 192.168.1.2 (for images.example)")):
+        await inside.resolve("images.example", 80)
+
+
+async def test_proxy_variables_are_ignored(
+    aiohttp_server: Callable[..., Awaitable[TestServer]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Downloads go straight to the image's host: a proxy in the environment would see (and
+    could answer for) every URL users send, and could reach what the address policy keeps out."""
+
+    async def image(request: web.Request) -> web.Response:
+        return web.Response(body=b"\xff\xd8 direct", content_type="image/jpeg")
+
+    app = web.Application()
+    app.router.add_get("/img", image)
+    server = await aiohttp_server(app, host="127.0.0.1")
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
+        monkeypatch.setenv(name, "http://127.0.0.1:9")  # nothing listens there: a proxy used would fail
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    settings = settings_for()
+    async with download_session(settings) as session:
+        assert await fetch(session, str(server.make_url("/img")), settings.fetch_limits()) == b"\xff\xd8 direct"

@@ -151,7 +151,9 @@ def test_submit_links_to_the_task_operations() -> None:
 
 @SERIAL
 @pytest.mark.e2e  # reads what the property run against the real service recorded
-def test_the_property_run_covered_every_operation() -> None:
+def test_the_property_run_covered_every_operation(request: pytest.FixtureRequest) -> None:
+    if not any(item.name.startswith("test_every_operation_honours_the_document") for item in request.session.items):
+        pytest.skip("reads what the property run records; it is not selected in this run")
     operations = {f"{method.upper()} {path}" for path, item in DOCUMENT["paths"].items() for method in item}
     assert set(CALLS) == operations
     assert min(CALLS.values()) >= 10, CALLS  # many generated requests per operation

@@ -138,3 +138,21 @@ async def test_the_workers_list_shows_this_services_own_pool(
     samples = await scrape(client)
     assert samples[("ics_workers", (("state", "up"),))] == 1
     assert samples[("ics_workers", (("state", "gone"),))] == 0
+
+
+async def test_a_cancel_aborts_the_downloads_in_flight_on_the_real_service(
+    make_real_service: ServiceFactory, image_server: ImageServer
+) -> None:
+    """With the real pool and fetcher (the fake-pool test checks the engine alone): the
+    connections of the downloads in flight are closed within a second or so of the cancel."""
+    client = await make_real_service(download_concurrency=2)
+    task = await submit(client, [image_server.url("/drip")] * 4)
+    async with asyncio.timeout(10):
+        while image_server.hits["/drip"] < 2:
+            await asyncio.sleep(0.05)
+    cancelled = await client.post(f"/tasks/{task['task_id']}/cancel")
+    assert cancelled.status == 200
+    async with asyncio.timeout(3):  # the server notices at its next byte (every 0.2 s)
+        while image_server.dropped < 2:
+            await asyncio.sleep(0.05)
+    assert image_server.hits["/drip"] == 2  # the queued two never started

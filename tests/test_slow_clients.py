@@ -17,6 +17,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from swagger_ui.utils import SWAGGER_UI_PY_ROOT
 
 from tests.conftest import ImageServer, running_service
@@ -137,6 +138,21 @@ async def test_slow_clients_are_timed_out_and_the_rest_is_served(image_server: I
                 assert response.status == 200
                 assert (await response.json())["status"] == "completed"
             assert time.monotonic() - started > 1.5
+            # Every connection cut short is counted by its reason; the open ones are gauged.
+            async with http.get(f"{base}/metrics") as response:
+                samples = {
+                    (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+                    for family in text_string_to_metric_families(await response.text())
+                    for sample in family.samples
+                }
+            closed = {
+                dict(labels)["reason"]: value
+                for (name, labels), value in samples.items()
+                if name == "ics_connections_closed_total"
+            }
+            assert closed["headers_timeout"] >= 3 and closed["body_timeout"] >= 2, closed
+            assert closed["send_timeout"] >= 1 and closed["idle_timeout"] >= 1, closed
+            assert samples[("ics_connections_open", ())] >= 1  # this one
 
         process.send_signal(signal.SIGINT)
         output = (await asyncio.to_thread(process.communicate, timeout=60))[0].decode()

@@ -5,6 +5,8 @@ address policy at submit, and a pending delivery that survives a kill -9."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import json
 import time
 from collections.abc import Awaitable, Callable
@@ -111,7 +113,9 @@ async def test_a_finished_task_is_posted_once_signed_with_the_secret(
     assert task["webhook"]["url"] == receiver.url
     (call,) = await receiver.wait_calls(1)
 
-    assert signing.verify(call.body, SECRET, call.headers[signing.SIGNATURE])
+    # Verified as a receiver would, with its own HMAC, not the service's helper.
+    expected = "sha256=" + hmac.new(SECRET.encode(), call.body, hashlib.sha256).hexdigest()
+    assert hmac.compare_digest(call.headers[signing.SIGNATURE], expected)
     assert not signing.verify(call.body, "another secret", call.headers[signing.SIGNATURE])
     assert call.headers["Content-Type"] == "application/json"
     assert abs(int(call.headers[signing.TIMESTAMP]) - time.time()) < 60
@@ -324,3 +328,53 @@ async def test_callback_hosts_in_an_odd_numeric_form_are_refused(make_service: S
         assert response.status == 400 and body["error"]["code"] == "callback_url_refused", (host, body)
         response = await client.post("/submit", json={"urls": [f"http://{host}/a.jpg"]})
         assert response.status == 400 and (await response.json())["error"]["code"] == "invalid_url", host
+
+
+async def test_a_redirect_from_a_receiver_is_not_followed(
+    receiver: Receiver, aiohttp_server: Callable[..., Awaitable[TestServer]]
+) -> None:
+    """A receiver's redirect could point anywhere (inside the network, too): the attempt
+    fails with its status and the delivery is tried again later at the same URL."""
+
+    async def redirect(request: web.Request) -> web.Response:
+        raise web.HTTPTemporaryRedirect(receiver.url)
+
+    app = web.Application()
+    app.router.add_post("/hook", redirect)
+    redirecting = await aiohttp_server(app, host="127.0.0.1")
+    registry = InMemoryRegistry(metrics=Metrics())
+    policy = AddressPolicy.from_strings(False, ["127.0.0.1/32"])
+    sender = WebhookSender(registry, policy, SECRET, timeout=5, retry_for=60, metrics=Metrics())
+    running = asyncio.create_task(sender.run())
+    try:
+        task = await registry.create(["u0"], "m", 1, callback_url=str(redirecting.make_url("/hook")))
+        await registry.update_item(task.task_id, 0, ItemStatus.SUCCEEDED, labels=[Label("cat", 281, 0.9)])
+        async with asyncio.timeout(10):
+            while (webhook := (await registry.get(task.task_id)).webhook) is None or not webhook.attempts:  # type: ignore[union-attr]
+                await asyncio.sleep(0.02)
+        assert webhook.last_error == "the receiver answered HTTP 307"
+        assert receiver.calls == []  # never reached through the redirect
+    finally:
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
+        await sender.close()
+
+
+async def test_the_address_policy_is_applied_again_at_the_connection(receiver: Receiver) -> None:
+    """What passed the check at submit is checked again when the sender connects (a name
+    may resolve elsewhere by then): here a callback the sender's policy refuses, never reached."""
+    registry = InMemoryRegistry(metrics=Metrics())
+    sender = WebhookSender(registry, AddressPolicy(), SECRET, timeout=5, retry_for=60, metrics=Metrics())
+    running = asyncio.create_task(sender.run())
+    try:
+        task = await registry.create(["u0"], "m", 1, callback_url=receiver.url)  # loopback: not public
+        await registry.update_item(task.task_id, 0, ItemStatus.SUCCEEDED, labels=[Label("cat", 281, 0.9)])
+        async with asyncio.timeout(10):
+            while (webhook := (await registry.get(task.task_id)).webhook) is None or webhook.status != "failed":  # type: ignore[union-attr]
+                await asyncio.sleep(0.02)
+        assert webhook.attempts == 1 and "not allowed" in (webhook.last_error or "")  # given up at once
+        assert receiver.calls == []
+    finally:
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
+        await sender.close()
