@@ -76,16 +76,16 @@ async def test_a_kill_9_and_a_sigterm_lose_nothing_a_client_was_told(image_serve
             done_urls = await post(http, base, json={"urls": [image_server.url("/photos/chelsea")]})
             done_upload = await post(http, base, data=upload_form("coffee.jpg", urls=[]))
             finished = {task_id: await wait_for(http, base, task_id) for task_id in (done_urls, done_upload)}
-            deleted = await post(http, base, json={"urls": [image_server.url("/slow/rocket?delay=30")]})
-            cancelled = await post(http, base, json={"urls": [image_server.url("/slow/rocket?delay=30")]})
             big = await post(http, base, data=upload_form("rocket.jpg", urls=slow))
             before_crash = final_items(await wait_for(http, base, big, done=6))
             workers = psutil.Process(process.pid).children(recursive=True)
             # A delete and a cancel answered 200, then the kill at once: both were on disk before the 200.
+            deleted = await post(http, base, json={"urls": [image_server.url("/slow/rocket?delay=30")]})
+            cancelled = await post(http, base, json={"urls": [image_server.url("/slow/rocket?delay=30")]})
             async with http.delete(f"{base}/tasks/{deleted}") as response:
                 assert response.status == 200
             async with http.post(f"{base}/tasks/{cancelled}/cancel") as response:
-                assert response.status == 200
+                assert response.status == 200 and (await response.json())["status"] == "cancelled"
             kill_group(process.pid)  # the web process and its workers, all at once
             process.wait()
             psutil.wait_procs(workers, timeout=10)
