@@ -1,4 +1,5 @@
-"""A Redis that stalls (SIGSTOP, then SIGCONT), under two live replicas (issue 34, item 2).
+"""Two live replicas on one Redis: a Redis that stalls (SIGSTOP, then SIGCONT; issue 34,
+item 2), a replica that stops cleanly, the deployment-wide limit.
 
 The stall used to make a live replica adopt the other's tasks when Redis resumed (every lease
 had run out by Redis's clock meanwhile) and download their images a second time; a request
@@ -16,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from service.api.appkeys import REGISTRY
+from service.stores.redis.registry import RedisRegistry
 from testing.redis_server import RedisServer
 from tests.conftest import ImageServer, ServiceFactory, submit, wait_for_task
 
@@ -62,3 +65,34 @@ async def test_a_stall_makes_no_live_replica_adopt_and_requests_fail_fast(
     assert [task["progress"]["done"] for task in done] == [20, 20]  # (the fake pool calls photos not_an_image)
     await asyncio.sleep(3 * LEASE)  # time for any adoption to have happened
     assert image_server.hits["/slow/coffee"] == 40  # every image downloaded once: no task adopted
+
+
+async def test_a_replica_that_stops_cleanly_hands_its_tasks_over_at_once(
+    make_service: ServiceFactory, image_server: ImageServer, redis: RedisServer
+) -> None:
+    """Its lease is given back as it stops: the other replica adopts at its next look (every
+    half lease), not after the lease has run out."""
+    settings = {"redis": redis.url, "lease": 8.0, "download_concurrency": 1, "shutdown_grace": 0}
+    leaving, staying = await make_service(**settings), await make_service(**settings)
+    task_id = (await submit(leaving, [image_server.url(f"/slow/coffee?delay=0.3&n={n}") for n in range(12)]))["task_id"]
+    await asyncio.sleep(0.5)
+    await leaving.close()
+    stopped = time.monotonic()
+    registry = staying.server.app[REGISTRY]
+    assert isinstance(registry, RedisRegistry)
+    async with asyncio.timeout(15):
+        while (await registry.client.hget(f"ics:task:{task_id}", "replica")) != registry.replica.encode():
+            await asyncio.sleep(0.1)
+    assert time.monotonic() - stopped < 6  # a look every 4 s; the lease alone would take 8 s and more
+    assert (await wait_for_task(staying, task_id))["progress"]["done"] == 12
+
+
+async def test_the_limit_of_unfinished_images_holds_across_replicas(
+    make_service: ServiceFactory, image_server: ImageServer, redis: RedisServer
+) -> None:
+    settings = {"redis": redis.url, "max_active_images": 4, "download_concurrency": 1}
+    first, second = await make_service(**settings), await make_service(**settings)
+    await submit(first, [image_server.url(f"/slow/coffee?delay=2&n={n}") for n in range(3)])
+    response = await second.post("/submit", json={"urls": [image_server.url("/photos/coffee")] * 2})
+    assert response.status == 429 and (await response.json())["error"]["code"] == "too_busy"
+    await submit(second, [image_server.url("/photos/coffee")])  # one fits
