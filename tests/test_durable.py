@@ -26,7 +26,7 @@ from service.stores.sqlite.schema import SCHEMA, SCHEMA_VERSION
 from service.tasks.idempotency import IdempotencyKey
 from service.tasks.records import ItemStatus, Label, Priority, TaskStatus
 from testing.services import ROOT, kill_group, service_command
-from tests.conftest import PHOTOS_DIR, ImageServer, ServiceFactory, running_service, submit
+from tests.conftest import PHOTOS_DIR, ImageServer, ServiceFactory, running_service, scrape, submit
 
 pytestmark = pytest.mark.e2e  # real services killed and restarted
 
@@ -192,6 +192,9 @@ async def test_a_failing_write_makes_readyz_503_and_submit_503_until_it_works_ag
         ready = await client.get("/readyz")
         assert ready.status == 503 and (await ready.json())["error"]["code"] == "not_ready"
         assert (await (await client.get("/tasks")).json())["tasks"] == []  # the refused task was not kept
+        samples = await scrape(client)
+        assert samples[("ics_store_write_errors_total", ())] >= 1
+        assert samples[("ics_store_bytes", ())] > 0
     finally:
         blocker.rollback()
         blocker.close()
@@ -200,6 +203,10 @@ async def test_a_failing_write_makes_readyz_503_and_submit_503_until_it_works_ag
             await asyncio.sleep(0.2)
     accepted = await submit(client, [image_server.url("/photos/coffee")])
     assert accepted["status"] == "queued"
+    async with asyncio.timeout(5):  # what was queued meanwhile is written within moments
+        while (samples := await scrape(client))[("ics_store_pending_changes", ())] != 0:
+            await asyncio.sleep(0.05)
+    assert samples[("ics_store_write_seconds_count", ())] >= 1
 
 
 class FakeClock:

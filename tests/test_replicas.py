@@ -96,3 +96,32 @@ async def test_the_limit_of_unfinished_images_holds_across_replicas(
     response = await second.post("/submit", json={"urls": [image_server.url("/photos/coffee")] * 2})
     assert response.status == 429 and (await response.json())["error"]["code"] == "too_busy"
     await submit(second, [image_server.url("/photos/coffee")])  # one fits
+
+
+async def test_a_dead_replicas_upload_fails_upload_lost_and_its_urls_go_on(
+    make_service: ServiceFactory, image_server: ImageServer, redis: RedisServer
+) -> None:
+    """An uploaded file lives in the replica that took it until it is queued: a replica that
+    dies first leaves its item to fail `upload_lost`, and the adopter downloads the rest."""
+    dead = await RedisRegistry.open(redis.url, 3600, 100, lease=0.5, watch=False)  # never renews: it "dies"
+    task = await dead.create(["upload:cat.jpg", image_server.url("/photos/coffee")], "efficientnet_lite0", 1)
+    await dead.link.close()
+    adopter = await make_service(redis=redis.url, lease=1.0)
+    done = await wait_for_task(adopter, task.task_id, timeout=30)
+    assert [item["status"] for item in done["items"]] == ["failed", "failed"]  # (the fake pool: not_an_image)
+    assert [item["error"]["code"] for item in done["items"]] == ["upload_lost", "not_an_image"]
+
+
+async def test_a_dead_replicas_webhook_delivery_is_taken_over(redis: RedisServer) -> None:
+    """A delivery a replica was trying when it died goes to another after three leases."""
+    first = await RedisRegistry.open(redis.url, 3600, 100, lease=0.5, watch=False)  # renews nothing: it "dies"
+    task = await first.create(["http://203.0.113.9/a.jpg"], "m", 1, callback_url="http://203.0.113.9/hook")
+    await first.cancel(task.task_id)
+    taken = await asyncio.wait_for(first.next_delivery(), 5)  # held by the first replica, never finished
+    await first.link.close()
+    second = await RedisRegistry.open(redis.url, 3600, 100, lease=0.5)
+    try:
+        again = await asyncio.wait_for(second.next_delivery(), 10)
+        assert again.delivery_id == taken.delivery_id and again.task_id == task.task_id
+    finally:
+        await second.close()
