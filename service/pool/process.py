@@ -141,7 +141,7 @@ class ProcessInferencePool:
         self._batch_timeout = batch_timeout
         self._closing = False
         self._watch: asyncio.Task[None] | None = None
-        remove_leftovers()  # of this kind of process, killed before
+        remove_leftovers()  # what processes killed before left in /dev/shm
         self._files = BatchFiles.on_shared_memory()
         self._current = self._start_workers()
 
