@@ -52,7 +52,7 @@ def settings_for(**overrides: Any) -> Settings:
 
 
 # Fixtures that bring real processes or servers: a test that uses one is an e2e test.
-E2E_FIXTURES = frozenset({"make_real_service", "redis_server", "service_url"})
+E2E_FIXTURES = frozenset({"make_real_service", "redis", "redis_server", "service_url"})
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -370,6 +370,16 @@ async def submit(client: TestClient, urls: list[str], **fields: Any) -> dict[str
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
     """One Redis for the session; tests keep apart by key prefix (`redis_prefix`)."""
     server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A Redis of this test's own, to stop, freeze or restart (`redis_server` is shared)."""
+    server = RedisServer(tmp_path / "redis")
+    server.directory.mkdir()
     server.start()
     yield server
     server.stop()

@@ -7,8 +7,6 @@ away is not among them, and `GET /tasks` answered an undeclared 503 in Redis mod
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -58,15 +56,6 @@ async def walk(client: TestClient, task_id: str, image_url: str, headers: dict[s
             if str(response.status) not in declared[label]:
                 undeclared[label] = response.status
     assert not undeclared, undeclared
-
-
-@pytest.fixture
-def redis(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path / "redis")
-    server.directory.mkdir()
-    server.start()
-    yield server
-    server.stop()
 
 
 @pytest.mark.e2e  # a real redis-server, stopped under the service

@@ -11,7 +11,6 @@ import socket
 import subprocess
 import sys
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,15 +29,6 @@ from tests.test_scale_out import kill, replica, running_worker, submit, together
 pytestmark = pytest.mark.e2e  # real Redis, replicas and workers
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
-
-
-@pytest.fixture
-def redis(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path / "redis")
-    server.directory.mkdir()
-    server.start()
-    yield server
-    server.stop()
 
 
 async def scrape(http: aiohttp.ClientSession, base: str) -> Samples:

@@ -12,8 +12,6 @@ import asyncio
 import os
 import signal
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -26,15 +24,6 @@ pytestmark = pytest.mark.e2e  # a real redis-server, stopped and continued
 
 LEASE = 1.0  # seconds
 STALL = 3.5  # seconds: several leases
-
-
-@pytest.fixture
-def redis(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path / "redis")
-    server.directory.mkdir()
-    server.start()
-    yield server
-    server.stop()
 
 
 async def test_a_stall_makes_no_live_replica_adopt_and_requests_fail_fast(

@@ -13,7 +13,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -32,16 +32,6 @@ pytestmark = pytest.mark.e2e  # real Redis, replicas and workers
 PHOTOS = {"chelsea": "Egyptian cat", "coffee": "espresso", "rocket": "missile"}
 LEASE = "2"  # seconds: a killed replica's tasks are adopted within a few
 CLAIM_IDLE = "2"  # seconds: a killed worker's batch is claimed within a few
-
-
-@pytest.fixture
-def redis(tmp_path: Path) -> Iterator[RedisServer]:
-    """A Redis of this test's own (one test restarts it)."""
-    server = RedisServer(tmp_path / "redis")
-    server.directory.mkdir()
-    server.start()
-    yield server
-    server.stop()
 
 
 def replica(server: RedisServer, *flags: str, log: Path) -> contextlib.AbstractAsyncContextManager[Any]:

@@ -87,16 +87,15 @@ def load_stored(
     return Stored(tasks, submissions, deliveries)
 
 
-def give_back_space(connection: sqlite3.Connection) -> int:
-    """Return every free page to the file system (the database is `auto_vacuum = INCREMENTAL`);
-    the number returned. `executescript` runs the pragma to its end: `execute` steps it
+def give_back_space(connection: sqlite3.Connection) -> None:
+    """Return every free page to the file system (the database is `auto_vacuum = INCREMENTAL`).
+    `executescript` runs the pragma to its end: `execute` steps it
     once, which frees one page. The file shrinks at the next checkpoint, which comes at once
     and truncates the WAL the moved pages went through."""
     free = int(connection.execute("PRAGMA freelist_count").fetchone()[0])
     if free:
         connection.executescript("PRAGMA incremental_vacuum;")
         connection.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
-    return free
 
 
 def load_tasks(connection: sqlite3.Connection, finished_ttl: float, max_finished: int, now: float) -> list[TaskState]:
