@@ -87,7 +87,7 @@ def load_model(
     try:
         if not info.weights_present():
             # Checked here so that torchvision never falls back to downloading.
-            raise ModelLoadError(f"the weights of model {info.name!r} are not on disk ({info.weights_path})")
+            raise ModelLoadError(info.missing_weights())
         exact: Runner | None = None
         if runtime in ONNX_RUNTIMES and not info.spec.is_graph:
             run, categories = _from_cache(info, runtime, threads, precision, cache_dir)

@@ -89,7 +89,7 @@ def ensure(info: ModelInfo, cache_dir: Path) -> Entry:
 
 
 def _export(spec: ModelSpec, entry: Entry) -> None:
-    log.info("exporting model %s to %s (once per weights file)", spec.name, entry.onnx)
+    log.debug("exporting model %s to %s (once per weights file)", spec.name, entry.onnx)
     command = [sys.executable, "-m", "inference.export", "--spec", spec_to_json(spec), "--to", str(entry.onnx)]
     # The child finds this package where this process found it, whatever its working directory.
     here = str(Path(__file__).resolve().parent.parent)

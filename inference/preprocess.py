@@ -46,7 +46,7 @@ def decode_image(data: bytes, min_side: int, max_pixels: int) -> Image.Image:
             if width * height > max_pixels:
                 raise ImageRejected(
                     "image_too_large",
-                    f"image is {width}x{height} pixels, above the limit of {max_pixels}",
+                    f"image is {width}x{height} pixels, above the limit of {max_pixels} (--max-image-pixels)",
                 )
             if image.format == "JPEG":
                 image.draft("RGB", _draft_request(width, height, min_side))

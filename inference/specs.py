@@ -99,6 +99,14 @@ class ModelInfo:
     def weights_present(self) -> bool:
         return not self.weights_path or Path(self.weights_path).is_file()
 
+    def missing_weights(self) -> str:
+        """Why the model cannot load when its weights are absent, and what to do about it."""
+        if self.spec.source == "torchvision":
+            how = f"download them once with --prefetch {self.name}"
+        else:
+            how = f"{self.weights_path} is missing"
+        return f"the weights of model {self.name!r} are not on disk ({how})"
+
     @property
     def precision(self) -> RunPrecision:
         """What it runs at (fp32 unless bf16 was resolved for it: see resolve_precision)."""

@@ -9,6 +9,7 @@ its own.
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -32,6 +33,9 @@ def init_worker(config: WorkerConfig, heartbeat: Heartbeat | None = None) -> Non
     global _engine
     from inference.engine import Engine
 
+    # Ctrl-C in a terminal signals the whole process group: the parent stops the pool in
+    # order; a worker that took the SIGINT itself would die mid-batch with a traceback.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     if config.parent_pid:
         die_with_parent(config.parent_pid)
     if heartbeat is not None:

@@ -46,7 +46,7 @@ from service.backend import open_backend
 from service.fetch.fetcher import make_session
 from service.metrics import Metrics
 from service.pool import InferencePool
-from service.pool.factory import build_catalog, make_pool
+from service.pool.factory import build_catalog, export_default, make_pool
 from service.settings import Settings
 from service.tasks.classifier import CONSUMERS_PER_WORKER
 from service.tasks.engine import TaskEngine
@@ -82,6 +82,7 @@ def pool_ctx(pool: InferencePool | None) -> Callable[[web.Application], AsyncIte
         if settings.resolved_workers() == 0:
             yield
             return
+        await export_default(settings, app[CATALOG])
         workers = make_pool(settings, app[CATALOG])
         try:
             await workers.start()

@@ -8,11 +8,12 @@ the variable over the default. Values are validated once, at start-up, with a us
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
-from typing import Annotated, Literal, NoReturn
+from typing import Annotated, Any, Literal, NoReturn
 
 from pydantic import Field, PrivateAttr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, CliApp, CliSettingsSource, SettingsConfigDict, SettingsError
@@ -42,6 +43,18 @@ Seconds = Annotated[float, Field(ge=0)]
 PositiveSeconds = Annotated[float, Field(gt=0)]
 
 StoreKind = Literal["redis", "sqlite", "memory"]  # where tasks live (`service.backend` opens it)
+
+
+# What a standalone worker (`run_worker.py`, `ics-worker`) reads; its `--help` shows only these.
+# It accepts the others too, so that web replicas and workers can share one environment.
+WORKER_SETTINGS = frozenset(
+    {
+        "host", "metrics_port", "log_format", "redis", "redis_prefix", "serve_models",
+        "workers", "threads_per_worker", "worker_nice", "runtime", "precision", "refine_margin",
+        "model_cache_dir", "default_model", "models", "models_file", "max_loaded_models",
+        "batch_size", "batch_wait_ms", "batch_timeout", "max_image_pixels", "claim_idle", "max_deliveries",
+    }
+)  # fmt: skip
 
 
 def available_cores() -> int:
@@ -219,6 +232,11 @@ class Settings(BaseSettings):
     webhook_retry_for: Seconds = Field(
         3600.0, description="seconds after a task ends that its webhook is retried (backoff 1 s doubling to 5 min)"
     )
+    max_wait: Annotated[int, Field(ge=0, le=600)] = Field(
+        60,
+        description="longest wait, in seconds, a submit's `Prefer: wait=N` header may ask for (the answer is then "
+        "the finished task if it ends in time); 0 = never wait",
+    )
     idempotency_ttl: PositiveSeconds = Field(
         86_400.0, description="seconds an Idempotency-Key of POST /submit stands for the task it created"
     )
@@ -298,19 +316,35 @@ def _split(value: str) -> list[str]:
     return [part.strip() for part in value.split(",") if part.strip()]
 
 
-def load_settings(argv: Sequence[str] | None = None, program: str = PROGRAM) -> Settings:
+def load_settings(
+    argv: Sequence[str] | None = None, program: str = PROGRAM, shown: Collection[str] | None = None
+) -> Settings:
     """Settings from `argv` (default: the process's arguments) and the environment; a bad
-    value exits with a usage error (status 2), as argparse does."""
+    value exits with a usage error (status 2), as argparse does. `shown` narrows what
+    `--help` lists to those fields (a worker's); every flag is still accepted."""
     args = list(sys.argv[1:] if argv is None else argv)
+    source: CliSettingsSource[Settings] = CliSettingsSource(
+        Settings, cli_prog_name=program, add_argument_method=_adder(shown)
+    )
     try:
-        return CliApp.run(
-            Settings, cli_args=args, cli_settings_source=CliSettingsSource(Settings, cli_prog_name=program)
-        )
+        return CliApp.run(Settings, cli_args=args, cli_settings_source=source)
     except ValidationError as exc:
         problems = [_problem(error["loc"], error["msg"]) for error in exc.errors(include_url=False)]
         usage_error("; ".join(problems), program)
     except SettingsError as exc:
         usage_error(str(exc), program)
+
+
+def _adder(shown: Collection[str] | None) -> Callable[..., Any]:
+    """argparse's `add_argument`, hiding from `--help` the flags of fields not in `shown`."""
+    visible = None if shown is None else {f"--{name.replace('_', '-')}" for name in shown}
+
+    def add_argument(parser: Any, *names: str, **options: Any) -> Any:
+        if visible is not None and not visible.intersection(names) and "--help" not in names:
+            options["help"] = argparse.SUPPRESS
+        return parser.add_argument(*names, **options)
+
+    return add_argument
 
 
 def _problem(loc: tuple[int | str, ...], message: str) -> str:

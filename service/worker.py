@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import socket
 from collections.abc import AsyncIterator
 
 import uvloop
@@ -27,11 +28,12 @@ from service.backend import open_backend
 from service.broker.fleet import HEARTBEAT_SECONDS, RedisFleet
 from service.broker.streams import consumer_name
 from service.lifetimes import stop_tasks
+from service.listening import ListenError, bind
 from service.logs import configure_logging
 from service.metrics import Metrics
 from service.pool import DefaultModelError
-from service.pool.factory import build_catalog, make_pool
-from service.settings import Settings, load_settings, usage_error
+from service.pool.factory import build_catalog, export_default, make_pool
+from service.settings import WORKER_SETTINGS, Settings, load_settings, usage_error
 from service.stores.redis.link import safe_url
 from service.tasks.classifier import CONSUMERS_PER_WORKER, Classifier
 from service.tasks.fleet import WorkerIdentity, WorkerStats
@@ -43,24 +45,19 @@ log = logging.getLogger("service.worker")
 PROGRAM = "run_worker.py"
 
 
-class ProbePortError(Exception):
-    """The metrics port cannot be listened on (in use, say); the message is the one-line reason."""
-
-
 @contextlib.asynccontextmanager
-async def probes(settings: Settings, app: web.Application) -> AsyncIterator[None]:
-    """Serve `app` on `--host`:`--metrics-port` until the block ends (nothing without a port)."""
-    if settings.metrics_port is None:
+async def probes(sockets: list[socket.socket], app: web.Application) -> AsyncIterator[None]:
+    """Serve `app` on the `--metrics-port` sockets until the block ends (nothing without them)."""
+    if not sockets:
         yield
         return
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     try:
-        try:
-            await web.TCPSite(runner, settings.host, settings.metrics_port).start()
-        except OSError as exc:
-            raise ProbePortError(f"--metrics-port {settings.metrics_port} on {settings.host}: {exc.strerror}") from None
-        log.info("metrics and probes on http://%s:%d", settings.host, settings.metrics_port)
+        for sock in sockets:
+            await web.SockSite(runner, sock).start()
+            host, port = sock.getsockname()[:2]
+            log.info("metrics and probes on http://%s:%d", host, port)
         yield
     finally:
         await runner.cleanup()
@@ -88,14 +85,17 @@ async def work(settings: Settings) -> None:
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
     metrics = Metrics()
+    # Bound before the workers load, so that a busy port ends start-up at once, in one line.
+    sockets = [] if settings.metrics_port is None else bind(settings.host, settings.metrics_port, "--metrics-port")
     async with open_backend(settings, metrics, UploadBudget(0), web=False) as backend:
         catalog = await build_catalog(settings)
         models = settings.serve_model_list() or [info.name for info in catalog.infos()]
+        await export_default(settings, catalog)
         pool = make_pool(settings, catalog)
         try:
             await pool.start()
             probe_app = create_probe_app(metrics, pool, backend.registry)
-            async with probes(settings, probe_app), backend.batches(models) as batches:
+            async with probes(sockets, probe_app), backend.batches(models) as batches:
                 classifier = Classifier(
                     backend.registry,
                     pool,
@@ -128,15 +128,15 @@ async def work(settings: Settings) -> None:
             await pool.close()
 
 
-def main() -> None:
-    settings = load_settings(program=PROGRAM)
+def main(program: str = PROGRAM) -> None:
+    settings = load_settings(program=program, shown=WORKER_SETTINGS)
     if not settings.redis:
-        usage_error("--redis is required: the Redis the web replicas use", PROGRAM)
+        usage_error("--redis is required: the Redis the web replicas use", program)
     if settings.resolved_workers() == 0:
-        usage_error("--workers must be at least 1 for a worker", PROGRAM)
+        usage_error("--workers must be at least 1 for a worker", program)
     configure_logging(settings.log_format)
     try:
         uvloop.run(work(settings))
-    except (DefaultModelError, CatalogError, StoreOpenError, ProbePortError) as exc:
+    except (ListenError, DefaultModelError, CatalogError, StoreOpenError) as exc:
         log.error("%s", exc)
         raise SystemExit(1) from None

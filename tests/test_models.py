@@ -176,6 +176,8 @@ async def test_checkpoints_serve_beside_the_default_and_missing_weights_are_unav
         error = (await response.json())["error"]
         assert error["code"] == code
         assert "resnet50" not in error["details"]["available"] and "pets" in error["details"]["available"]
+        if code == "model_unavailable":  # says what to do
+            assert "(download them once with --prefetch resnet50)" in error["message"]
     assert download_trap.attempts == 0
 
 
@@ -281,7 +283,7 @@ def test_a_default_model_that_cannot_load_stops_start_up_with_a_clear_message(do
     )
     assert done.returncode == 1, done.stderr
     assert "the default model cannot load" in done.stderr
-    assert "weights of model 'resnet50' are not on disk" in done.stderr
+    assert "weights of model 'resnet50' are not on disk (download them once with --prefetch resnet50)" in done.stderr
     assert download_trap.attempts == 0
 
 

@@ -129,6 +129,7 @@ def test_pixel_cap_is_checked_before_decoding() -> None:
     with pytest.raises(ImageRejected) as caught:
         decode_image(data, min_side=256, max_pixels=3000 * 3000 - 1)
     assert caught.value.code == "image_too_large"
+    assert str(caught.value) == "image is 3000x3000 pixels, above the limit of 8999999 (--max-image-pixels)"
 
 
 def test_large_non_jpeg_images_are_reduced_before_the_exact_resize(photos: dict[str, bytes]) -> None:

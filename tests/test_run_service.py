@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import re
 import signal
 import socket
 import subprocess
@@ -94,3 +96,57 @@ def test_worker_processes_do_not_import_the_web_stack_through_the_launchers() ->
         )
         result = subprocess.run([sys.executable, "-c", check], cwd=ROOT, capture_output=True, text=True, check=True)
         assert result.stdout.strip() == "[]", (script, result.stdout)
+
+
+@pytest.mark.parametrize(
+    ("host", "expected"),
+    [
+        ("127.0.0.1", "cannot listen on 127.0.0.1:{port}: the port is in use (another service running?); choose "
+         "another with --port"),
+        ("192.0.2.1", "cannot listen on 192.0.2.1:{port}: 192.0.2.1 is not an address of this machine; choose another "
+         "with --host"),
+    ],
+    ids=["busy-port", "not-this-machine"],
+)  # fmt: skip
+def test_an_address_that_cannot_be_listened_on_is_one_line_before_the_workers_start(host: str, expected: str) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        finished = subprocess.run(
+            [sys.executable, "run_service.py", "--host", host, "--port", str(port), "--store", "memory"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert finished.returncode == 1
+    # One line and nothing else: no model loaded, no worker started, no traceback.
+    (line,) = finished.stderr.strip().splitlines()
+    assert line.endswith(" ERROR service: " + expected.format(port=port)), line
+
+
+def test_the_programs_say_their_version() -> None:
+    from client import __version__
+
+    for script in ("run_service.py", "run_worker.py"):
+        shown = subprocess.run([sys.executable, script, "--version"], cwd=ROOT, capture_output=True, text=True)
+        assert (shown.returncode, shown.stdout) == (0, f"{script} {__version__}\n")
+
+
+async def test_the_first_start_says_it_exports_the_model_and_ctrl_c_stops_without_tracebacks(tmp_path: Path) -> None:
+    """A new model cache: the export's seconds are logged, before the workers start. Ctrl-C
+    in a terminal signals the whole process group: the workers leave the stopping to the
+    web process, so the output has no traceback."""
+    async with running_service("--model-cache-dir", str(tmp_path / "models")) as (process, _):
+        os.killpg(process.pid, signal.SIGINT)
+        output = process.communicate(timeout=60)[0].decode()
+    assert process.returncode == 0, output
+    lines = output.splitlines()
+    exporting = next(
+        i for i, line in enumerate(lines) if "exporting efficientnet_lite0 to ONNX (once per machine)" in line
+    )
+    assert re.search(r"exported efficientnet_lite0 in \d+\.\d s$", lines[exporting + 1]), output
+    assert "inference workers ready" in output.split("exported efficientnet_lite0")[1]
+    assert "Traceback" not in output and "KeyboardInterrupt" not in output, output
+    assert list((tmp_path / "models").glob("efficientnet_lite0-*.onnx"))

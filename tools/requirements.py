@@ -21,10 +21,10 @@ HEADER = "# Generated from pyproject.toml by `python3 tools/requirements.py`; ed
 def rendered() -> dict[Path, str]:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     extras = project["optional-dependencies"]
-    runtime = HEADER + "# What the service needs to run (the Docker image installs only this file).\n"
-    runtime += "".join(f"{requirement}\n" for requirement in project["dependencies"])
+    runtime = HEADER + "# What the service and the client need to run (the Docker image installs only this file).\n"
+    runtime += "".join(f"{requirement}\n" for requirement in [*project["dependencies"], *extras["server"]])
     dev = HEADER + "# Everything for development, tests and CI: the service, the client, then the tools.\n"
-    dev += "-r requirements.txt\n" + "".join(f"{requirement}\n" for requirement in [*extras["client"], *extras["dev"]])
+    dev += "-r requirements.txt\n" + "".join(f"{requirement}\n" for requirement in extras["dev"])
     return {ROOT / "requirements.txt": runtime, ROOT / "requirements-dev.txt": dev}
 
 

@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from service.api.schemas import ErrorBody, ErrorDetail
+from service.sizes import readable
 from service.tasks.registry import StoreUnavailable
 
 log = logging.getLogger(__name__)
@@ -90,7 +91,10 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             raise
         headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
         code = _HTTP_CODES.get(exc.status, "http_error")
-        return error_response(exc.status, code, exc.reason, headers=headers)
+        message = exc.reason
+        if exc.status == 413:  # aiohttp's own, over client_max_size
+            message = f"the request body is larger than {readable(request.client_max_size)} (--max-request-bytes)"
+        return error_response(exc.status, code, message, headers=headers)
     except Exception:
         log.exception("unhandled error in %s %s", request.method, request.path)
         return error_response(500, "internal_error", "internal server error")

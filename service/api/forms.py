@@ -19,6 +19,7 @@ from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import BadHttpMessage
 
 from service.api.errors import ApiError, too_busy
+from service.sizes import readable
 from service.tasks.uploads import Upload, UploadBudget
 
 CHUNK_BYTES = 64 * 1024
@@ -124,7 +125,7 @@ async def _read_file(part: BodyPartReader, form: UploadForm, max_image_bytes: in
             raise ApiError(
                 413,
                 "upload_too_large",
-                f"{part.filename or 'a file'}: larger than {max_image_bytes} bytes",
+                f"{part.filename or 'a file'}: larger than {readable(max_image_bytes)} (--max-image-bytes)",
                 details=[{"field": FILES, "filename": part.filename}],
             )
         if not budget.reserve(len(chunk)):
@@ -143,7 +144,11 @@ async def _read_text(part: BodyPartReader, form: UploadForm, max_text_bytes: int
         if len(raw) > MAX_TEXT_BYTES:
             raise ApiError(400, "field_too_large", f"{part.name}: longer than {MAX_TEXT_BYTES} bytes")
         if form.text_bytes > max_text_bytes:
-            raise ApiError(413, "request_too_large", f"the form's text parts exceed {max_text_bytes} bytes in all")
+            raise ApiError(
+                413,
+                "request_too_large",
+                f"the form's text parts exceed {readable(max_text_bytes)} in all (--max-request-bytes)",
+            )
     try:
         return raw.decode()
     except UnicodeDecodeError:
@@ -161,4 +166,6 @@ def _clean_filename(filename: str | None) -> str:
 
 
 def _too_large(budget: UploadBudget) -> ApiError:
-    return ApiError(413, "request_too_large", f"uploads are limited to {budget.limit} bytes in all")
+    return ApiError(
+        413, "request_too_large", f"uploads are limited to {readable(budget.limit)} in all (--max-upload-bytes)"
+    )

@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 from aiohttp import web
 from pydantic import BaseModel
 
-from service.api import idempotency
+from service.api import idempotency, prefer
 from service.api.appkeys import (
     CATALOG,
     CLOSING,
@@ -45,6 +45,12 @@ IDEMPOTENCY_HEADER = RequestHeader(
     pattern=idempotency.KEY_PATTERN,
     max_length=idempotency.MAX_KEY_CHARS,
 )
+PREFER_HEADER = RequestHeader(
+    "`wait=N` (RFC 7240): answer 200 with the task if it ends within N seconds (at most the service's --max-wait, "
+    "60 by default), else 202 as without it; a malformed preference is ignored",
+    max_length=1000,
+)
+APPLIED_HEADER = "`wait=N` when `Prefer: wait` was honoured, with the seconds waited for at most"
 # From a created task to what can be done with it (for clients and stateful contract tests).
 TASK_LINKS = {
     "GetTask": "get_task",
@@ -65,17 +71,24 @@ def json_response(model: BaseModel, status: int = 200, headers: dict[str, str] |
     "new task's id",
     body=SUBMIT_REQUEST,
     form=SUBMIT_FORM,
-    headers={idempotency.HEADER: IDEMPOTENCY_HEADER},
+    headers={idempotency.HEADER: IDEMPOTENCY_HEADER, prefer.PREFER: PREFER_HEADER},
     replies={
+        200: Reply(
+            "With `Prefer: wait=N`: the task ended within N seconds, and here it is as GET /tasks/<id> shows it",
+            TaskDetail,
+            headers={"Location": "the task's URL", prefer.APPLIED: APPLIED_HEADER},
+        ),
         202: Reply(
-            "Accepted (or, for an Idempotency-Key seen before with the same request, the original answer)",
+            "Accepted (or, for an Idempotency-Key seen before with the same request, the original answer); with "
+            "`Prefer: wait=N`, the task had not ended within N seconds",
             SubmitResponse,
             headers={
                 "Location": "the task's URL",
                 idempotency.REPLAYED: "`true` when this is the original answer to an earlier submit",
+                prefer.APPLIED: APPLIED_HEADER,
             },
             links=TASK_LINKS,
-        )
+        ),
     },
     errors={
         400: "invalid_json, invalid_body, invalid_multipart, missing_field, unknown_field, invalid_type, "
@@ -90,11 +103,37 @@ def json_response(model: BaseModel, status: int = 200, headers: dict[str, str] |
     },
 )
 async def submit(request: web.Request) -> web.Response:
+    wait = prefer.wait_preference(request.headers.getall(prefer.PREFER, []), request.app[SETTINGS].max_wait)
     key = idempotency.key_of(request)
     if key is None:
-        return await _submit(request, None)
-    async with request.app[SUBMIT_KEYS].hold(request_owner(request), key):  # a concurrent duplicate waits here
-        return await _submit(request, key)
+        answer = await _submit(request, None)
+    else:
+        async with request.app[SUBMIT_KEYS].hold(request_owner(request), key):  # a concurrent duplicate waits here
+            answer = await _submit(request, key)
+    if wait is None:
+        return answer
+    return await _when_done(request, answer, wait)
+
+
+async def _when_done(request: web.Request, accepted: web.Response, seconds: int) -> web.Response:
+    """The task as GET /tasks/<id> shows it (200) if it ends within `seconds`, else the
+    202 `accepted` as it was; both say that the wait was applied."""
+    accepted.headers.update(prefer.applied(seconds))
+    assert accepted.text is not None
+    task_id = SubmitResponse.model_validate_json(accepted.text).task_id
+    registry = request.app[REGISTRY]
+    closing = asyncio.ensure_future(request.app[CLOSING].wait())  # shutdown answers at once
+    try:
+        async with asyncio.timeout(seconds):
+            await unless(registry.wait_final(task_id), closing)
+    except TimeoutError:
+        return accepted
+    finally:
+        closing.cancel()
+    task = await registry.get(task_id, request_owner(request))
+    if task is None or not task.status.is_final:
+        return accepted  # forgotten meanwhile, or the service is stopping
+    return json_response(task, headers={"Location": f"/tasks/{task_id}", **prefer.applied(seconds)})
 
 
 async def _submit(request: web.Request, key: str | None) -> web.Response:
@@ -213,7 +252,7 @@ def _check_model(catalog: ModelCatalog, name: str) -> None:
     if info is None:
         code, reason = "unknown_model", f"unknown model {name!r}"
     else:
-        code, reason = "model_unavailable", f"the weights of model {name!r} are not on disk"
+        code, reason = "model_unavailable", info.missing_weights()
     raise ApiError(400, code, f"{reason}; available: {', '.join(available)}", details={"available": available})
 
 

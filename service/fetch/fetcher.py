@@ -14,6 +14,7 @@ import aiohttp
 from yarl import URL
 
 from service.fetch.policy import AddressPolicy, BlockedAddressError, PolicyResolver, policy_connector, url_problem
+from service.sizes import readable
 
 CHUNK_BYTES = 64 * 1024
 REDIRECT_STATUSES = {301, 302, 303, 307, 308}
@@ -81,7 +82,7 @@ async def fetch(session: aiohttp.ClientSession, url: str, limits: FetchLimits) -
         raise FetchError("too_many_redirects", f"more than {limits.max_redirects} redirects")
     except aiohttp.ClientConnectorError as exc:
         if isinstance(exc.os_error, BlockedAddressError):
-            raise FetchError("blocked_address", str(exc.os_error)) from exc
+            raise FetchError("blocked_address", exc.os_error.strerror or str(exc.os_error)) from exc
         if isinstance(exc, aiohttp.ClientConnectorDNSError):
             raise FetchError("dns_error", f"the host name could not be resolved: {exc.os_error}") from exc
         refused = isinstance(exc.os_error, ConnectionRefusedError) or exc.os_error.errno == errno.ECONNREFUSED
@@ -126,4 +127,4 @@ async def _read_body(response: aiohttp.ClientResponse, max_bytes: int) -> bytes:
 
 
 def _too_large(max_bytes: int) -> FetchError:
-    return FetchError("download_too_large", f"the image is larger than {max_bytes} bytes")
+    return FetchError("download_too_large", f"the image is larger than {readable(max_bytes)} (--max-image-bytes)")

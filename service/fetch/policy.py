@@ -31,11 +31,17 @@ _IPV4_COMPATIBLE = ipaddress.ip_network("::/96")
 _CGNAT = ipaddress.ip_network("100.64.0.0/10")
 
 
+NOT_PUBLIC = (
+    "not a public address (to reach private networks, start the service with --allow-private-networks, "
+    "or --allowed-networks CIDR,...)"
+)
+
+
 class BlockedAddressError(OSError):
     """Raised instead of connecting to an address the policy refuses."""
 
     def __init__(self, address: str) -> None:
-        super().__init__(errno.EACCES, f"connecting to {address} is not allowed (not a public address)")
+        super().__init__(errno.EACCES, f"connecting to {address} is not allowed: {NOT_PUBLIC}")
         self.address = address
 
 

@@ -3,11 +3,16 @@ process (`service.app`) and the standalone worker (`service.worker`)."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
+import time
 from dataclasses import replace
+from pathlib import Path
 
-from inference.protocol import WorkerConfig
+from inference import onnx_cache
+from inference.protocol import ModelLoadError, WorkerConfig
+from inference.specs import ONNX_RUNTIMES, ModelInfo
 from service.pool.catalog import ModelCatalog
 from service.pool.process import ProcessInferencePool, describe_models
 from service.settings import Settings
@@ -31,6 +36,32 @@ async def build_catalog(settings: Settings) -> ModelCatalog:
         ),
     )
     return catalog
+
+
+async def export_default(settings: Settings, catalog: ModelCatalog) -> None:
+    """Make the default model's ONNX export here, before the workers start, if it is not
+    cached yet: the first start on a machine then says what it is doing for those seconds
+    (the workers would make it too, but their logs are not the service's). A failure is left
+    for the workers to report as the reason the default model cannot load."""
+    info = catalog.info(settings.default_model)
+    if settings.resolved_runtime() not in ONNX_RUNTIMES or info.spec.is_graph or not info.weights_present():
+        return
+    await asyncio.to_thread(_export, info, settings.model_cache_dir)
+
+
+def _export(info: ModelInfo, cache_dir: Path) -> None:
+    try:
+        if onnx_cache.entry_for(info, cache_dir).onnx.is_file():
+            return
+    except OSError:
+        return
+    log.info("exporting %s to ONNX (once per machine) into %s...", info.name, cache_dir)
+    started = time.monotonic()
+    try:
+        onnx_cache.ensure(info, cache_dir)
+    except ModelLoadError:
+        return
+    log.info("exported %s in %.1f s", info.name, time.monotonic() - started)
 
 
 def worker_config(settings: Settings, catalog: ModelCatalog) -> WorkerConfig:

@@ -26,7 +26,14 @@ from dataclasses import dataclass, replace
 import aiohttp
 from yarl import URL
 
-from service.fetch.policy import AddressPolicy, BlockedAddressError, PolicyResolver, policy_connector, url_problem
+from service.fetch.policy import (
+    NOT_PUBLIC,
+    AddressPolicy,
+    BlockedAddressError,
+    PolicyResolver,
+    policy_connector,
+    url_problem,
+)
 from service.metrics import Metrics
 from service.tasks.deliveries import Delivery
 from service.tasks.records import Webhook, WebhookStatus, utcnow
@@ -138,7 +145,7 @@ class WebhookSender:
                 raise CallbackRefused(f"the host name {host!r} could not be resolved: {exc}") from None
         else:
             if not self._policy.allows(host):
-                raise CallbackRefused(f"connecting to {host} is not allowed (not a public address)")
+                raise CallbackRefused(f"connecting to {host} is not allowed: {NOT_PUBLIC}")
 
     async def close(self) -> None:
         await self._session.close()
