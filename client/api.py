@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import sys
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import ExitStack
@@ -151,8 +153,9 @@ async def follow(session: aiohttp.ClientSession, task_id: str, patience: float =
         pause = min(pause * 2, 5.0)
 
 
-async def watch(session: aiohttp.ClientSession, task_id: str, bar: tqdm[Any]) -> None:
-    """Follow the task to its end on a progress bar."""
+async def watch(session: aiohttp.ClientSession, task_id: str, bar: tqdm[Any], skip: int = 0) -> None:
+    """Follow the task to its end on a progress bar (which shows `skip` items done already:
+    the stream replays them first)."""
     not_classified = 0
     async for item in follow(session, task_id):
         if "task_id" in item:  # the final summary
@@ -160,7 +163,10 @@ async def watch(session: aiohttp.ClientSession, task_id: str, bar: tqdm[Any]) ->
         if item["status"] != "succeeded":
             not_classified += 1
             bar.set_postfix(not_classified=not_classified, refresh=False)
-        bar.update(1)
+        if skip:
+            skip -= 1
+        else:
+            bar.update(1)
 
 
 async def task_limit(session: aiohttp.ClientSession) -> int:
@@ -174,6 +180,27 @@ async def task_limit(session: aiohttp.ClientSession) -> int:
 async def get_task(session: aiohttp.ClientSession, task_id: str) -> dict[str, Any]:
     async with session.get(f"tasks/{task_id}") as response:
         return cast(dict[str, Any], await _checked(response))
+
+
+async def download_results(session: aiohttp.ClientSession, task_id: str, output: Path | None, csv: bool) -> None:
+    """The task's results file (`GET /tasks/<id>/results`) into `output` (None: standard
+    output), as it streams in; a file appears whole, under its name, only when complete."""
+    fmt = "csv" if csv else "jsonl"
+    async with session.get(f"tasks/{task_id}/results", params={"format": fmt}) as response:
+        await _checked(response, expect_json=False)
+        if output is None:
+            async for block in response.content.iter_chunked(1 << 16):
+                sys.stdout.buffer.write(block)
+            sys.stdout.flush()
+            return
+        partial = output.with_name(output.name + ".part")
+        try:
+            with partial.open("wb") as handle:
+                async for block in response.content.iter_chunked(1 << 16):
+                    handle.write(block)
+            os.replace(partial, output)
+        finally:
+            partial.unlink(missing_ok=True)
 
 
 async def cancel_task(session: aiohttp.ClientSession, task_id: str) -> dict[str, Any]:
@@ -193,5 +220,7 @@ async def _checked(response: aiohttp.ClientResponse, expect_json: bool = True) -
             message = f"HTTP {response.status}"
         if "Retry-After" in response.headers:
             message += f" (retry after {response.headers['Retry-After']} s)"
+        if response.status == 401:
+            message += " (set the environment variable ICS_API_KEY to one of the service's API keys)"
         raise ClientError(f"the service refused the request: {message}", code, details)
     return await response.json() if expect_json else None

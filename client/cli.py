@@ -2,7 +2,9 @@
 
 Submits image URLs and local files (a directory means the images in it), follows the task's
 event stream with a progress bar, then prints a results table, or the task as JSON with
-`--json`. Ctrl-C stops watching; with `--cancel` it also cancels the task. A bulk job (a
+`--json`. Ctrl-C stops watching; with `--cancel` it also cancels the task. `--task ID`
+does the same for a task submitted earlier (`--output F` writes its results file,
+`--cancel` cancels it at once). A bulk job (a
 URLs file, `-r`, `--output`, or more images than one task holds) runs through
 `client.bulk` instead: many tasks at batch priority (unless `--priority` says otherwise), one
 row per input, resumable. A busy service
@@ -25,11 +27,22 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 from tqdm import tqdm
 
-from client.api import ClientError, Inputs, cancel_task, get_task, submit, task_limit, watch
+from client import __version__
+from client.api import (
+    ClientError,
+    Inputs,
+    cancel_task,
+    download_results,
+    get_task,
+    submit,
+    task_limit,
+    watch,
+)
 from client.bulk import BulkJob, Options
 from client.inputs import InputError, Source, sources
 from client.manifest import Manifest
@@ -39,6 +52,7 @@ DEFAULT_SERVER = "http://127.0.0.1:8080"
 LABELS_SHOWN = 3
 
 OK, SOME_FAILED, REFUSED, INTERRUPTED = 0, 1, 2, 130
+FINAL = ("completed", "failed", "cancelled")
 
 
 def parse_args(argv: Sequence[str] | None, env: dict[str, str]) -> argparse.Namespace:
@@ -49,6 +63,13 @@ def parse_args(argv: Sequence[str] | None, env: dict[str, str]) -> argparse.Name
         "130 interrupted.",
     )
     parser.add_argument("images", nargs="*", metavar="IMAGE", help="an http(s) URL, an image file, or a directory")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument(
+        "--task",
+        metavar="ID",
+        help="a task submitted earlier: follow it to its end and show it; with --output, write its results file; "
+        "with --cancel, cancel it now",
+    )
     parser.add_argument(
         "--server",
         default=env.get("ICS_SERVER", DEFAULT_SERVER),
@@ -66,7 +87,11 @@ def parse_args(argv: Sequence[str] | None, env: dict[str, str]) -> argparse.Name
         "for bulk jobs)",
     )
     parser.add_argument("--json", action="store_true", help="print the finished task as JSON instead of a table")
-    parser.add_argument("--cancel", action="store_true", help="on Ctrl-C, cancel the task (default: leave it running)")
+    parser.add_argument(
+        "--cancel",
+        action="store_true",
+        help="on Ctrl-C, cancel the task (default: leave it running); with --task, cancel that task now",
+    )
     bulk = parser.add_argument_group("bulk jobs", "many tasks, one results row per input, resumable")
     bulk.add_argument("--urls-file", metavar="FILE", help="image URLs, one per line, or a CSV column; - for stdin")
     bulk.add_argument("--url-column", metavar="NAME", help="the URL column of a CSV --urls-file (default: url)")
@@ -84,8 +109,16 @@ def parse_args(argv: Sequence[str] | None, env: dict[str, str]) -> argparse.Name
     )
     bulk.add_argument("--concurrency", type=int, default=4, help="tasks in flight at once (default: %(default)s)")
     args = parser.parse_args(argv)
-    if not args.images and not args.urls_file:
-        parser.error("give at least one IMAGE or --urls-file")
+    server = urlsplit(args.server)
+    if server.scheme not in ("http", "https") or not server.netloc:
+        parser.error(f"--server {args.server}: give the service's URL with its scheme, e.g. http://127.0.0.1:8080")
+    if args.task is not None:
+        if args.images or args.urls_file or args.resume or args.recursive:
+            parser.error("--task reads a task submitted earlier: give no IMAGE, --urls-file, -r or --resume with it")
+        if args.output and args.cancel:
+            parser.error("--task with --output writes the results of a task; --cancel cancels one: give one of them")
+    elif not args.images and not args.urls_file:
+        parser.error("give at least one IMAGE or --urls-file (or --task ID)")
     if args.resume and not args.output:
         parser.error("--resume needs --output, the results file of the job to finish")
     if args.concurrency < 1:
@@ -157,6 +190,8 @@ async def run(args: argparse.Namespace) -> int:
     # so no request goes out on a connection the service is closing.
     connector = aiohttp.TCPConnector(keepalive_timeout=5)
     async with aiohttp.ClientSession(base_url=base, headers=headers, timeout=timeout, connector=connector) as session:
+        if args.task is not None:
+            return await run_task(args, session)
         if args.urls_file or args.recursive or args.output:
             return await run_bulk(args, session)
         inputs = split_inputs(args.images)
@@ -167,21 +202,54 @@ async def run(args: argparse.Namespace) -> int:
         task_id = await submit(
             session, inputs, args.model, args.top_k, args.callback_url, tell=_tell, priority=args.priority
         )
-        try:
-            with tqdm(total=total, unit="img", desc=f"task {task_id[:8]}", file=sys.stderr) as bar:
-                await watch(session, task_id, bar)
-        except asyncio.CancelledError:  # Ctrl-C
-            if args.cancel:
-                task = await cancel_task(session, task_id)
-                print(
-                    f"cancelled task {task_id}: {task['progress']['succeeded']} of {total} images were classified",
-                    file=sys.stderr,
-                )
-            else:
-                print(f"stopped watching; task {task_id} goes on (GET {base}tasks/{task_id})", file=sys.stderr)
+        task = await follow_to_end(args, session, task_id, total)
+        if task is None:
             return INTERRUPTED
-        task = await get_task(session, task_id)
     print(json.dumps(task, indent=2) if args.json else results_table(task))
+    return exit_status(task)
+
+
+async def follow_to_end(
+    args: argparse.Namespace, session: aiohttp.ClientSession, task_id: str, total: int, done: int = 0
+) -> dict[str, Any] | None:
+    """The task once it has ended, watched on a progress bar; None if Ctrl-C stopped the
+    watching (and, with --cancel, the task)."""
+    try:
+        with tqdm(total=total, initial=done, unit="img", desc=f"task {task_id[:8]}", file=sys.stderr) as bar:
+            await watch(session, task_id, bar, skip=done)
+    except asyncio.CancelledError:  # Ctrl-C
+        if args.cancel:
+            task = await cancel_task(session, task_id)
+            print(
+                f"cancelled task {task_id}: {task['progress']['succeeded']} of {total} images were classified",
+                file=sys.stderr,
+            )
+        else:
+            print(f"stopped watching; task {task_id} goes on (ics --task {task_id})", file=sys.stderr)
+        return None
+    return await get_task(session, task_id)
+
+
+async def run_task(args: argparse.Namespace, session: aiohttp.ClientSession) -> int:
+    """`--task ID`: cancel it (--cancel), or follow it to its end, then show it or write its
+    results file (--output)."""
+    if args.cancel:
+        task = await cancel_task(session, args.task)
+    else:
+        task = await get_task(session, args.task)
+        if task["status"] not in FINAL:
+            progress = task["progress"]
+            followed = await follow_to_end(args, session, args.task, progress["total"], progress["done"])
+            if followed is None:
+                return INTERRUPTED
+            task = followed
+    if args.output:
+        output = None if args.output == "-" else Path(args.output)
+        await download_results(session, args.task, output, csv=args.output.lower().endswith(".csv"))
+        if output is not None:
+            print(f"{task['progress']['total']} rows in {output}", file=sys.stderr)
+    else:
+        print(json.dumps(task, indent=2) if args.json else results_table(task))
     return exit_status(task)
 
 

@@ -18,7 +18,7 @@ import aiohttp
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
-from service.api import events, operations, tasks
+from service.api import events, operations, results, tasks
 from service.api.appkeys import (
     BACKEND,
     CATALOG,
@@ -219,7 +219,7 @@ def create_app(settings: Settings, pool: InferencePool | None = None) -> web.App
     app.on_startup.append(freeze_start_up_objects)  # runs after the contexts above have started
     app[CLOSING] = asyncio.Event()
     app.on_shutdown.extend([release_watchers, drain_tasks])
-    for module in (operations, tasks, events):
+    for module in (operations, tasks, events, results):
         app.add_routes(module.routes)
     add_page(app)
     add_docs(app)  # last: the OpenAPI document describes every route added before it

@@ -143,8 +143,12 @@ def test_submit_links_to_the_task_operations() -> None:
         "TaskEvents": "GET /tasks/{task_id}/events",
     }
     assert all(link["parameters"] == {"task_id": "$response.body#/task_id"} for link in links.values())
-    (header,) = [p for p in DOCUMENT["paths"]["/submit"]["post"]["parameters"] if p["in"] == "header"]
+    header, prefer = [p for p in DOCUMENT["paths"]["/submit"]["post"]["parameters"] if p["in"] == "header"]
     assert header["name"] == "Idempotency-Key" and header["schema"]["maxLength"] == 255
+    assert prefer["name"] == "Prefer" and "wait=N" in prefer["description"]
+    finished = DOCUMENT["paths"]["/submit"]["post"]["responses"]["200"]
+    assert finished["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/TaskDetail"}
+    assert "Preference-Applied" in finished["headers"]
     submit = DOCUMENT["components"]["schemas"]["SubmitRequest"]["properties"]
     assert submit["callback_url"]["anyOf"][0]["maxLength"] == 2048
 
@@ -175,13 +179,23 @@ def test_document_is_valid_and_describes_every_route(service_url: str) -> None:
         "/tasks/{task_id}",
         "/tasks/{task_id}/cancel",
         "/tasks/{task_id}/events",
-        "/openapi.json",
-        "/docs",
-        "/",
-    }
+        "/tasks/{task_id}/results",
+    }  # not the page, the docs and this document: no generated client should offer them as operations
     submit = document["components"]["schemas"]["SubmitRequest"]["properties"]
     assert submit["urls"]["maxItems"] == 5  # the running service's own --max-urls-per-task
     assert submit["top_k"]["anyOf"][0]["maximum"] == 20
+
+
+def test_the_event_stream_is_text_with_its_events_shape_beside() -> None:
+    """A generated client reads the stream as text (a JSON schema made them parse it as one
+    object and crash); the shape of each event's data is the `x-event-data` extension."""
+    (stream,) = DOCUMENT["paths"]["/tasks/{task_id}/events"]["get"]["responses"]["200"]["content"].items()
+    media_type, content = stream
+    assert media_type == "text/event-stream"
+    assert content == {"schema": {"type": "string"}, "x-event-data": {"$ref": "#/components/schemas/ServerEvent"}}
+    assert "ServerEvent" in DOCUMENT["components"]["schemas"]
+    results = DOCUMENT["paths"]["/tasks/{task_id}/results"]["get"]["responses"]["200"]["content"]
+    assert set(results) == {"text/csv", "application/jsonl"}
 
 
 def test_docs_page_works_offline(service_url: str) -> None:

@@ -39,6 +39,7 @@ _PAGE = """<!DOCTYPE html>
     summary="This OpenAPI 3.1 document",
     tag="docs",
     public=True,
+    listed=False,
     replies={200: Reply("The OpenAPI document", media_type="application/json")},
 )
 async def openapi_json(request: web.Request) -> web.Response:
@@ -49,6 +50,7 @@ async def openapi_json(request: web.Request) -> web.Response:
     summary="Swagger UI for this document",
     tag="docs",
     public=True,
+    listed=False,
     replies={200: Reply("An HTML page", media_type="text/html")},
 )
 async def docs_page(request: web.Request) -> web.Response:

@@ -38,6 +38,8 @@ from service.api.schemas import ErrorBody
 from service.api.validation import JSON, MULTIPART
 
 REF_TEMPLATE = "#/components/schemas/{model}"
+# On an event stream's media type: the schema of each event's `data:` (JSON), beside its string schema.
+EVENT_SCHEMA = "x-event-data"
 BEARER = "apiKey"
 DESCRIPTION_ATTRIBUTE = "openapi"
 
@@ -53,6 +55,7 @@ class Reply:
     description: str
     model: type[BaseModel] | None = None
     media_type: str = JSON
+    more_media_types: tuple[str, ...] = ()  # the same answer in other forms (a query parameter picks one)
     headers: Mapping[str, str] = field(default_factory=dict)  # name -> description
     # link name -> id of an operation taking the `task_id` of this answer's body
     links: Mapping[str, str] = field(default_factory=dict)
@@ -77,6 +80,7 @@ class Description:
     query: type[BaseModel] | None = None
     headers: Mapping[str, RequestHeader] = field(default_factory=dict)  # request headers, by name
     public: bool = False  # open even when API keys are configured
+    listed: bool = True  # in the document's paths (not the page and the document themselves)
     tag: str = "tasks"
 
 
@@ -110,6 +114,8 @@ def build_openapi(app: web.Application, title: str, version: str, auth: bool) ->
         description = description_of(route.handler)
         if description is None:
             raise RuntimeError(f"{route.method} {path} has no OpenAPI description (service.api.openapi.documented)")
+        if not description.listed:
+            continue
         operation = _operation(app, path, description, auth, models)
         operation.operationId = getattr(route.handler, "__name__", None)
         if operation.operationId in operation_ids:
@@ -178,9 +184,17 @@ def _operation(
 
 
 def _response(reply: Reply, models: set[type[BaseModel]]) -> Response:
-    if reply.model is not None:
+    extensions: dict[str, Any] = {}
+    if reply.model is not None and reply.media_type == JSON:
         models.add(reply.model)
         schema: Schema | Reference = _ref(reply.model)
+    elif reply.model is not None:
+        # A stream of text (Server-Sent Events): a string to generated clients, which would
+        # otherwise parse the stream as one JSON object; the shape of each event's data is
+        # the extension's schema.
+        models.add(reply.model)
+        schema = Schema(type=DataType.STRING)
+        extensions[EVENT_SCHEMA] = {"$ref": REF_TEMPLATE.format(model=reply.model.__name__)}
     else:
         schema = Schema(type=DataType.OBJECT if reply.media_type == JSON else DataType.STRING)
     headers: dict[str, Header | Reference] = {
@@ -193,7 +207,10 @@ def _response(reply: Reply, models: set[type[BaseModel]]) -> Response:
     }
     return Response(
         description=reply.description,
-        content={reply.media_type: MediaType.model_validate({"schema": schema})},
+        content={
+            media_type: MediaType.model_validate({"schema": schema, **extensions})
+            for media_type in (reply.media_type, *reply.more_media_types)
+        },
         headers=headers or None,
         links=links or None,
     )

@@ -17,6 +17,7 @@ STATIC_PREFIX = "/static"
     summary="The web page: submit URLs or files and watch them being classified",
     tag="page",
     public=True,
+    listed=False,
     replies={200: Reply("An HTML page", media_type="text/html")},
 )
 async def index(request: web.Request) -> web.FileResponse:

@@ -184,6 +184,16 @@ class SubmitForm(BaseModel):
 MAX_WAIT_SECONDS = 60.0
 
 
+class ResultsQuery(BaseModel):
+    """Query of GET /tasks/<id>/results."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    format: Literal["csv", "jsonl"] = Field(
+        "jsonl", description="`csv` (a header row, then one row per image) or `jsonl` (JSON Lines: one object each)"
+    )
+
+
 class TaskQuery(BaseModel):
     """Query of GET /tasks/<id>: optionally a long poll."""
 

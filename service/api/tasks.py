@@ -48,7 +48,6 @@ IDEMPOTENCY_HEADER = RequestHeader(
 PREFER_HEADER = RequestHeader(
     "`wait=N` (RFC 7240): answer 200 with the task if it ends within N seconds (at most the service's --max-wait, "
     "60 by default), else 202 as without it; a malformed preference is ignored",
-    max_length=1000,
 )
 APPLIED_HEADER = "`wait=N` when `Prefer: wait` was honoured, with the seconds waited for at most"
 # From a created task to what can be done with it (for clients and stateful contract tests).

@@ -49,6 +49,7 @@ _QUERY_CODES = {
     "cursor": "invalid_cursor",
     "wait": "invalid_wait",
     "done": "invalid_done",
+    "format": "invalid_format",
 }
 
 
