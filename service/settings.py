@@ -33,6 +33,7 @@ from inference.specs import (
 )
 from service.fetch.fetcher import DownloadTimeouts, FetchLimits
 from service.fetch.policy import AddressPolicy
+from service.webhooks.signing import standard_key
 
 PROGRAM = "run_service.py"
 ENV_PREFIX = "ICS_"
@@ -225,7 +226,8 @@ class Settings(BaseSettings):
     webhook_secret: str = Field(
         "",
         repr=False,
-        description="key of the HMAC-SHA256 signature on completion webhooks; without it, a submit with a "
+        description="key of the HMAC-SHA256 signatures on completion webhooks (Standard Webhooks: a whsec_ secret "
+        "is base64 after the prefix); without it, a submit with a "
         "callback_url is refused (prefer the variable: flags show in ps)",
     )
     webhook_timeout: PositiveSeconds = Field(10.0, description="seconds one webhook delivery attempt may take")
@@ -256,6 +258,10 @@ class Settings(BaseSettings):
             raise ValueError("--default-top-k must not exceed --max-top-k")
         if self.workers == 0 and not self.redis:
             raise ValueError("--workers 0 (a web-only replica) needs --redis, where workers elsewhere take the images")
+        try:
+            standard_key(self.webhook_secret)
+        except ValueError as exc:
+            raise ValueError(f"--webhook-secret: {exc}") from None
         if self.redis and not self.redis.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("--redis must be a redis://, rediss:// or unix:// URL")
         try:

@@ -5,6 +5,7 @@ address policy at submit, and a pending delivery that survives a kill -9."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import hmac
 import json
@@ -16,6 +17,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+import standardwebhooks
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from redis.exceptions import ResponseError
@@ -23,6 +25,7 @@ from redis.exceptions import ResponseError
 from inference.protocol import Label
 from service.fetch.policy import AddressPolicy
 from service.metrics import Metrics
+from service.settings import load_settings
 from service.stores.memory.registry import InMemoryRegistry
 from service.stores.sqlite.registry import SqliteRegistry
 from service.tasks.deliveries import Delivery
@@ -135,6 +138,41 @@ async def test_a_finished_task_is_posted_once_signed_with_the_secret(
     assert samples[("ics_webhooks_pending", ())] == 0
     await asyncio.sleep(1.5)
     assert len(receiver.calls) == 1
+
+
+@pytest.mark.parametrize(
+    ("secret", "key"),
+    [(SECRET, SECRET.encode()), ("whsec_" + base64.b64encode(b"\x00\xffkey bytes").decode(), None)],
+    ids=["plain-secret", "whsec-secret"],
+)
+async def test_deliveries_verify_with_the_standard_webhooks_library(
+    make_service: ServiceFactory, image_server: ImageServer, receiver: Receiver, secret: str, key: bytes | None
+) -> None:
+    """`webhook-id`, `webhook-timestamp`, `webhook-signature` as Standard Webhooks has them,
+    verified by its own library: a plain secret keys by its UTF-8 bytes, a `whsec_` one by
+    the base64 after the prefix. The timestamp is signed: a replay under a fresh one fails."""
+    client = await make_service(**{**WEBHOOK_SETTINGS, "webhook_secret": secret})
+    created = await submit(client, [image_server.url("/photos/coffee")], callback_url=receiver.url)
+    (call,) = await receiver.wait_calls(1)
+    headers = dict(call.headers)
+    verifier = standardwebhooks.Webhook(key if key is not None else secret)
+    payload = verifier.verify(call.body, headers)
+    assert payload["task_id"] == created["task_id"]
+    assert headers["webhook-id"] == headers[signing.DELIVERY]
+    assert headers["webhook-timestamp"] == headers[signing.TIMESTAMP]
+    assert headers["webhook-signature"].startswith("v1,")
+    assert signing.verify(call.body, secret, headers[signing.SIGNATURE])  # the original header stays
+    replayed = {**headers, "webhook-timestamp": str(int(headers["webhook-timestamp"]) + 60)}
+    with pytest.raises(standardwebhooks.WebhookVerificationError):
+        verifier.verify(call.body, replayed)
+    with pytest.raises(standardwebhooks.WebhookVerificationError):
+        verifier.verify(call.body + b" ", headers)
+
+
+def test_a_whsec_secret_that_is_not_base64_is_a_usage_error() -> None:
+    with pytest.raises(SystemExit) as exited:
+        load_settings(["--webhook-secret", "whsec_not base64!"])
+    assert exited.value.code == 2
 
 
 async def test_a_receiver_that_fails_first_gets_exactly_two_attempts(

@@ -120,6 +120,7 @@ class WebhookSender:
             cookie_jar=aiohttp.DummyCookieJar(),  # a receiver's cookie must not reach another's
         )
         self._secret = secret
+        self._key = signing.standard_key(secret)  # checked when the settings were read
         self._timeout = aiohttp.ClientTimeout(total=timeout)
         self._retry_for = retry_for
         self._metrics = metrics
@@ -203,12 +204,16 @@ class WebhookSender:
 
     async def _attempt(self, delivery: Delivery) -> Failure | None:
         """One POST; None if the receiver answered 2xx."""
+        now = int(self._clock())
         headers = {
             "Content-Type": "application/json",
             "User-Agent": USER_AGENT,
+            signing.WEBHOOK_ID: delivery.delivery_id,
+            signing.WEBHOOK_TIMESTAMP: str(now),
+            signing.WEBHOOK_SIGNATURE: signing.standard_signature(delivery.delivery_id, now, delivery.body, self._key),
             signing.SIGNATURE: signing.signature(delivery.body, self._secret),
             signing.DELIVERY: delivery.delivery_id,
-            signing.TIMESTAMP: str(int(self._clock())),
+            signing.TIMESTAMP: str(now),
             signing.ATTEMPT: str(delivery.attempts + 1),
         }
         try:
