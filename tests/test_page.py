@@ -1,6 +1,7 @@
 """The web page at `/`, driven in a real headless Chromium (Debian's `chromium` package) through
 Playwright: files chosen and dropped, URLs pasted, progress to 100%, labels read off the page,
-a running task cancelled. Each test saves a screenshot under `test-artifacts/`."""
+a running task cancelled, results downloaded, the task in the address, a large task filtered
+and paged. Each test saves a screenshot under `test-artifacts/`."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from playwright.async_api import Page, async_playwright, expect
 
 from testing.services import ROOT
 from tests.conftest import PHOTOS_DIR, ImageServer, ServiceFactory
+from tests.fakes import image
 
 pytestmark = pytest.mark.e2e  # the page in a real Chromium
 
@@ -84,9 +86,10 @@ async def test_the_page_classifies_files_and_urls_live(
     await expect(page.locator("#task-status")).to_have_text("completed")
     cards = page.locator("#items .item")
     await expect(cards.locator(".item-status")).to_have_text(["succeeded", "succeeded", "succeeded", "failed"])
-    await expect(cards.locator(".source")).to_have_text(
-        ["coffee.jpg", "rocket.jpg", image_server.url("/photos/chelsea"), image_server.url("/status/404")]
-    )
+    # The file name first (a long URL used to hide it), where it came from beside, the whole in the title.
+    await expect(cards.locator(".source .name")).to_have_text(["coffee.jpg", "rocket.jpg", "chelsea", "404"])
+    await expect(cards.nth(2).locator(".source .where")).to_have_text(f"127.0.0.1:{image_server.server.port}/photos/")
+    await expect(cards.nth(3).locator(".source")).to_have_attribute("title", image_server.url("/status/404"))
     top_labels = [await card.locator(".label").first.text_content() for card in (await cards.all())[:3]]
     assert top_labels == ["espresso", "missile", "Egyptian cat"]
     score = await cards.nth(0).locator(".score").first.text_content() or ""
@@ -94,12 +97,70 @@ async def test_the_page_classifies_files_and_urls_live(
     await expect(cards.nth(3).locator(".item-error")).to_contain_text("http_error")
     thumbnails = await cards.locator(".thumb").evaluate_all("(images) => images.map((image) => image.naturalWidth)")
     assert all(width > 0 for width in thumbnails[:3])  # local files and the served photo all show
+    await expect(cards.nth(3).locator(".thumb")).to_be_hidden()  # a failed item: a placeholder, no broken image
+    await expect(cards.nth(3).locator(".placeholder")).to_have_text("http_error")
 
     task_id = await page.locator("#task-id").text_content()
     task = await (await client.get(f"/tasks/{task_id}")).json()  # the page shows what the API holds
     assert [item["labels"][0]["label"] for item in task["items"][:3]] == top_labels
     ARTIFACTS.mkdir(exist_ok=True)
     await page.screenshot(path=ARTIFACTS / "web-page.png", full_page=True)
+
+    for button, fmt in (("#download-csv", "csv"), ("#download-jsonl", "jsonl")):
+        async with page.expect_download() as started:
+            await page.click(button)
+        download = await started.value
+        assert download.suggested_filename == f"task-{task_id}.{fmt}"
+        served = await client.get(f"/tasks/{task_id}/results", params={"format": fmt})
+        assert Path(await download.path()).read_bytes() == await served.read()
+
+    assert page.url.endswith(f"/#/tasks/{task_id}")  # the task is in the address: a reload shows it again
+    await page.reload()
+    await expect(page.locator("#task-id")).to_have_text(task_id or "")
+    await expect(page.locator("#items .item .source .name")).to_have_text(
+        ["coffee.jpg", "rocket.jpg", "chelsea", "404"]
+    )
+    await expect(page.locator("#items .item").nth(0).locator(".placeholder")).to_have_text("no preview")  # uploaded
+    await expect(page.locator("#items .item").nth(2).locator(".label").first).to_have_text("Egyptian cat")
+    icon = await client.get("/favicon.ico")
+    assert icon.status == 200 and icon.content_type == "image/svg+xml"
+    assert await page.locator("link[rel=icon]").get_attribute("href") == "/static/favicon.svg"
+    assert (await client.get("/static/favicon.svg")).status == 200
+
+
+async def test_a_large_task_is_filtered_and_paged(
+    make_service: ServiceFactory, image_server: ImageServer, page: Page
+) -> None:
+    """150 images: a page of 60 cards at a time, filters by outcome and by top label."""
+    image_server.files["cat"] = image("cat")
+    image_server.files["dog"] = image("dog")
+    client = await make_service(max_urls_per_task=200)
+    urls = [image_server.url("/file/cat")] * 100 + [image_server.url("/file/dog")] * 40
+    urls += [image_server.url("/status/404")] * 10
+    task_id = (await (await client.post("/submit", json={"urls": urls})).json())["task_id"]
+    await page.goto(str(client.make_url(f"/#/tasks/{task_id}")))  # a shared link
+    await expect(page.locator("#task-status")).to_have_text("completed", timeout=WAIT_MS)
+    options = page.locator("#filter option")
+    await expect(options).to_have_text(["All (150)", "Failed (10)", "cat (100)", "dog (40)"])
+    cards = page.locator("#items .item")
+    await expect(cards).to_have_count(60)
+    await expect(page.locator("#page-text")).to_have_text("Page 1 of 3 (1-60 of 150)")
+    await expect(page.locator("#previous")).to_be_disabled()
+    await page.click("#next")
+    await page.click("#next")
+    await expect(page.locator("#page-text")).to_have_text("Page 3 of 3 (121-150 of 150)")
+    await expect(cards).to_have_count(30)
+    await expect(page.locator("#next")).to_be_disabled()
+
+    await page.select_option("#filter", "failed")
+    await expect(cards).to_have_count(10)
+    await expect(page.locator("#pager")).to_be_hidden()
+    await expect(cards.locator(".placeholder")).to_have_text(["http_error"] * 10)
+    await page.select_option("#filter", "label:dog")
+    await expect(cards).to_have_count(40)
+    await expect(cards.locator(".labels li:first-child .label")).to_have_text(["dog"] * 40)
+    ARTIFACTS.mkdir(exist_ok=True)
+    await page.screenshot(path=ARTIFACTS / "web-page-filtered.png", full_page=True)
 
 
 async def test_the_page_cancels_a_running_task(

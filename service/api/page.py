@@ -24,6 +24,18 @@ async def index(request: web.Request) -> web.FileResponse:
     return web.FileResponse(STATIC_DIR / "index.html")
 
 
+@documented(
+    summary="The page's icon, where browsers look for it without being told",
+    tag="page",
+    public=True,
+    listed=False,
+    replies={200: Reply("An SVG image", media_type="image/svg+xml")},
+)
+async def favicon(request: web.Request) -> web.FileResponse:
+    return web.FileResponse(STATIC_DIR / "favicon.svg", headers={"Content-Type": "image/svg+xml"})
+
+
 def add_page(app: web.Application) -> None:
     app.router.add_get("/", index)
+    app.router.add_get("/favicon.ico", favicon)
     app.router.add_static(STATIC_PREFIX, STATIC_DIR)

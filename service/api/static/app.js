@@ -2,11 +2,13 @@
 // the task's event stream (GET /tasks/<id>/events) and shows each image's labels as they come.
 // The stream is read with fetch rather than EventSource so that an API key can go in a header.
 // Recent tasks (GET /tasks) are listed below; opening one shows it as it is and follows it on.
+// The task shown is in the address (`/#/tasks/<id>`), and its results download as CSV or JSON Lines.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
 const STREAM_RETRIES = 5;
 const RECENT_TASKS = 20;
+const PAGE_SIZE = 60; // cards on the page at once
 const FINAL = new Set(["completed", "failed", "cancelled"]); // a task's final statuses
 const ITEM_FINAL = new Set(["succeeded", "failed", "cancelled"]);
 const page = { files: [], taskId: null };
@@ -113,25 +115,41 @@ async function submit(event) {
 }
 
 // --- the task ---------------------------------------------------------------------------
+// The task's items live in `view.items` (one state per image); only the current page of the
+// current filter is on the page as cards, so a 1,000-image task is a page of cards, not 1,000.
+// A card is made once, when first shown, and kept up to date as results arrive.
+
+const view = { items: [], cards: new Map(), filter: "all", page: 0, renderSoon: null };
 
 function showTask(accepted, sources, live = true) {
   page.taskId = accepted.task_id;
+  if (location.hash !== `#/tasks/${accepted.task_id}`) history.replaceState(null, "", `#/tasks/${accepted.task_id}`);
   $("task").hidden = false;
   $("task-id").textContent = accepted.task_id;
   setStatus($("task-status"), accepted.status); // then each progress event tells it
-  $("items").replaceChildren(...sources.map((source, index) => {
-    const card = $("item-template").content.firstElementChild.cloneNode(true);
-    card.dataset.index = index;
-    const thumb = card.querySelector(".thumb");
-    thumb.addEventListener("error", () => thumb.removeAttribute("src"), { once: true }); // no broken-image icon
-    if (source.thumb) thumb.src = source.thumb;
-    card.querySelector(".source").textContent = source.name;
-    card.querySelector(".source").title = source.name;
-    return card;
-  }));
+  view.items = sources.map((source, index) => ({ index, ...describe(source.name), thumb: source.thumb, item: null }));
+  view.cards.clear();
+  view.filter = "all";
+  view.page = 0;
+  render();
   showProgress({ total: accepted.total, done: 0, succeeded: 0, failed: 0, cancelled: 0 });
   $("cancel").disabled = !live;
   if (live) follow(accepted.task_id);
+}
+
+// What a card calls an image: its file name first, then where it came from.
+function describe(source) {
+  if (source.startsWith("upload:")) return { source, name: source.slice(7), where: "uploaded file" };
+  try {
+    const url = new URL(source);
+    const parts = url.pathname.split("/").filter(Boolean);
+    const last = parts.length ? parts[parts.length - 1] : "";
+    let name = url.host;
+    try { name = last ? decodeURIComponent(last) : url.host; } catch (_) { name = last; }
+    return { source, name, where: url.host + url.pathname.slice(0, url.pathname.length - last.length) };
+  } catch (_) {
+    return { source, name: source, where: "" };
+  }
 }
 
 // Follow the event stream to the task's end; if it drops, reconnect (the service replays
@@ -165,15 +183,99 @@ function showProgress(progress) {
 }
 
 function showItem(item) {
-  const card = document.querySelector(`#items .item[data-index="${item.index}"]`);
-  if (!card) return;
-  setStatus(card.querySelector(".item-status"), item.status);
-  card.querySelector(".labels").replaceChildren(...(item.labels || []).map((label) => {
+  const state = view.items[item.index];
+  if (!state) return;
+  state.item = item;
+  const card = view.cards.get(item.index);
+  if (card) fillCard(card, state);
+  renderSoon(); // the filters' counts, and which items they show
+}
+
+// --- cards, filters and pages ------------------------------------------------------------
+
+function topLabel(state) {
+  return state.item && state.item.labels && state.item.labels.length ? state.item.labels[0].label : null;
+}
+
+function matches(state, filter) {
+  if (filter === "all") return true;
+  if (filter === "failed" || filter === "cancelled") return state.item !== null && state.item.status === filter;
+  return topLabel(state) === filter.slice("label:".length);
+}
+
+function render() {
+  // The filter choices: all, failed and cancelled (when there are any), then each top label.
+  const counts = new Map();
+  for (const state of view.items) {
+    const status = state.item ? state.item.status : "";
+    if (status === "failed" || status === "cancelled") counts.set(status, (counts.get(status) || 0) + 1);
+    const label = topLabel(state);
+    if (label !== null) counts.set(`label:${label}`, (counts.get(`label:${label}`) || 0) + 1);
+  }
+  const choices = [["all", `All (${view.items.length})`]];
+  for (const status of ["failed", "cancelled"]) {
+    if (counts.has(status)) choices.push([status, `${status[0].toUpperCase()}${status.slice(1)} (${counts.get(status)})`]);
+  }
+  [...counts].filter(([key]) => key.startsWith("label:")).sort((a, b) => b[1] - a[1] || a[0].localeCompare(b[0]))
+    .forEach(([key, count]) => choices.push([key, `${key.slice(6)} (${count})`]));
+  if (!choices.some(([key]) => key === view.filter)) view.filter = "all";
+  $("filter").replaceChildren(...choices.map(([key, text]) => new Option(text, key, false, key === view.filter)));
+
+  const shown = view.items.filter((state) => matches(state, view.filter));
+  const pages = Math.max(1, Math.ceil(shown.length / PAGE_SIZE));
+  view.page = Math.min(view.page, pages - 1);
+  const first = view.page * PAGE_SIZE;
+  $("items").replaceChildren(...shown.slice(first, first + PAGE_SIZE).map(cardFor));
+  $("pager").hidden = pages <= 1;
+  $("page-text").textContent =
+    `Page ${view.page + 1} of ${pages} (${first + 1}-${Math.min(first + PAGE_SIZE, shown.length)} of ${shown.length})`;
+  $("previous").disabled = view.page === 0;
+  $("next").disabled = view.page >= pages - 1;
+  $("view-controls").hidden = view.items.length === 0;
+}
+
+function renderSoon() {
+  if (view.renderSoon === null) view.renderSoon = setTimeout(() => { view.renderSoon = null; render(); }, 100);
+}
+
+function cardFor(state) {
+  let card = view.cards.get(state.index);
+  if (!card) {
+    card = $("item-template").content.firstElementChild.cloneNode(true);
+    card.dataset.index = state.index;
+    const thumb = card.querySelector(".thumb");
+    thumb.addEventListener("error", () => {
+      if (card.querySelector(".placeholder").hidden) showPlaceholder(card, "no preview"); // not over an error code
+    }, { once: true });
+    if (state.thumb) thumb.src = state.thumb;
+    else showPlaceholder(card, "no preview");
+    card.querySelector(".source").title = state.source;
+    card.querySelector(".name").textContent = state.name;
+    card.querySelector(".where").textContent = state.where;
+    view.cards.set(state.index, card);
+    fillCard(card, state);
+  }
+  return card;
+}
+
+function fillCard(card, state) {
+  const item = state.item;
+  setStatus(card.querySelector(".item-status"), item ? item.status : "waiting");
+  card.querySelector(".labels").replaceChildren(...((item && item.labels) || []).map((label) => {
     const entry = element("li", "");
     entry.append(element("span", label.label, "label"), " ", element("span", `${(100 * label.score).toFixed(1)}%`, "score"));
     return entry;
   }));
-  card.querySelector(".item-error").textContent = item.error ? `${item.error.code}: ${item.error.message}` : "";
+  card.querySelector(".item-error").textContent = item && item.error ? `${item.error.code}: ${item.error.message}` : "";
+  if (item && item.status === "failed") showPlaceholder(card, item.error ? item.error.code : "failed");
+}
+
+// In place of a picture that cannot show (a failed download, a file left on the sender's disk).
+function showPlaceholder(card, text) {
+  card.querySelector(".thumb").hidden = true;
+  const placeholder = card.querySelector(".placeholder");
+  placeholder.hidden = false;
+  placeholder.textContent = text;
 }
 
 function finish(task) {
@@ -181,6 +283,20 @@ function finish(task) {
   setStatus($("task-status"), task.status);
   $("cancel").disabled = true;
   loadRecent();
+}
+
+// The results as a file, fetched with the API key (a plain link could not send it).
+async function download(format) {
+  try {
+    const response = await api(`/tasks/${page.taskId}/results?format=${format}`);
+    const link = element("a", "");
+    link.href = URL.createObjectURL(await response.blob());
+    link.download = `task-${page.taskId}.${format}`;
+    link.click();
+    setTimeout(() => URL.revokeObjectURL(link.href), 10_000);
+  } catch (error) {
+    showError(error.message);
+  }
 }
 
 // --- recent tasks -----------------------------------------------------------------------
@@ -218,6 +334,7 @@ async function openTask(taskId) {
     const live = !FINAL.has(task.status);
     showTask({ task_id: task.task_id, status: task.status, total: task.items.length }, sources, live);
     task.items.filter((item) => ITEM_FINAL.has(item.status)).forEach(showItem);
+    render();
     if (live) showProgress({ ...task.progress, status: task.status });
     else finish(task);
   } catch (error) {
@@ -264,11 +381,24 @@ function wireDropZone(zone) {
   window.addEventListener("drop", (event) => event.preventDefault());
 }
 
+// A task in the address (`/#/tasks/<id>`): reloading or sharing the page shows it again.
+function openFromAddress() {
+  const match = location.hash.match(/^#\/tasks\/([0-9a-f]{32})$/);
+  if (match && match[1] !== page.taskId) openTask(match[1]);
+}
+
 $("submit-form").addEventListener("submit", submit);
+$("filter").addEventListener("change", (event) => { view.filter = event.target.value; view.page = 0; render(); });
+$("previous").addEventListener("click", () => { view.page -= 1; render(); });
+$("next").addEventListener("click", () => { view.page += 1; render(); });
+$("download-csv").addEventListener("click", () => download("csv"));
+$("download-jsonl").addEventListener("click", () => download("jsonl"));
+window.addEventListener("hashchange", openFromAddress);
 $("files").addEventListener("change", (event) => { addFiles([...event.target.files]); event.target.value = ""; });
 $("cancel").addEventListener("click", cancel);
 $("refresh").addEventListener("click", loadRecent);
-$("api-key").addEventListener("change", () => { loadModels(); loadRecent(); });
+$("api-key").addEventListener("change", () => { loadModels(); loadRecent(); page.taskId = null; openFromAddress(); });
 wireDropZone($("drop-zone"));
 loadModels();
 loadRecent();
+openFromAddress();
