@@ -38,8 +38,9 @@ from service.api.schemas import ErrorBody
 from service.api.validation import JSON, MULTIPART
 
 REF_TEMPLATE = "#/components/schemas/{model}"
-# On an event stream's media type: the schema of each event's `data:` (JSON), beside its string schema.
-EVENT_SCHEMA = "x-event-data"
+# On an event stream's media type, beside its string schema: the schema of each event (OpenAPI
+# 3.2 would call it `itemSchema`; 3.1 has no field for it).
+EVENT_SCHEMA = "x-event-schema"
 BEARER = "apiKey"
 DESCRIPTION_ATTRIBUTE = "openapi"
 
@@ -190,8 +191,8 @@ def _response(reply: Reply, models: set[type[BaseModel]]) -> Response:
         schema: Schema | Reference = _ref(reply.model)
     elif reply.model is not None:
         # A stream of text (Server-Sent Events): a string to generated clients, which would
-        # otherwise parse the stream as one JSON object; the shape of each event's data is
-        # the extension's schema.
+        # otherwise parse the stream as one JSON object; the shape of each event is the
+        # extension's schema.
         models.add(reply.model)
         schema = Schema(type=DataType.STRING)
         extensions[EVENT_SCHEMA] = {"$ref": REF_TEMPLATE.format(model=reply.model.__name__)}
