@@ -12,6 +12,7 @@ worker's start and about 40 MiB of its memory, for nothing.
 
 from __future__ import annotations
 
+import importlib
 import sys
 from pathlib import Path
 from typing import NoReturn
@@ -22,18 +23,18 @@ INSTALL_SERVER = "pip install 'image-classification-service[server]' (in a check
 
 
 def service() -> None:
-    program = _program()
-    try:
-        from service.main import main
-    except ModuleNotFoundError as exc:
-        _missing(program, exc)
-    main(program)
+    _run("service.main")
 
 
 def worker() -> None:
+    _run("service.worker")
+
+
+def _run(module: str) -> None:
+    """`module.main(program)`, or one line saying what to install if its imports are missing."""
     program = _program()
     try:
-        from service.worker import main
+        main = importlib.import_module(module).main
     except ModuleNotFoundError as exc:
         _missing(program, exc)
     main(program)
