@@ -59,13 +59,15 @@ class Engine:
             except ImageRejected as exc:
                 outcomes[slot] = Rejection(exc.code, exc.message)
         if inputs:
-            probabilities = softmax(model.run(np.stack(list(inputs.values()))))
-            for slot, row in zip(inputs, probabilities, strict=True):
+            logits, again = model.forward(np.stack(list(inputs.values())))
+            refined = set(again.tolist())
+            for position, (slot, row) in enumerate(zip(inputs, softmax(logits), strict=True)):
                 best = np.argsort(row)[::-1][: top_k[slot]]
                 outcomes[slot] = Prediction(
                     tuple(
                         Label(class_index=int(index), label=model.categories[index], score=float(row[index]))
                         for index in best
-                    )
+                    ),
+                    refined=position in refined,
                 )
         return [outcomes[slot] for slot in range(len(images))]

@@ -20,9 +20,21 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class LoadedModel:
     info: ModelInfo
-    run: Runner  # uint8 pixels (N, H, W, 3) -> logits
+    fast: Runner  # uint8 pixels (N, H, W, 3) -> logits, at `precision`
     categories: tuple[str, ...]
     precision: RunPrecision  # what it really runs at
+    exact: Runner | None = None  # fp32, for the images `fast` (bf16) is unsure of (see `refine_unsure`)
+    refine_margin: float = 0.0
+
+    def forward(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(logits, the rows classified again by `exact`)."""
+        logits = self.fast(batch)
+        if self.exact is None:
+            return logits, np.empty(0, dtype=np.intp)
+        return logits, refine_unsure(logits, batch, self.exact, self.refine_margin)
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        return self.forward(batch)[0]
 
 
 def batch_sizes(largest: int) -> tuple[int, ...]:
@@ -48,18 +60,24 @@ def padded(run: Runner, sizes: tuple[int, ...]) -> Runner:
     return run_padded
 
 
+def refine_unsure(logits: np.ndarray, batch: np.ndarray, exact: Runner, margin: float) -> np.ndarray:
+    """The rows of `logits` whose two best probabilities are within `margin`, replaced (in
+    place) by what `exact` (fp32) makes of their images; returns their indices. bf16's speed
+    with fp32's answers, at the price of a second pass for a few images: where bf16 and fp32
+    disagree on the best label, fp32 itself hesitates between two, so the margin is small."""
+    best_two = np.sort(softmax(logits), axis=1)[:, -2:]
+    unsure = np.flatnonzero(best_two[:, 1] - best_two[:, 0] < margin)
+    if len(unsure):
+        logits[unsure] = exact(batch[unsure])
+    return unsure
+
+
 def refined(fast: Runner, exact: Runner, margin: float) -> Runner:
-    """`fast` (bf16), except that the images it is unsure of (the two best probabilities
-    within `margin`) are run again by `exact` (fp32): bf16's speed with fp32's answers, at
-    the price of a second pass for a few images. Where bf16 and fp32 disagree on the best
-    label, fp32 itself hesitates between two: that is where the margin is small."""
+    """`fast`, with the rows it is unsure of run again by `exact` (see `refine_unsure`)."""
 
     def run(batch: np.ndarray) -> np.ndarray:
         logits = fast(batch)
-        best_two = np.sort(softmax(logits), axis=1)[:, -2:]
-        unsure = np.flatnonzero(best_two[:, 1] - best_two[:, 0] < margin)
-        if len(unsure):
-            logits[unsure] = exact(batch[unsure])
+        refine_unsure(logits, batch, exact, margin)
         return logits
 
     return run
@@ -111,12 +129,14 @@ def load_model(
             few = [count for count in sizes if count <= max(1, sizes[-1] // 4)]
             for warm in few:
                 exact(np.zeros((warm, size, size, 3), dtype=np.uint8))
-            run = refined(run, padded(exact, sizes), refine_margin)
+            exact = padded(exact, sizes)
     except ModelLoadError:
         raise
     except Exception as exc:  # a broken weights file, a wrong architecture, a failed export...
         raise ModelLoadError(f"model {info.name!r} could not be loaded: {exc}") from exc
-    return LoadedModel(info=info, run=run, categories=categories, precision=precision)
+    return LoadedModel(
+        info=info, fast=run, categories=categories, precision=precision, exact=exact, refine_margin=refine_margin
+    )
 
 
 def _from_cache(

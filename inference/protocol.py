@@ -39,6 +39,7 @@ class Label:
 @dataclass(frozen=True)
 class Prediction:
     labels: tuple[Label, ...]
+    refined: bool = False  # classified again in fp32: bf16 was unsure of it (see inference.models)
 
 
 @dataclass(frozen=True)

@@ -75,6 +75,12 @@ class Metrics:
             ["code"],
             registry=self.registry,
         )
+        self.refined_images = Counter(
+            "ics_refined_images",
+            "Images this process's workers classified again in fp32 because bf16 was unsure of them (their two best "
+            "scores within --refine-margin); against ics_batch_size_sum, the share refined",
+            registry=self.registry,
+        )
         self.claimed = Counter(
             "ics_claimed_images",
             "Images this worker took over from another that held them without an outcome (each one a "

@@ -18,6 +18,7 @@ from inference.models import batch_sizes, load_model, padded, refined, softmax
 from inference.preprocess import preprocess
 from inference.protocol import ModelLoadError
 from inference.specs import BF16_CPU_FLAGS, EMBEDDED, RUNTIMES, ModelInfo, ModelSpec, cpu_flags, local_info
+from tests.conftest import ImageServer, ServiceFactory, metric, submit, wait_for_task
 
 pytestmark = pytest.mark.e2e  # the real model, through every runtime
 
@@ -220,3 +221,19 @@ def test_an_export_made_at_install_serves_from_a_read_only_cache(tmp_path: Path)
         assert sorted(path.suffix for path in cache.iterdir()) == files
     finally:
         cache.chmod(0o755)
+
+
+@pytest.mark.skipif(not cpu_flags() & set(BF16_CPU_FLAGS), reason=f"this CPU has none of {', '.join(BF16_CPU_FLAGS)}")
+@pytest.mark.parametrize(("margin", "refined_share"), [(1.0, 1.0), (0.0, 0.0)], ids=["every-image", "never"])
+async def test_the_refined_images_are_counted(
+    make_real_service: ServiceFactory, image_server: ImageServer, margin: float, refined_share: float
+) -> None:
+    """`ics_refined_images_total`: images bf16 was unsure of, classified again in fp32. A
+    margin of 1 refines every image (no two scores are a whole 1 apart), 0 none; the labels
+    are fp32's either way."""
+    client = await make_real_service(refine_margin=margin)
+    urls = [image_server.url(f"/photos/{name}") for name in ("coffee", "chelsea", "rocket")]
+    task = await wait_for_task(client, (await submit(client, urls))["task_id"])
+    assert [item["labels"][0]["label"] for item in task["items"]] == ["espresso", "Egyptian cat", "missile"]
+    assert task["precision"] == "bf16"
+    assert await metric(client, "ics_refined_images_total") == refined_share * len(urls)

@@ -113,6 +113,8 @@ class Classifier:
         for job, outcome in zip(batch, outcomes, strict=True):
             if isinstance(outcome, Prediction):
                 changes.append(ItemChange(job.task_id, job.index, ItemStatus.SUCCEEDED, labels=list(outcome.labels)))
+                if outcome.refined:
+                    self._metrics.refined_images.inc()
             else:
                 error = ErrorInfo(code=outcome.code, message=outcome.message)
                 changes.append(ItemChange(job.task_id, job.index, ItemStatus.FAILED, error=error))
