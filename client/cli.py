@@ -44,7 +44,7 @@ from client.api import (
     watch,
 )
 from client.bulk import BulkJob, Options
-from client.inputs import InputError, Source, sources
+from client.inputs import InputError, Source, is_url, sources
 from client.manifest import Manifest
 from client.results import ResultsFile
 
@@ -109,8 +109,7 @@ def parse_args(argv: Sequence[str] | None, env: dict[str, str]) -> argparse.Name
     )
     bulk.add_argument("--concurrency", type=int, default=4, help="tasks in flight at once (default: %(default)s)")
     args = parser.parse_args(argv)
-    server = urlsplit(args.server)
-    if server.scheme not in ("http", "https") or not server.netloc:
+    if not is_url(args.server) or not urlsplit(args.server).netloc:
         parser.error(f"--server {args.server}: give the service's URL with its scheme, e.g. http://127.0.0.1:8080")
     if args.task is not None:
         if args.images or args.urls_file or args.resume or args.recursive:

@@ -61,9 +61,9 @@ async def task_results(request: web.Request) -> web.StreamResponse:
     response.charset = "utf-8"
     await response.prepare(request)
     render = _csv_lines if query.format == "csv" else _json_lines
-    rows = [row(item, task.task_id) for item in task.items]
-    for start in range(0, max(len(rows), 1), ROWS_PER_WRITE):
-        await response.write(render(rows[start : start + ROWS_PER_WRITE], header=start == 0).encode())
+    for start in range(0, max(len(task.items), 1), ROWS_PER_WRITE):
+        rows = (row(item, task.task_id) for item in task.items[start : start + ROWS_PER_WRITE])
+        await response.write(render(rows, header=start == 0).encode())
     await response.write_eof()
     return response
 
