@@ -21,13 +21,21 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.images import PHOTOS_DIR, make_images
+from bench.images import PHOTOS_DIR, make_diverse_images, make_images
 from inference import onnx_cache
 from inference.models import load_model, softmax
 from inference.onnx_runtimes import Runner
 from inference.preprocess import preprocess
-from inference.specs import BF16_CPU_FLAGS, EMBEDDED, RUNTIMES, RunPrecision, cpu_flags, local_info
-from service.settings import Settings
+from inference.specs import (
+    BF16_CPU_FLAGS,
+    EMBEDDED,
+    INT8_CPU_FLAGS,
+    REFINE_MARGINS,
+    RUNTIMES,
+    RunPrecision,
+    cpu_flags,
+    local_info,
+)
 
 
 def main() -> None:
@@ -36,12 +44,15 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=2, help="timed passes over every photo")
     parser.add_argument("--images", type=int, default=300, help="benchmark photos for the agreement")
+    parser.add_argument("--diverse", action="store_true", help="the diverse mix (bench.images) instead")
     args = parser.parse_args()
 
     info = local_info(EMBEDDED)
-    photos = [path.read_bytes() for path in sorted(PHOTOS_DIR.glob("*.jpg"))] + make_images(args.images)
+    made = make_diverse_images(args.images) if args.diverse else make_images(args.images)
+    photos = [path.read_bytes() for path in sorted(PHOTOS_DIR.glob("*.jpg"))] + made
     inputs = np.stack([preprocess(data, info.preprocessing, 10**8) for data in photos])
     bf16 = bool(cpu_flags() & set(BF16_CPU_FLAGS))
+    int8 = bool(cpu_flags() & set(INT8_CPU_FLAGS))
     with tempfile.TemporaryDirectory() as cache:
         onnx_cache.ensure(info, Path(cache))  # the export once, not in the first runtime's set-up time
         reference = _probabilities(load_model(info, "eager", args.threads, Path(cache)).run, inputs, args.batch)
@@ -54,7 +65,9 @@ def main() -> None:
         for runtime in RUNTIMES:
             variants: list[tuple[RunPrecision, float]] = [("fp32", 0.0)]
             if runtime == "openvino" and bf16:  # bf16 alone, and as the service runs it (refined)
-                variants += [("bf16", 0.0), ("bf16", Settings().refine_margin)]
+                variants += [("bf16", 0.0), ("bf16", REFINE_MARGINS["bf16"])]
+            if runtime == "openvino" and int8:
+                variants += [("int8", 0.0), ("int8", REFINE_MARGINS["int8"])]
             for precision, margin in variants:
                 started = time.perf_counter()
                 model = load_model(

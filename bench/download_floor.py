@@ -67,8 +67,8 @@ async def _paced(get: Get, urls: list[str], rate: float, settings: Settings) -> 
 
     async def workers() -> None:
         while True:
-            await asyncio.sleep(settings.batch_size / rate)
-            await queue.next_batch(settings.batch_size, 0)
+            await asyncio.sleep(settings.resolved_batch_size() / rate)
+            await queue.next_batch(settings.resolved_batch_size(), 0)
 
     async def download(index: int, url: str) -> None:
         async with slots:

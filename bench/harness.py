@@ -142,7 +142,7 @@ def percentile(values: list[float], fraction: float) -> float:
 class Service:
     """`run_service.py` on one task store, as a subprocess, with its memory watched."""
 
-    def __init__(self, args: argparse.Namespace, store: str, data_dir: str) -> None:
+    def __init__(self, args: argparse.Namespace, store: str, data_dir: str, extra: tuple[str, ...] = ()) -> None:
         self.store = store
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
@@ -155,7 +155,7 @@ class Service:
             "--threads-per-worker",
             str(args.threads),
         ]
-        command += ["--store", store, "--data-dir", data_dir, "--allowed-networks", "127.0.0.1/32"]
+        command += ["--store", store, "--data-dir", data_dir, "--allowed-networks", "127.0.0.1/32", *extra]
         self.started = time.perf_counter()
         self.process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.memory = MemoryWatch(self.process.pid)

@@ -1,4 +1,10 @@
-"""Make a deterministic set of realistic JPEGs (640x480 .. 1600x1200) from the test photos."""
+"""Deterministic sets of realistic JPEGs (640x480 .. 1600x1200) to benchmark with.
+
+- `make_images`: the bench's photos, crops of the three test photos (`tests/photos/`).
+- `make_diverse_images`: a diverse mix made of the sixteen scenes in `inference/photos/`
+  (people, animals, food, sky, medical, textures, text), a sixth of it grayscale JPEGs,
+  at mixed qualities: photos on which fp32 itself often hesitates between two labels.
+"""
 
 from __future__ import annotations
 
@@ -8,12 +14,22 @@ from pathlib import Path
 
 from PIL import Image, ImageOps
 
+from inference.int8_cache import PHOTOS_DIR as DIVERSE_DIR
+
 PHOTOS_DIR = Path(__file__).resolve().parent.parent / "tests" / "photos"
 
 
 def make_images(count: int, seed: int = 1234) -> list[bytes]:
+    return _made(sorted(PHOTOS_DIR.glob("*.jpg")), count, seed, grayscale_share=0.0)
+
+
+def make_diverse_images(count: int, seed: int = 4321) -> list[bytes]:
+    return _made(sorted(DIVERSE_DIR.glob("*.jpg")), count, seed, grayscale_share=1 / 6)
+
+
+def _made(paths: list[Path], count: int, seed: int, grayscale_share: float) -> list[bytes]:
     rng = random.Random(seed)
-    sources = [Image.open(path).convert("RGB") for path in sorted(PHOTOS_DIR.glob("*.jpg"))]
+    sources = [Image.open(path).convert("RGB") for path in paths]
     images = []
     for _ in range(count):
         source = rng.choice(sources)
@@ -27,6 +43,8 @@ def make_images(count: int, seed: int = 1234) -> list[bytes]:
         target_w = rng.randint(640, 1600)
         target_h = max(480, min(1200, round(target_w * rng.choice((0.75, 0.667, 0.5625)))))
         image = image.resize((target_w, target_h), Image.Resampling.BILINEAR)
+        if rng.random() < grayscale_share:
+            image = image.convert("L")
         buffer = io.BytesIO()
         image.save(buffer, "JPEG", quality=rng.randint(70, 95))
         images.append(buffer.getvalue())

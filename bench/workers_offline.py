@@ -1,13 +1,14 @@
 """The service's worker code alone against the fixed reference: the ceiling of `run_bench`.
 
-    .venv/bin/python -m bench.workers_offline [--images 640] [--rounds 2]
+    .venv/bin/python -m bench.workers_offline [--images 640] [--rounds 2] [--diverse] [--batch 8,16]
 
 One process per core runs `inference.worker` exactly as the service's pool does (started
 with the settings' worker configuration, fed batches of 16 image files as bytes: decode,
 preprocessing, the model), next to `bench.reference` on the same bytes, in the same rounds.
 No HTTP, no registry, no web process: what is left between this ratio and the end-to-end
 one of `bench.run_bench` is the service's own cost and the image server's. Also run with
-`--refine-margin 0` (pure bf16), so the price of refining is measured in the same run.
+`--refine-margin 0` (pure bf16), so the price of refining is measured in the same run, and
+at each `--batch` size (the service's batch size and model shapes), so they can be compared.
 """
 
 from __future__ import annotations
@@ -20,19 +21,19 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 
 from bench.harness import cpu_model
-from bench.images import make_images
+from bench.images import make_diverse_images, make_images
 from bench.reference import reference_images_per_second
 from inference import onnx_cache, worker
 from inference.protocol import WorkerConfig
 from service.pool.factory import build_catalog, worker_config
 from service.settings import Settings
 
-BATCH = 16
-
 
 def workers_images_per_second(images: list[bytes], config: WorkerConfig, processes: int) -> float:
-    """Images/s of `processes` workers, all busy (after a warm-up), as `run_bench` feeds them."""
-    batches = [images[start : start + BATCH] for start in range(0, len(images), BATCH)]
+    """Images/s of `processes` workers, all busy (after a warm-up), fed batches of the
+    configuration's batch size as the service feeds them."""
+    size = config.batch_size
+    batches = [images[start : start + size] for start in range(0, len(images), size)]
     context = multiprocessing.get_context("spawn")
     info = config.default_model
     with ProcessPoolExecutor(processes, context, worker.init_worker, (config,)) as pool:
@@ -49,25 +50,31 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=640)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--diverse", action="store_true", help="the diverse mix (bench.images) instead")
+    parser.add_argument("--batch", default="", help="batch sizes to compare, e.g. 8,16 (default: the service's)")
+    parser.add_argument("--precision", default="auto", help="as the service's --precision")
     args = parser.parse_args()
-    settings = Settings()
+    settings = Settings(precision=args.precision)
     catalog = asyncio.run(build_catalog(settings))
     config = replace(worker_config(settings, catalog), parent_pid=0, nice=0)
     processes = settings.resolved_workers()
     entry = onnx_cache.ensure(config.default_model, settings.model_cache_dir)
-    images = make_images(args.images)
+    images = make_diverse_images(args.images) if args.diverse else make_images(args.images)
+    sizes = [int(size) for size in args.batch.split(",")] if args.batch else [config.batch_size]
     print(f"{cpu_model()}; {processes} processes; {config.runtime} {config.default_model.precision}", flush=True)
-    print("| round | reference (ORT fp32) | workers | ratio | workers, --refine-margin 0 | ratio |")
-    print("|---|---|---|---|---|---|")
+    print("| round | batch | reference (ORT fp32) | workers | ratio | workers, --refine-margin 0 | ratio |")
+    print("|---|---|---|---|---|---|---|")
     for round_number in range(args.rounds):
         reference = reference_images_per_second(images, entry.onnx, processes)
-        refined = workers_images_per_second(images, config, processes)
-        pure = workers_images_per_second(images, replace(config, refine_margin=0.0), processes)
-        print(
-            f"| {round_number + 1} | {reference:.1f} | {refined:.1f} | {refined / reference:.2f}x "
-            f"| {pure:.1f} | {pure / reference:.2f}x |",
-            flush=True,
-        )
+        for size in sizes:
+            sized = replace(config, batch_size=size)
+            refined = workers_images_per_second(images, sized, processes)
+            pure = workers_images_per_second(images, replace(sized, refine_margin=0.0), processes)
+            print(
+                f"| {round_number + 1} | {size} | {reference:.1f} | {refined:.1f} | {refined / reference:.2f}x "
+                f"| {pure:.1f} | {pure / reference:.2f}x |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

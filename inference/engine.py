@@ -33,7 +33,13 @@ class Engine:
             return loaded
         config = self.config
         loaded = self.models[info.name] = load_model(
-            info, config.runtime, config.threads, config.model_cache_dir, config.batch_size, config.refine_margin
+            info,
+            config.runtime,
+            config.threads,
+            config.model_cache_dir,
+            config.batch_size,
+            config.refine_margin,
+            config.calibration_dir,
         )
         if self.on_load is not None:
             self.on_load()

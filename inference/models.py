@@ -9,10 +9,10 @@ from pathlib import Path
 
 import numpy as np
 
-from inference import onnx_cache
+from inference import int8_cache, onnx_cache
 from inference.onnx_runtimes import Runner, onnx_runner
 from inference.protocol import ModelLoadError
-from inference.specs import ONNX_RUNTIMES, ModelInfo, RunPrecision, Runtime
+from inference.specs import ONNX_RUNTIMES, ModelInfo, RunPrecision, Runtime, margin_for
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +23,7 @@ class LoadedModel:
     fast: Runner  # uint8 pixels (N, H, W, 3) -> logits, at `precision`
     categories: tuple[str, ...]
     precision: RunPrecision  # what it really runs at
-    exact: Runner | None = None  # fp32, for the images `fast` (bf16) is unsure of (see `refine_unsure`)
+    exact: Runner | None = None  # fp32, for the images `fast` (bf16, int8) is unsure of (see `refine_unsure`)
     refine_margin: float = 0.0
 
     def forward(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -92,25 +92,33 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def load_model(
-    info: ModelInfo, runtime: Runtime, threads: int, cache_dir: Path, warm_batch: int = 1, refine_margin: float = 0.0
+    info: ModelInfo,
+    runtime: Runtime,
+    threads: int,
+    cache_dir: Path,
+    warm_batch: int = 1,
+    refine_margin: float | None = None,
+    calibration_dir: Path | None = None,
 ) -> LoadedModel:
     """Raises ModelLoadError, with the reason, for anything that keeps the model from running.
 
     The model runs batches of `batch_sizes(warm_batch)` images only (see `padded`), and once
     on blank images at each of these sizes before it is handed out: a runtime's first pass
     at a batch size allocates and plans (measured 1.8x a later pass at 16), and a task
-    should not pay for that. With a `refine_margin`, a bf16 model also gets its fp32 twin
-    for the images bf16 is unsure of (`refined`)."""
+    should not pay for that. A bf16 or int8 model also gets its fp32 twin for the images it
+    is unsure of (`refine_unsure`), at `refine_margin` (None: the precision's measured one,
+    `REFINE_MARGINS`). An int8 model is calibrated on first use (`inference.int8_cache`)."""
     precision = info.precision
+    margin = margin_for(precision, refine_margin)
     try:
         if not info.weights_present():
             # Checked here so that torchvision never falls back to downloading.
             raise ModelLoadError(info.missing_weights())
         exact: Runner | None = None
         if runtime in ONNX_RUNTIMES and not info.spec.is_graph:
-            run, categories = _from_cache(info, runtime, threads, precision, cache_dir)
-            if precision == "bf16" and refine_margin > 0:
-                exact, _ = _from_cache(info, runtime, threads, "fp32", cache_dir)
+            run, categories = _from_cache(info, runtime, threads, precision, cache_dir, calibration_dir)
+            if precision != "fp32" and margin > 0:
+                exact, _ = _from_cache(info, runtime, threads, "fp32", cache_dir, calibration_dir)
         else:
             from inference.torch_models import torch_runner  # the one import of torch in a worker
 
@@ -123,35 +131,49 @@ def load_model(
             run(np.zeros((warm, size, size, 3), dtype=np.uint8))
         run = padded(run, sizes)
         if exact is not None:
-            # It gets a few images of a batch at a time: the small sizes are warmed here (a
-            # first pass at 1, 2 and 4 images measured 20-30 ms slower than the next ones),
-            # larger ones are rare enough (about 1 unsure image per 16) to warm on first use.
-            few = [count for count in sizes if count <= max(1, sizes[-1] // 4)]
-            for warm in few:
+            # It gets the few unsure images of a batch, at whatever count they are: every
+            # count is warmed here (a first pass at a new size measured 20-30 ms slower than
+            # the next ones), none padded (fp32 runs 1-4 images as fast per image as 16).
+            for warm in range(1, sizes[-1] + 1):
                 exact(np.zeros((warm, size, size, 3), dtype=np.uint8))
-            exact = padded(exact, sizes)
     except ModelLoadError:
         raise
     except Exception as exc:  # a broken weights file, a wrong architecture, a failed export...
         raise ModelLoadError(f"model {info.name!r} could not be loaded: {exc}") from exc
     return LoadedModel(
-        info=info, fast=run, categories=categories, precision=precision, exact=exact, refine_margin=refine_margin
+        info=info, fast=run, categories=categories, precision=precision, exact=exact, refine_margin=margin
     )
 
 
 def _from_cache(
-    info: ModelInfo, runtime: Runtime, threads: int, precision: str, cache_dir: Path
+    info: ModelInfo, runtime: Runtime, threads: int, precision: str, cache_dir: Path, calibration_dir: Path | None
 ) -> tuple[Runner, tuple[str, ...]]:
     entry = onnx_cache.ensure(info, cache_dir)
     try:
-        return onnx_runner(entry.onnx, runtime, threads, precision, info.preprocessing), entry.categories()
+        return _runner(info, entry, runtime, threads, precision, calibration_dir), entry.categories()
     except ModelLoadError:
         raise
     except Exception as exc:  # a damaged cache file: not fatal, it is made again
         log.warning("the cached export %s is unusable (%s); exporting it again", entry.onnx, exc)
         entry.remove()
+        if precision == "int8":
+            int8_cache.entry_for(entry, calibration_dir).remove()
         entry = onnx_cache.ensure(info, cache_dir)
-        return onnx_runner(entry.onnx, runtime, threads, precision, info.preprocessing), entry.categories()
+        return _runner(info, entry, runtime, threads, precision, calibration_dir), entry.categories()
+
+
+def _runner(
+    info: ModelInfo,
+    entry: onnx_cache.Entry,
+    runtime: Runtime,
+    threads: int,
+    precision: str,
+    calibration_dir: Path | None,
+) -> Runner:
+    path = entry.onnx
+    if precision == "int8":
+        path = int8_cache.ensure(info, entry, calibration_dir).xml
+    return onnx_runner(path, runtime, threads, precision, info.preprocessing)
 
 
 def _check_outputs(run: Runner, info: ModelInfo, num_labels: int) -> None:

@@ -91,16 +91,22 @@ def ensure(info: ModelInfo, cache_dir: Path) -> Entry:
 def _export(spec: ModelSpec, entry: Entry) -> None:
     log.debug("exporting model %s to %s (once per weights file)", spec.name, entry.onnx)
     command = [sys.executable, "-m", "inference.export", "--spec", spec_to_json(spec), "--to", str(entry.onnx)]
-    # The child finds this package where this process found it, whatever its working directory.
-    here = str(Path(__file__).resolve().parent.parent)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")]))}
     try:
-        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=EXPORT_TIMEOUT, check=False)
+        done = subprocess.run(
+            command, env=child_env(), capture_output=True, text=True, timeout=EXPORT_TIMEOUT, check=False
+        )
     except subprocess.TimeoutExpired:
         raise ModelLoadError(f"exporting model {spec.name!r} took over {EXPORT_TIMEOUT:g}s") from None
     if done.returncode != 0 or not entry.onnx.is_file():
         reason = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit status {done.returncode}"
         raise ModelLoadError(f"model {spec.name!r} could not be exported to ONNX: {reason}")
+
+
+def child_env() -> dict[str, str]:
+    """The environment of a child that runs a module of this package: it finds the package
+    where this process found it, whatever its working directory."""
+    here = str(Path(__file__).resolve().parent.parent)
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")]))}
 
 
 def spec_to_json(spec: ModelSpec) -> str:

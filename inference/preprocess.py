@@ -5,8 +5,9 @@ draft mode (a DCT-domain downscale) to the smallest size that is still at least 
 resize target, and any image still twice that size or more is box-reduced by an integer
 factor; the exact resize then runs on a much smaller image, and only over the part of it
 that the centre crop keeps. The resize, crop and normalisation are torchvision's
-`Resize(antialias=True)`, `CenterCrop` and `Normalize`, done with Pillow's antialiased
-bilinear filter, which they were made to match.
+`Resize(antialias=True)`, `CenterCrop` and `Normalize`, done with the antialiased bilinear
+filter of Pillow, which they were made to match, as `fast_image_resize` (Rust, SIMD; the
+`cykooz-resizer` wheel) computes it: 0.23 ms per photo against Pillow's 0.59 here.
 
 Images leave here as uint8 pixels; `normalize` makes the float input of them for runtimes
 that cannot do it themselves (OpenVINO does it inside the model: `inference.onnx_runtimes`).
@@ -16,8 +17,10 @@ from __future__ import annotations
 
 import io
 import warnings
+from functools import cache
 
 import numpy as np
+from cykooz_resizer import CropBox, FilterType, ResizeAlg, ResizeOptions, Resizer
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from inference.specs import Preprocessing
@@ -52,7 +55,7 @@ def decode_image(data: bytes, min_side: int, max_pixels: int) -> Image.Image:
                 image.draft("RGB", _draft_request(width, height, min_side))
             image.load()
             image = _reduce(image, min_side)
-            image = ImageOps.exif_transpose(image)
+            ImageOps.exif_transpose(image, in_place=True)
             return _to_rgb(image)
     except ImageRejected:
         raise
@@ -106,9 +109,10 @@ def to_input(image: Image.Image, info: Preprocessing) -> np.ndarray:
     """The centre `input_size` square of the image resized to a shorter side of
     `resize_size`, as uint8 pixels (height, width, channel).
 
-    Only the source region under that square is resampled (`box`): the same filter
+    Only the source region under that square is resampled (the crop box): the same filter
     positions and weights as resizing everything and cropping after, at about half the
-    cost (a pixel may round the other way: measured at most 1 of 255)."""
+    cost. Against Pillow's own resize of that box, measured on 200 photos: 90.2% of the
+    pixels equal, the others 1 apart, but for 1 in 2.5 million 2 apart (rounding)."""
     width, height = image.size
     if width <= height:
         size = (info.resize_size, int(info.resize_size * height / width))
@@ -117,9 +121,19 @@ def to_input(image: Image.Image, info: Preprocessing) -> np.ndarray:
     left = round((size[0] - info.input_size) / 2)
     top = round((size[1] - info.input_size) / 2)
     scale_x, scale_y = width / size[0], height / size[1]
-    box = (left * scale_x, top * scale_y, (left + info.input_size) * scale_x, (top + info.input_size) * scale_y)
-    square = image.resize((info.input_size, info.input_size), Image.Resampling.BILINEAR, box=box)
+    box = CropBox(left * scale_x, top * scale_y, info.input_size * scale_x, info.input_size * scale_y)
+    square = Image.new("RGB", (info.input_size, info.input_size))
+    _resizer().resize_pil(image, square, ResizeOptions(resize_alg=_BILINEAR, crop_box=box))
     return np.asarray(square)
+
+
+_BILINEAR = ResizeAlg.convolution(FilterType.bilinear)
+
+
+@cache
+def _resizer() -> Resizer:
+    """One per process (it keeps its buffers between images)."""
+    return Resizer()
 
 
 def normalize(pixels: np.ndarray, info: Preprocessing) -> np.ndarray:

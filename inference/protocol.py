@@ -23,7 +23,10 @@ class WorkerConfig:
     parent_pid: int = 0  # the web process: a worker ends with it (0: do not watch)
     nice: int = 0  # added to the worker's niceness: the web process then wins the CPU
     max_loaded_models: int = 3  # the default included; least recently used ones go first
-    refine_margin: float = 0.05  # bf16 images whose two best scores are closer are redone in fp32 (0: never)
+    # bf16/int8 images whose two best scores are closer are redone in fp32 (0: never; None:
+    # the precision's measured margin, inference.specs.REFINE_MARGINS)
+    refine_margin: float | None = None
+    calibration_dir: Path | None = None  # int8 calibration images (None: made of the shipped photos)
 
 
 @dataclass(frozen=True)

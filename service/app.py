@@ -46,7 +46,7 @@ from service.backend import open_backend
 from service.fetch.fetcher import make_session
 from service.metrics import Metrics
 from service.pool import InferencePool
-from service.pool.factory import build_catalog, export_default, make_pool
+from service.pool.factory import build_catalog, make_pool, prepare_models
 from service.settings import Settings
 from service.tasks.classifier import CONSUMERS_PER_WORKER
 from service.tasks.engine import TaskEngine
@@ -80,9 +80,10 @@ def pool_ctx(pool: InferencePool | None) -> Callable[[web.Application], AsyncIte
             yield
             return
         if settings.resolved_workers() == 0:
+            await prepare_models(settings, app[CATALOG], make=False)
             yield
             return
-        await export_default(settings, app[CATALOG])
+        await prepare_models(settings, app[CATALOG])
         workers = make_pool(settings, app[CATALOG])
         try:
             await workers.start()
@@ -115,7 +116,7 @@ async def engine_ctx(app: web.Application) -> AsyncIterator[None]:
                 app[UPLOAD_BUDGET],
                 backend.spool,
                 download_concurrency=settings.download_concurrency,
-                batch_size=settings.batch_size,
+                batch_size=settings.resolved_batch_size(),
                 batch_wait=settings.batch_wait_ms / 1000,
                 consumers=CONSUMERS_PER_WORKER * settings.resolved_workers(),
                 pool=pool,

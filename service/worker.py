@@ -32,7 +32,7 @@ from service.listening import ListenError, bind
 from service.logs import configure_logging
 from service.metrics import Metrics
 from service.pool import DefaultModelError
-from service.pool.factory import build_catalog, export_default, make_pool
+from service.pool.factory import build_catalog, make_pool, prepare_models
 from service.settings import WORKER_SETTINGS, Settings, load_settings, usage_error
 from service.stores.redis.link import safe_url
 from service.tasks.classifier import CONSUMERS_PER_WORKER, Classifier
@@ -90,7 +90,7 @@ async def work(settings: Settings) -> None:
     async with open_backend(settings, metrics, UploadBudget(0), web=False) as backend:
         catalog = await build_catalog(settings)
         models = settings.serve_model_list() or [info.name for info in catalog.infos()]
-        await export_default(settings, catalog)
+        await prepare_models(settings, catalog)
         pool = make_pool(settings, catalog)
         try:
             await pool.start()
@@ -102,7 +102,7 @@ async def work(settings: Settings) -> None:
                     catalog,
                     batches,
                     metrics,
-                    settings.batch_size,
+                    settings.resolved_batch_size(),
                     settings.batch_wait_ms / 1000,
                 )
                 consumers = [

@@ -10,7 +10,18 @@ from pathlib import Path
 
 import pytest
 
-from inference.specs import EMBEDDED, CatalogError, ModelSpec, Precision, Runtime, resolve_precision, resolve_runtime
+from inference.specs import (
+    EMBEDDED,
+    INT8_CPU_FLAGS,
+    CatalogError,
+    ModelSpec,
+    Precision,
+    Runtime,
+    cpu_flags,
+    margin_for,
+    resolve_precision,
+    resolve_runtime,
+)
 from service.settings import Settings, load_settings
 from testing.services import ROOT
 
@@ -123,8 +134,9 @@ def test_workers_and_threads_follow_the_usable_cores() -> None:
     assert Settings(workers=3, threads_per_worker=2).resolved_threads() == 2
 
 
-BF16_CPU = {"avx2", "avx512f", "avx512_bf16"}
-AMX_CPU = {"avx2", "amx_tile", "amx_bf16"}
+BF16_CPU = {"avx2", "avx512f", "avx512_bf16", "avx512_vnni"}
+AMX_CPU = {"avx2", "amx_tile", "amx_bf16", "amx_int8"}
+VNNI_CPU = {"avx2", "avx_vnni"}  # int8, but no bf16
 AVX2_CPU = {"avx2", "fma"}
 
 
@@ -138,6 +150,10 @@ AVX2_CPU = {"avx2", "fma"}
         (BF16_CPU, "eager", "auto", "fp32"),
         (BF16_CPU, "openvino", "fp32", "fp32"),
         (BF16_CPU, "openvino", "bf16", "bf16"),
+        (BF16_CPU, "openvino", "int8", "int8"),
+        (AMX_CPU, "openvino", "int8", "int8"),
+        (VNNI_CPU, "openvino", "int8", "int8"),
+        (VNNI_CPU, "openvino", "auto", "fp32"),  # never int8 by itself
     ],
 )
 def test_precision_is_resolved_explicitly(flags: set[str], runtime: Runtime, asked: Precision, expected: str) -> None:
@@ -160,6 +176,50 @@ def test_bf16_where_it_cannot_run_is_refused(flags: set[str], runtime: Runtime, 
     graph = ModelSpec(name="g", source="checkpoint", format="torchscript", precision="bf16")
     with pytest.raises(CatalogError, match="TorchScript"):
         resolve_precision(graph, "openvino", "auto", BF16_CPU)
+
+
+@pytest.mark.parametrize(
+    ("flags", "runtime", "problem"),
+    [
+        (AVX2_CPU, "openvino", "precision int8 needs a CPU with avx512_vnni, avx_vnni, amx_int8"),
+        (BF16_CPU, "onnx", "precision int8 needs runtime openvino, not runtime onnx"),
+        (BF16_CPU, "eager", "precision int8 needs runtime openvino"),
+    ],
+)
+def test_int8_where_it_cannot_run_is_refused(flags: set[str], runtime: Runtime, problem: str) -> None:
+    with pytest.raises(CatalogError, match=problem):
+        resolve_precision(EMBEDDED, runtime, "int8", flags)
+    graph = ModelSpec(name="g", source="checkpoint", format="torchscript", precision="int8")
+    with pytest.raises(CatalogError, match="precision int8 needs runtime openvino, not a TorchScript"):
+        resolve_precision(graph, "openvino", "auto", BF16_CPU)
+
+
+def test_int8_on_this_cpu_starts_or_is_a_usage_error_naming_the_cpu(capsys: pytest.CaptureFixture[str]) -> None:
+    if cpu_flags() & set(INT8_CPU_FLAGS):
+        assert [spec.precision for spec in load_settings(["--precision", "int8"]).model_specs()] == ["int8"]
+        return
+    with pytest.raises(SystemExit) as exited:
+        load_settings(["--precision", "int8"])
+    assert exited.value.code == 2
+    assert (
+        "precision int8 needs a CPU with avx512_vnni, avx_vnni, amx_int8 (this one has none" in capsys.readouterr().err
+    )
+
+
+def test_batch_size_and_refine_margin_follow_the_runtime_and_precision_unless_set(tmp_path: Path) -> None:
+    assert Settings(runtime="openvino").resolved_batch_size() == Settings(runtime="onnx").resolved_batch_size() == 8
+    assert Settings(runtime="eager").resolved_batch_size() == 16
+    assert Settings(runtime="openvino", batch_size=32).resolved_batch_size() == 32
+    assert (margin_for("fp32", None), margin_for("bf16", None), margin_for("int8", None)) == (0.0, 0.02, 0.02)
+    assert (margin_for("fp32", 0.3), margin_for("bf16", 0.3), margin_for("int8", 0.0)) == (0.0, 0.3, 0.0)
+
+
+def test_the_calibration_dir_must_be_a_directory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        load_settings(["--calibration-dir", str(tmp_path / "absent")])
+    assert exited.value.code == 2
+    assert f"--calibration-dir {tmp_path / 'absent'} is not a directory" in capsys.readouterr().err
+    assert load_settings(["--calibration-dir", str(tmp_path)]).calibration_dir == tmp_path
 
 
 def test_the_runtime_follows_the_cpu_unless_named() -> None:

@@ -132,7 +132,7 @@ async def engine(
             budget,
             spool,
             download_concurrency=settings.download_concurrency,
-            batch_size=settings.batch_size,
+            batch_size=settings.resolved_batch_size(),
             batch_wait=0.005,
             consumers=1,
             pool=pool,

@@ -6,10 +6,11 @@ from collections import Counter
 
 from aiohttp import web
 
-from service.api.appkeys import BACKEND, CATALOG, ENGINE, METRICS, POOL, REGISTRY, UPLOAD_BUDGET
+from inference.specs import margin_for
+from service.api.appkeys import BACKEND, CATALOG, ENGINE, METRICS, POOL, REGISTRY, SETTINGS, UPLOAD_BUDGET
 from service.api.errors import STORE_UNAVAILABLE, ApiError
 from service.api.openapi import Reply, documented
-from service.api.schemas import Health, ModelEntry, ModelList, WorkerList
+from service.api.schemas import CalibrationEntry, Health, ModelEntry, ModelList, WorkerList
 from service.api.tasks import json_response
 from service.metrics import CONTENT_TYPE
 from service.pool.catalog import ModelCatalog
@@ -101,20 +102,36 @@ async def fleet(app: web.Application) -> list[WorkerEntry]:
 )
 async def list_models(request: web.Request) -> web.Response:
     catalog = request.app[CATALOG]
-    return json_response(ModelList(default=catalog.default, models=model_entries(catalog)))
+    margin = request.app[SETTINGS].refine_margin
+    return json_response(ModelList(default=catalog.default, models=model_entries(catalog, margin)))
 
 
-def model_entries(catalog: ModelCatalog) -> list[ModelEntry]:
-    return [
-        ModelEntry(
-            name=info.name,
-            source=info.spec.source,
-            architecture=info.architecture,
-            input_size=info.preprocessing.input_size,
-            num_classes=info.num_classes,
-            precision=info.precision,
-            default=info.name == catalog.default,
-            weights_present=info.weights_present(),
+def model_entries(catalog: ModelCatalog, chosen_margin: float | None) -> list[ModelEntry]:
+    entries = []
+    for info in catalog.infos():
+        margin = margin_for(info.precision, chosen_margin)
+        calibration = catalog.calibration(info.name)
+        entries.append(
+            ModelEntry(
+                name=info.name,
+                source=info.spec.source,
+                architecture=info.architecture,
+                input_size=info.preprocessing.input_size,
+                num_classes=info.num_classes,
+                precision=info.precision,
+                refine_margin=margin,
+                calibration=None
+                if calibration is None
+                else CalibrationEntry(
+                    images=calibration.images,
+                    held_out=len(calibration.fp32_top1),
+                    source=calibration.source,
+                    agreement_with_fp32=round(calibration.agreement(margin), 4),
+                    agreement_without_refine=round(calibration.agreement(0), 4),
+                    refined_share=round(calibration.refined_share(margin), 4),
+                ),
+                default=info.name == catalog.default,
+                weights_present=info.weights_present(),
+            )
         )
-        for info in catalog.infos()
-    ]
+    return entries

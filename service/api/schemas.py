@@ -15,13 +15,26 @@ from service.tasks.fleet import WorkerEntry
 from service.tasks.records import Priority, Progress, Record, TaskStatus, TaskSummary
 
 
+class CalibrationEntry(Record):
+    """What an int8 model's calibration measured on images it did not calibrate on."""
+
+    images: int  # calibrated on
+    held_out: int  # the agreement is measured on these
+    source: str  # "shipped photos" or the --calibration-dir
+    agreement_with_fp32: float  # share of held-out images whose top-1 is fp32's, refined as the model runs
+    agreement_without_refine: float
+    refined_share: float  # held-out images the refine classified again in fp32
+
+
 class ModelEntry(Record):
     name: str
     source: str  # embedded | torchvision | checkpoint
     architecture: str
     input_size: int
     num_classes: int
-    precision: RunPrecision  # what it runs at: bf16 only where the CPU computes it natively
+    precision: RunPrecision  # what it runs at: bf16 only where the CPU computes it natively, int8 when asked
+    refine_margin: float  # bf16/int8: images whose two best scores are closer are classified again in fp32
+    calibration: CalibrationEntry | None  # int8 models, once calibrated
     default: bool
     weights_present: bool  # false: listed but unavailable until its weights are on disk
 

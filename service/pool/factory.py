@@ -8,11 +8,11 @@ import logging
 import os
 import time
 from dataclasses import replace
-from pathlib import Path
 
-from inference import onnx_cache
+from inference import int8_cache, onnx_cache
+from inference.int8_cache import Calibration
 from inference.protocol import ModelLoadError, WorkerConfig
-from inference.specs import ONNX_RUNTIMES, ModelInfo
+from inference.specs import ONNX_RUNTIMES, ModelInfo, margin_for
 from service.pool.catalog import ModelCatalog
 from service.pool.process import ProcessInferencePool, describe_models
 from service.settings import Settings
@@ -38,30 +38,61 @@ async def build_catalog(settings: Settings) -> ModelCatalog:
     return catalog
 
 
-async def export_default(settings: Settings, catalog: ModelCatalog) -> None:
-    """Make the default model's ONNX export here, before the workers start, if it is not
-    cached yet: the first start on a machine then says what it is doing for those seconds
-    (the workers would make it too, but their logs are not the service's). A failure is left
-    for the workers to report as the reason the default model cannot load."""
-    info = catalog.info(settings.default_model)
-    if settings.resolved_runtime() not in ONNX_RUNTIMES or info.spec.is_graph or not info.weights_present():
+async def prepare_models(settings: Settings, catalog: ModelCatalog, make: bool = True) -> None:
+    """Make the default model's ONNX export and calibrate the int8 models here, before the
+    workers start, if they are not cached yet: the first start on a machine then says what
+    it is doing for those seconds (the workers would make them too, but their logs are not
+    the service's), and /models can show what each calibration measured. A failure is left
+    for the workers to report as the reason the model cannot load. With `make` false (a
+    web-only replica) only what is cached already is read."""
+    if settings.resolved_runtime() not in ONNX_RUNTIMES:
         return
-    await asyncio.to_thread(_export, info, settings.model_cache_dir)
+    for info in catalog.infos():
+        if info.spec.is_graph or not info.weights_present():
+            continue
+        if info.name == settings.default_model or info.precision == "int8":
+            calibration = await asyncio.to_thread(_prepare, info, settings, make)
+            if calibration is not None:
+                catalog.calibrated(info.name, calibration)
 
 
-def _export(info: ModelInfo, cache_dir: Path) -> None:
+def _prepare(info: ModelInfo, settings: Settings, make: bool) -> Calibration | None:
+    cache_dir = settings.model_cache_dir
     try:
-        if onnx_cache.entry_for(info, cache_dir).onnx.is_file():
-            return
-    except OSError:
-        return
-    log.info("exporting %s to ONNX (once per machine) into %s...", info.name, cache_dir)
-    started = time.monotonic()
-    try:
-        onnx_cache.ensure(info, cache_dir)
-    except ModelLoadError:
-        return
-    log.info("exported %s in %.1f s", info.name, time.monotonic() - started)
+        export = onnx_cache.entry_for(info, cache_dir)
+        if not export.onnx.is_file():
+            if not make:
+                return None
+            log.info("exporting %s to ONNX (once per machine) into %s...", info.name, cache_dir)
+            started = time.monotonic()
+            onnx_cache.ensure(info, cache_dir)
+            log.info("exported %s in %.1f s", info.name, time.monotonic() - started)
+        if info.precision != "int8":
+            return None
+        entry = int8_cache.entry_for(export, settings.calibration_dir)
+        if not entry.xml.is_file():
+            if not make:
+                return None
+            log.info("calibrating %s for int8 (once per model and calibration set)...", info.name)
+            started = time.monotonic()
+            int8_cache.ensure(info, export, settings.calibration_dir)
+            log.info("calibrated %s in %.1f s", info.name, time.monotonic() - started)
+        calibration = entry.calibration()
+    except (OSError, ValueError, KeyError, ModelLoadError) as exc:
+        log.warning("model %s: %s", info.name, exc)
+        return None
+    margin = margin_for("int8", settings.refine_margin)
+    log.info(
+        "%s in int8: top-1 agreement with fp32 %.1f%% on %d held-out images (%.0f%% of them refined at margin %g; "
+        "%.1f%% without refining)",
+        info.name,
+        100 * calibration.agreement(margin),
+        len(calibration.fp32_top1),
+        100 * calibration.refined_share(margin),
+        margin,
+        100 * calibration.agreement(0),
+    )
+    return calibration
 
 
 def worker_config(settings: Settings, catalog: ModelCatalog) -> WorkerConfig:
@@ -72,11 +103,12 @@ def worker_config(settings: Settings, catalog: ModelCatalog) -> WorkerConfig:
         threads=settings.resolved_threads(),
         max_pixels=settings.max_image_pixels,
         model_cache_dir=settings.model_cache_dir,
-        batch_size=settings.batch_size,
+        batch_size=settings.resolved_batch_size(),
         parent_pid=os.getpid(),
         nice=settings.worker_nice,
         max_loaded_models=settings.max_loaded_models,
         refine_margin=settings.refine_margin,
+        calibration_dir=settings.calibration_dir,
     )
 
 

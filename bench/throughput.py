@@ -1,0 +1,249 @@
+"""Where each image's time goes, and the service against the same stack offline and the reference.
+
+    .venv/bin/python -m bench.throughput [--photos diverse] [--images 300] [--rounds 3] [--precisions auto,int8]
+
+On one set of photos (`--photos diverse`: the mix of sixteen scenes of `bench.images`, a
+sixth grayscale; `bench`: the crops of the three test photos), in one run:
+
+1. Per-image CPU by stage, one process and one thread, on every photo: decode, resize (with
+   the crop), forward (the model at the service's batch size and precision), refine (the
+   images the model was unsure of, classified again in fp32; with their share) and
+   hand-over (the batch's bytes through /dev/shm, written and read as the pool does).
+2. For each precision, and fp32 as the agreement's reference: a fresh service
+   (`run_service.py --precision P`), then rounds of: the reference (`bench.reference`, ORT
+   fp32 offline), the service's own worker stack offline (`bench.workers_offline`), and one
+   task of every photo's URL through the service. Round 1 is the first task after start-up.
+   The web process's CPU per image is the download and web stages (the download client's own
+   share measured alone by `bench.download_floor`, at the pace the service kept).
+3. Top-1 agreement of each precision's labels with the fp32 service's, URL by URL; GET
+   /tasks/<id> p99 while a task runs; the whole service's peak RSS (web process and workers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import aiohttp
+import numpy as np
+
+from bench.download_floor import floor_per_image
+from bench.harness import Service, client_connector, cpu_model, cpu_seconds, percentile, submit, wait_all_done
+from bench.images import make_diverse_images, make_images
+from bench.reference import reference_images_per_second
+from bench.workers_offline import workers_images_per_second
+from inference import onnx_cache
+from inference.models import load_model, refine_unsure
+from inference.preprocess import decode_image, to_input
+from inference.protocol import WorkerConfig
+from inference.specs import PRECISIONS
+from service.pool.factory import build_catalog, worker_config
+from service.pool.handover import BatchFiles
+from service.settings import Settings
+from testing.image_server import start_image_server
+
+
+@dataclass
+class Figures:
+    """One precision's service: per round, images/s of it, of its stack offline, of the reference."""
+
+    service: list[float] = field(default_factory=list)
+    offline: list[float] = field(default_factory=list)
+    reference: list[float] = field(default_factory=list)
+    web_cpu_ms: list[float] = field(default_factory=list)
+    download_ms: list[float] = field(default_factory=list)
+    labels: dict[str, int] = field(default_factory=dict)
+    get_seconds: list[float] = field(default_factory=list)
+    peak_rss: int = 0
+
+
+def settings_for(precision: str) -> Settings:
+    if precision not in PRECISIONS:
+        raise SystemExit(f"--precisions: {precision!r} is not one of {', '.join(PRECISIONS)}")
+    return Settings(precision=precision)
+
+
+def stage_costs(images: list[bytes], config: WorkerConfig) -> dict[str, float]:
+    """CPU ms per image of each worker stage, in this process, one thread."""
+    info = config.default_model
+    model = load_model(
+        info, config.runtime, 1, config.model_cache_dir, config.batch_size, config.refine_margin, config.calibration_dir
+    )
+    size = config.batch_size
+    decode = resize = forward = refine = 0.0
+    refined = 0
+    pixels = []
+    for data in images:
+        started = time.process_time()
+        image = decode_image(data, info.preprocessing.resize_size, config.max_pixels)
+        decoded = time.process_time()
+        pixels.append(to_input(image, info.preprocessing))
+        resize += time.process_time() - decoded
+        decode += decoded - started
+    for start in range(0, len(pixels), size):
+        batch = np.stack(pixels[start : start + size])
+        started = time.process_time()
+        logits = model.fast(batch)
+        forwarded = time.process_time()
+        if model.exact is not None:
+            refined += len(refine_unsure(logits, batch, model.exact, model.refine_margin))
+        refine += time.process_time() - forwarded
+        forward += forwarded - started
+    files = BatchFiles.on_shared_memory()
+    handover = 0.0
+    if files is not None:
+        started = time.process_time()
+        for start in range(0, len(images), size):
+            shared = files.put(images[start : start + size])
+            if shared is not None:
+                shared.read()
+                files.release(shared, reuse=True)
+        handover = time.process_time() - started
+        files.close()
+    count = len(images)
+    return {
+        "decode": decode / count * 1000,
+        "resize": resize / count * 1000,
+        "forward": forward / count * 1000,
+        "refine": refine / count * 1000,
+        "refined_share": refined / count,
+        "handover": handover / count * 1000,
+    }
+
+
+async def run_precision(
+    args: argparse.Namespace, precision: str, images: list[bytes], urls: list[str], data_dir: str
+) -> Figures:
+    settings = settings_for(precision)
+    catalog = await build_catalog(settings)
+    config = replace(worker_config(settings, catalog), parent_pid=0, nice=0)
+    export = onnx_cache.ensure(config.default_model, settings.model_cache_dir)
+    figures = Figures()
+    service = Service(args, "sqlite", data_dir, ("--precision", precision))
+    sampler = asyncio.create_task(service.memory.run())
+    try:
+        async with aiohttp.ClientSession(connector=client_connector()) as http:
+            await service.ready()
+            for round_number in range(args.rounds):
+                web = [service.memory.process]
+                before = cpu_seconds(web)
+                started = time.time()
+                task_id = await submit(http, service.base, urls)
+                figures.service.append(len(urls) / (await wait_all_done(http, service.base, {task_id}) - started))
+                figures.web_cpu_ms.append((cpu_seconds(web) - before) / len(urls) * 1000)
+                if round_number == 0:
+                    async with http.get(f"{service.base}/tasks/{task_id}") as response:
+                        items = (await response.json())["items"]
+                    figures.labels = {item["url"]: item["labels"][0]["class_index"] for item in items}
+                if round_number == args.rounds - 1:
+                    figures.get_seconds = await get_latency(http, service.base, urls)
+                pace = figures.service[-1]
+                floor = await asyncio.to_thread(floor_per_image, args.image_port, len(urls), pace)
+                figures.download_ms.append(floor * 1000)
+                processes = settings.resolved_workers()
+                figures.offline.append(await asyncio.to_thread(workers_images_per_second, images, config, processes))
+                figures.reference.append(
+                    await asyncio.to_thread(reference_images_per_second, images, export.onnx, processes)
+                )
+                print(
+                    f"  {precision} round {round_number + 1}: service {figures.service[-1]:.1f}, offline "
+                    f"{figures.offline[-1]:.1f}, reference {figures.reference[-1]:.1f} images/s",
+                    flush=True,
+                )
+    finally:
+        sampler.cancel()
+        service.stop()
+    figures.peak_rss = service.memory.peak["total_rss"]
+    return figures
+
+
+async def get_latency(http: aiohttp.ClientSession, base: str, urls: list[str]) -> list[float]:
+    """GET /tasks/<id> of a running task of every URL, timed to its whole body, until it ends."""
+    task_id = await submit(http, base, urls)
+    timings = []
+    while True:
+        started = time.perf_counter()
+        async with http.get(f"{base}/tasks/{task_id}") as response:
+            body = await response.json()
+        timings.append(time.perf_counter() - started)
+        if body["status"] not in ("queued", "running"):
+            return timings
+        await asyncio.sleep(0.05)
+
+
+async def run(args: argparse.Namespace, images: list[bytes]) -> dict[str, Figures]:
+    urls = [f"http://127.0.0.1:{args.image_port}/img/{number}.jpg" for number in range(len(images))]
+    results = {}
+    with tempfile.TemporaryDirectory() as data_root:
+        for precision in ["fp32", *args.precisions.split(",")]:
+            print(f"service --precision {precision} ...", flush=True)
+            results[precision] = await run_precision(args, precision, images, urls, f"{data_root}/{precision}")
+    return results
+
+
+def main() -> None:
+    defaults = Settings()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--photos", choices=("diverse", "bench"), default="diverse")
+    parser.add_argument("--images", type=int, default=300)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--precisions", default="auto", help="besides fp32, comma-separated")
+    parser.add_argument("--runtime", default=defaults.runtime)
+    parser.add_argument("--workers", type=int, default=defaults.resolved_workers())
+    parser.add_argument("--threads", type=int, default=defaults.resolved_threads())
+    args = parser.parse_args()
+    images = make_diverse_images(args.images) if args.photos == "diverse" else make_images(args.images)
+    print(f"{cpu_model()}; {args.workers} workers; {len(images)} {args.photos} photos", flush=True)
+
+    print("| precision | decode | resize | forward | refine (share) | hand-over | ms per image, 1 thread |")
+    print("|---|---|---|---|---|---|---|")
+    for precision in ["fp32", *args.precisions.split(",")]:
+        settings = settings_for(precision)
+        config = worker_config(settings, asyncio.run(build_catalog(settings)))
+        costs = stage_costs(images, config)
+        print(
+            f"| {config.default_model.precision} (batch {config.batch_size}) | {costs['decode']:.2f} | "
+            f"{costs['resize']:.2f} | {costs['forward']:.2f} | {costs['refine']:.2f} "
+            f"({costs['refined_share']:.0%}) | {costs['handover']:.3f} | "
+            f"{sum(value for key, value in costs.items() if key != 'refined_share'):.2f} |",
+            flush=True,
+        )
+
+    with tempfile.TemporaryDirectory() as directory:
+        for number, data in enumerate(images):
+            Path(directory, f"{number}.jpg").write_bytes(data)
+        server, args.image_port = start_image_server(directory)
+        try:
+            results = asyncio.run(run(args, images))
+        finally:
+            server.terminate()
+
+    reference_labels = results["fp32"].labels
+    print()
+    print(
+        "| precision | service / reference, best of rounds | first round / best | service / offline stack | "
+        "agreement with fp32 | web CPU (download) ms/image | GET p99 | peak RSS |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for precision, figures in results.items():
+        ratios = [service / reference for service, reference in zip(figures.service, figures.reference, strict=True)]
+        offline = [service / offline for service, offline in zip(figures.service, figures.offline, strict=True)]
+        agreement = statistics.mean(figures.labels.get(url) == label for url, label in reference_labels.items())
+        print(
+            f"| {precision} | {max(ratios):.2f}x ({', '.join(f'{ratio:.2f}' for ratio in ratios)}) | "
+            f"{figures.service[0] / max(figures.service):.0%} | "
+            f"{statistics.median(offline):.0%} ({', '.join(f'{value:.0%}' for value in offline)}) | "
+            f"{agreement:.1%} | {statistics.median(figures.web_cpu_ms):.2f} "
+            f"({statistics.median(figures.download_ms):.2f}) | {percentile(figures.get_seconds, 0.99) * 1000:.1f} ms | "
+            f"{figures.peak_rss / 2**20:.0f} MiB |",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()
