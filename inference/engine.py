@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from inference.int8_cache import PHOTOS_DIR
 from inference.models import LoadedModel, load_model, softmax
 from inference.preprocess import ImageRejected, preprocess
 from inference.protocol import Label, Outcome, Prediction, Rejection, WorkerConfig
@@ -49,6 +50,13 @@ class Engine:
             del self.models[evicted]
             log.info("unloaded model %s (least recently used)", evicted)
         return loaded
+
+    def warm_up(self) -> None:
+        """Decode and resize a few shipped photos once: the first images a worker decodes
+        otherwise pay for allocations and code paths met for the first time."""
+        preprocessing = self.config.default_model.preprocessing
+        for path in sorted(PHOTOS_DIR.glob("*.jpg"))[:4]:
+            preprocess(path.read_bytes(), preprocessing, self.config.max_pixels)
 
     def classify(self, info: ModelInfo, images: list[bytes], top_k: list[int]) -> list[Outcome]:
         """Decode, preprocess and classify `images` with one forward pass.

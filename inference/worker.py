@@ -47,6 +47,7 @@ def init_worker(config: WorkerConfig, heartbeat: Heartbeat | None = None) -> Non
         _engine.model(config.default_model)
     except ModelLoadError as exc:
         _engine.startup_error = str(exc)
+    _engine.warm_up()
 
 
 def worker_info() -> tuple[int, tuple[str, ...], str]:

@@ -210,6 +210,7 @@ class TaskEngine:
 
     async def _run(self, task: TaskDetail, owner: str | None, uploads: TaskUploads | None) -> None:
         """The task's job: feed its images until it is final; then stop feeding."""
+        final = False
         try:
             async with asyncio.TaskGroup() as group:
                 feeding = group.create_task(self._pipeline.run(task, uploads))
@@ -217,13 +218,15 @@ class TaskEngine:
                     await self._registry.wait_final(task.task_id)
                 else:
                     await self._discard_final_uploads(task.task_id, owner, uploads)
+                final = True
                 feeding.cancel()
         except Exception:
             log.exception("task %s: pipeline failed", task.task_id)
             await self._registry.fail(task.task_id, INTERNAL_ERROR)
         except asyncio.CancelledError:  # the service stops: a durable task resumes at the next start
             if uploads is not None:
-                uploads.close()
+                # One that ended just before (its feeding being stopped) keeps nothing.
+                uploads.release() if final else uploads.close()
             raise
         finally:
             await self._queue.drop_task(task.task_id)
