@@ -145,10 +145,12 @@ async def run_precision(
                 pace = figures.service[-1]
                 floor = await asyncio.to_thread(floor_per_image, args.image_port, len(urls), pace)
                 figures.download_ms.append(floor * 1000)
-                processes = settings.resolved_workers()
-                figures.offline.append(await asyncio.to_thread(workers_images_per_second, images, config, processes))
+                # Three passes over the photos: a second or so of one pass is too short a
+                # window for the offline figures (pool start-up skew).
+                processes, passes = settings.resolved_workers(), images * 3
+                figures.offline.append(await asyncio.to_thread(workers_images_per_second, passes, config, processes))
                 figures.reference.append(
-                    await asyncio.to_thread(reference_images_per_second, images, export.onnx, processes)
+                    await asyncio.to_thread(reference_images_per_second, passes, export.onnx, processes)
                 )
                 print(
                     f"  {precision} round {round_number + 1}: service {figures.service[-1]:.1f}, offline "

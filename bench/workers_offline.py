@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import multiprocessing
+import os
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
@@ -37,6 +38,7 @@ def workers_images_per_second(images: list[bytes], config: WorkerConfig, process
     context = multiprocessing.get_context("spawn")
     info = config.default_model
     with ProcessPoolExecutor(processes, context, worker.init_worker, (config,)) as pool:
+        every_worker_ready(pool, processes)
         warm = [pool.submit(worker.classify_batch, info, batches[0], [5] * len(batches[0])) for _ in range(processes)]
         for future in warm:
             future.result()
@@ -44,6 +46,20 @@ def workers_images_per_second(images: list[bytes], config: WorkerConfig, process
         futures = [pool.submit(worker.classify_batch, info, batch, [5] * len(batch)) for batch in batches]
         done = sum(len(future.result()) for future in futures)
         return done / (time.perf_counter() - started)
+
+
+def every_worker_ready(pool: ProcessPoolExecutor, processes: int) -> None:
+    """Return once every worker has loaded its model: a worker still loading when the clock
+    starts leaves its share to the others (the first-ready one would take every warm-up
+    batch), which on a run of a second or two measured up to a third too slow."""
+    seen: set[int] = set()
+    while len(seen) < processes:
+        seen |= {future.result() for future in [pool.submit(_pid_after_a_pause) for _ in range(processes)]}
+
+
+def _pid_after_a_pause() -> int:
+    time.sleep(0.2)  # long enough for a second ready worker to take the next one
+    return os.getpid()
 
 
 def main() -> None:

@@ -5,19 +5,21 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from bench import reference
 from bench.download_floor import floor_per_image
-from bench.images import make_images
+from bench.images import make_diverse_images, make_images
 from bench.run_bench import reference_limit
+from bench.throughput import stage_costs
 from bench.workers_offline import workers_images_per_second
 from inference import onnx_cache
 from inference.engine import Engine
 from inference.protocol import Prediction, WorkerConfig
-from inference.specs import EMBEDDED, local_info
+from inference.specs import BF16_CPU_FLAGS, EMBEDDED, cpu_flags, local_info
 from service.settings import Settings
 from testing.image_server import start_image_server
 from testing.services import ROOT
@@ -70,3 +72,15 @@ def test_the_download_floor_bench_runs(tmp_path: Path, client: str) -> None:
     finally:
         server.terminate()
         server.join()
+
+
+def test_the_throughput_bench_measures_every_stage(model_cache: Path) -> None:
+    """bench.throughput's per-stage costs: every stage is timed; with a margin of 1 every
+    image is refined (on a CPU with bf16; fp32 has no refine)."""
+    bf16 = bool(cpu_flags() & set(BF16_CPU_FLAGS))
+    info = local_info(replace(EMBEDDED, precision="bf16" if bf16 else "fp32"))
+    config = WorkerConfig(info, "openvino", 1, 10**8, model_cache, batch_size=8, refine_margin=1.0)
+    costs = stage_costs(make_diverse_images(12), config)
+    assert all(costs[stage] > 0 for stage in ("decode", "resize", "forward", "handover")), costs
+    assert costs["refined_share"] == (1.0 if bf16 else 0.0)
+    assert (costs["refine"] > 0) == bf16
