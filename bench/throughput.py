@@ -16,7 +16,7 @@ sixth grayscale; `bench`: the crops of the three test photos), in one run:
    The web process's CPU per image is the download and web stages (the download client's own
    share measured alone by `bench.download_floor`, at the pace the service kept).
 3. Top-1 agreement of each precision's labels with the fp32 service's, URL by URL; GET
-   /tasks/<id> p99 while a task runs; the whole service's peak RSS (web process and workers).
+   /tasks/<id> p99 while a task runs (one more task per round); the whole service's peak RSS (web process and workers).
 """
 
 from __future__ import annotations
@@ -140,8 +140,7 @@ async def run_precision(
                     async with http.get(f"{service.base}/tasks/{task_id}") as response:
                         items = (await response.json())["items"]
                     figures.labels = {item["url"]: item["labels"][0]["class_index"] for item in items}
-                if round_number == args.rounds - 1:
-                    figures.get_seconds = await get_latency(http, service.base, urls)
+                figures.get_seconds += await get_latency(http, service.base, urls)  # p99 of every round's
                 pace = figures.service[-1]
                 floor = await asyncio.to_thread(floor_per_image, args.image_port, len(urls), pace)
                 figures.download_ms.append(floor * 1000)

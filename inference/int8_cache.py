@@ -11,7 +11,6 @@ complete. A missing entry is made by `python -m inference.quantize` in a child p
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import logging
@@ -20,7 +19,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from inference.onnx_cache import Entry, child_env
+from inference.onnx_cache import Entry, child_env, made_once
 from inference.protocol import ModelLoadError
 from inference.specs import ModelInfo, Preprocessing
 
@@ -126,15 +125,8 @@ def ensure(info: ModelInfo, export: Entry, calibration_dir: Path | None) -> Int8
         entry = entry_for(export, calibration_dir)
     except OSError as exc:
         raise ModelLoadError(f"the calibration set {calibration_dir} cannot be read: {exc}") from exc
-    if entry.xml.is_file():
-        return entry
-    try:
-        with entry.lock.open("a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be calibrating it: wait for it
-            if not entry.xml.is_file():
-                _quantize(info, export, entry, calibration_dir)
-    except OSError as exc:
-        raise ModelLoadError(f"the model cache {export.onnx.parent} is not usable: {exc}") from exc
+    if not entry.xml.is_file():
+        made_once(entry.xml, entry.lock, lambda: _quantize(info, export, entry, calibration_dir))
     return entry
 
 

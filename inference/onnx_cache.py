@@ -19,6 +19,7 @@ import os
 import re
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,17 +76,22 @@ def ensure(info: ModelInfo, cache_dir: Path) -> Entry:
         entry = entry_for(info, cache_dir)
     except OSError as exc:
         raise ModelLoadError(f"the weights of model {info.name!r} cannot be read: {exc}") from exc
-    if entry.onnx.is_file():
-        return entry
-    try:
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        with entry.lock.open("a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be exporting it: wait for it
-            if not entry.onnx.is_file():
-                _export(info.spec, entry)
-    except OSError as exc:
-        raise ModelLoadError(f"the model cache {cache_dir} is not usable: {exc}") from exc
+    if not entry.onnx.is_file():
+        made_once(entry.onnx, entry.lock, lambda: _export(info.spec, entry))
     return entry
+
+
+def made_once(target: Path, lock: Path, make: Callable[[], None]) -> None:
+    """Run `make` to write `target` unless it exists, once across the processes that ask at
+    the same time (the others wait on `lock`, then find it); raises ModelLoadError."""
+    try:
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        with lock.open("a") as held:
+            fcntl.flock(held, fcntl.LOCK_EX)  # another process may be making it: wait for it
+            if not target.is_file():
+                make()
+    except OSError as exc:
+        raise ModelLoadError(f"the model cache {lock.parent} is not usable: {exc}") from exc
 
 
 def _export(spec: ModelSpec, entry: Entry) -> None:

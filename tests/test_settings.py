@@ -163,34 +163,23 @@ def test_precision_is_resolved_explicitly(flags: set[str], runtime: Runtime, ask
 
 
 @pytest.mark.parametrize(
-    ("flags", "runtime", "problem"),
+    ("precision", "flags", "runtime", "problem"),
     [
-        (AVX2_CPU, "openvino", "needs a CPU with avx512_bf16 or amx_bf16"),
-        (BF16_CPU, "onnx", "needs runtime openvino"),
-        (BF16_CPU, "compile", "needs runtime openvino"),
+        ("bf16", AVX2_CPU, "openvino", "precision bf16 needs a CPU with avx512_bf16 or amx_bf16"),
+        ("bf16", BF16_CPU, "onnx", "precision bf16 needs runtime openvino, not runtime onnx"),
+        ("bf16", BF16_CPU, "compile", "precision bf16 needs runtime openvino"),
+        ("int8", AVX2_CPU, "openvino", "precision int8 needs a CPU with avx512_vnni, avx_vnni, amx_int8"),
+        ("int8", BF16_CPU, "onnx", "precision int8 needs runtime openvino, not runtime onnx"),
+        ("int8", BF16_CPU, "eager", "precision int8 needs runtime openvino"),
     ],
 )
-def test_bf16_where_it_cannot_run_is_refused(flags: set[str], runtime: Runtime, problem: str) -> None:
+def test_bf16_or_int8_where_it_cannot_run_is_refused(
+    precision: Precision, flags: set[str], runtime: Runtime, problem: str
+) -> None:
     with pytest.raises(CatalogError, match=problem):
-        resolve_precision(EMBEDDED, runtime, "bf16", flags)
-    graph = ModelSpec(name="g", source="checkpoint", format="torchscript", precision="bf16")
-    with pytest.raises(CatalogError, match="TorchScript"):
-        resolve_precision(graph, "openvino", "auto", BF16_CPU)
-
-
-@pytest.mark.parametrize(
-    ("flags", "runtime", "problem"),
-    [
-        (AVX2_CPU, "openvino", "precision int8 needs a CPU with avx512_vnni, avx_vnni, amx_int8"),
-        (BF16_CPU, "onnx", "precision int8 needs runtime openvino, not runtime onnx"),
-        (BF16_CPU, "eager", "precision int8 needs runtime openvino"),
-    ],
-)
-def test_int8_where_it_cannot_run_is_refused(flags: set[str], runtime: Runtime, problem: str) -> None:
-    with pytest.raises(CatalogError, match=problem):
-        resolve_precision(EMBEDDED, runtime, "int8", flags)
-    graph = ModelSpec(name="g", source="checkpoint", format="torchscript", precision="int8")
-    with pytest.raises(CatalogError, match="precision int8 needs runtime openvino, not a TorchScript"):
+        resolve_precision(EMBEDDED, runtime, precision, flags)
+    graph = ModelSpec(name="g", source="checkpoint", format="torchscript", precision=precision)
+    with pytest.raises(CatalogError, match=f"precision {precision} needs runtime openvino, not a TorchScript"):
         resolve_precision(graph, "openvino", "auto", BF16_CPU)
 
 
