@@ -11,6 +11,7 @@ complete. A missing entry is made by `python -m inference.quantize` in a child p
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -19,7 +20,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from inference.onnx_cache import Entry, child_env, made_once
+from inference.onnx_cache import Entry, child_env, made_once, preprocessing_from_fields
 from inference.protocol import ModelLoadError
 from inference.specs import ModelInfo, Preprocessing
 
@@ -158,13 +159,8 @@ def _quantize(info: ModelInfo, export: Entry, entry: Int8Entry, calibration_dir:
 
 
 def preprocessing_to_json(info: Preprocessing) -> str:
-    return json.dumps(
-        {"input_size": info.input_size, "resize_size": info.resize_size, "mean": info.mean, "std": info.std}
-    )
+    return json.dumps(dataclasses.asdict(info))
 
 
 def preprocessing_from_json(text: str) -> Preprocessing:
-    fields = json.loads(text)
-    return Preprocessing(
-        int(fields["input_size"]), int(fields["resize_size"]), tuple(fields["mean"]), tuple(fields["std"])
-    )
+    return preprocessing_from_fields(json.loads(text))

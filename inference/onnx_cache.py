@@ -22,6 +22,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from inference.protocol import ModelLoadError
 from inference.specs import ModelInfo, ModelSpec, Preprocessing
@@ -122,8 +123,12 @@ def spec_to_json(spec: ModelSpec) -> str:
 def spec_from_json(text: str) -> ModelSpec:
     fields = json.loads(text)
     if fields.get("preprocessing") is not None:
-        values = fields["preprocessing"]
-        fields["preprocessing"] = Preprocessing(
-            values["input_size"], values["resize_size"], tuple(values["mean"]), tuple(values["std"])
-        )
+        fields["preprocessing"] = preprocessing_from_fields(fields["preprocessing"])
     return ModelSpec(**fields)
+
+
+def preprocessing_from_fields(values: dict[str, Any]) -> Preprocessing:
+    """A `Preprocessing` from its `dataclasses.asdict` fields, as JSON gave them back."""
+    return Preprocessing(
+        int(values["input_size"]), int(values["resize_size"]), tuple(values["mean"]), tuple(values["std"])
+    )

@@ -14,7 +14,7 @@ from inference import int8_cache
 from inference.calibration import sample_pixels, user_pixels
 from inference.int8_cache import Calibration, Int8Entry
 from inference.onnx_cache import Entry
-from inference.specs import EMBEDDED
+from inference.specs import EMBEDDED, Preprocessing
 
 EXPORT = Entry(Path("/cache/efficientnet_lite0-0123456789abcdef.onnx"), Path("/cache/x.json"))
 
@@ -85,3 +85,9 @@ def test_an_entry_is_its_three_files_and_the_xml_comes_last(tmp_path: Path) -> N
         path.write_text("x")
     entry.remove()
     assert not os.listdir(tmp_path)
+
+
+def test_the_preprocessing_reaches_the_calibrating_child_as_it_is() -> None:
+    for preprocessing in (EMBEDDED.preprocessing, Preprocessing(160, 182, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))):
+        text = int8_cache.preprocessing_to_json(preprocessing)
+        assert int8_cache.preprocessing_from_json(text) == preprocessing
