@@ -15,12 +15,10 @@ import dataclasses
 import hashlib
 import json
 import logging
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from inference.onnx_cache import Entry, child_env, made_once, preprocessing_from_fields
+from inference.onnx_cache import Entry, made_once, preprocessing_from_fields, run_child
 from inference.protocol import ModelLoadError
 from inference.specs import ModelInfo, Preprocessing
 
@@ -133,29 +131,17 @@ def ensure(info: ModelInfo, export: Entry, calibration_dir: Path | None) -> Int8
 
 def _quantize(info: ModelInfo, export: Entry, entry: Int8Entry, calibration_dir: Path | None) -> None:
     log.debug("calibrating model %s for int8 into %s (once per export and calibration set)", info.name, entry.xml)
-    command = [
-        sys.executable,
-        "-m",
-        "inference.quantize",
-        "--onnx",
-        str(export.onnx),
-        "--to",
-        str(entry.xml),
-        "--preprocessing",
-        preprocessing_to_json(info.preprocessing),
-    ]
+    arguments = ["inference.quantize", "--onnx", str(export.onnx), "--to", str(entry.xml)]
+    arguments += ["--preprocessing", preprocessing_to_json(info.preprocessing)]
     if calibration_dir is not None:
-        command += ["--calibration-dir", str(calibration_dir)]
-    try:
-        done = subprocess.run(
-            command, env=child_env(), capture_output=True, text=True, timeout=QUANTIZE_TIMEOUT, check=False
-        )
-    except subprocess.TimeoutExpired:
-        raise ModelLoadError(f"calibrating model {info.name!r} for int8 took over {QUANTIZE_TIMEOUT:g}s") from None
-    if done.returncode != 0 or not entry.xml.is_file():
-        lines = done.stderr.strip().splitlines()
-        reason = lines[-1] if lines else f"exit status {done.returncode}"
-        raise ModelLoadError(f"model {info.name!r} could not be calibrated for int8: {reason}")
+        arguments += ["--calibration-dir", str(calibration_dir)]
+    run_child(
+        arguments,
+        entry.xml,
+        QUANTIZE_TIMEOUT,
+        doing=f"calibrating model {info.name!r} for int8",
+        failing=f"model {info.name!r} could not be calibrated for int8",
+    )
 
 
 def preprocessing_to_json(info: Preprocessing) -> str:

@@ -97,23 +97,29 @@ def made_once(target: Path, lock: Path, make: Callable[[], None]) -> None:
 
 def _export(spec: ModelSpec, entry: Entry) -> None:
     log.debug("exporting model %s to %s (once per weights file)", spec.name, entry.onnx)
-    command = [sys.executable, "-m", "inference.export", "--spec", spec_to_json(spec), "--to", str(entry.onnx)]
-    try:
-        done = subprocess.run(
-            command, env=child_env(), capture_output=True, text=True, timeout=EXPORT_TIMEOUT, check=False
-        )
-    except subprocess.TimeoutExpired:
-        raise ModelLoadError(f"exporting model {spec.name!r} took over {EXPORT_TIMEOUT:g}s") from None
-    if done.returncode != 0 or not entry.onnx.is_file():
-        reason = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit status {done.returncode}"
-        raise ModelLoadError(f"model {spec.name!r} could not be exported to ONNX: {reason}")
+    run_child(
+        ["inference.export", "--spec", spec_to_json(spec), "--to", str(entry.onnx)],
+        entry.onnx,
+        EXPORT_TIMEOUT,
+        doing=f"exporting model {spec.name!r}",
+        failing=f"model {spec.name!r} could not be exported to ONNX",
+    )
 
 
-def child_env() -> dict[str, str]:
-    """The environment of a child that runs a module of this package: it finds the package
-    where this process found it, whatever its working directory."""
+def run_child(arguments: list[str], makes: Path, timeout: float, doing: str, failing: str) -> None:
+    """`python -m <arguments>` (a module of this package, where this process found it,
+    whatever the working directory) to write `makes`. Raises ModelLoadError: `<doing> took
+    over <timeout>s`, or `<failing>: ` and the child's last line of stderr."""
     here = str(Path(__file__).resolve().parent.parent)
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")]))}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")]))}
+    command = [sys.executable, "-m", *arguments]
+    try:
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired:
+        raise ModelLoadError(f"{doing} took over {timeout:g}s") from None
+    if done.returncode != 0 or not makes.is_file():
+        lines = done.stderr.strip().splitlines()
+        raise ModelLoadError(f"{failing}: {lines[-1] if lines else f'exit status {done.returncode}'}")
 
 
 def spec_to_json(spec: ModelSpec) -> str:
