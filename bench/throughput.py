@@ -14,7 +14,9 @@ sixth grayscale; `bench`: the crops of the three test photos), in one run:
    fp32 offline), the service's own worker stack offline (`bench.workers_offline`), and one
    task of every photo's URL through the service. Round 1 is the first task after start-up.
    The web process's CPU per image is the download and web stages (the download client's own
-   share measured alone by `bench.download_floor`, at the pace the service kept).
+   share measured alone by `bench.download_floor`, at the pace the service kept). The
+   machine's idle CPU while the task ran tells stalls (workers waiting) from the web
+   process's own work, which takes CPU from the workers but leaves none idle.
 3. Top-1 agreement of each precision's labels with the fp32 service's, URL by URL; GET
    /tasks/<id> p99 while a task runs (one more task per round); the whole service's peak RSS (web process and workers).
 """
@@ -31,6 +33,7 @@ from pathlib import Path
 
 import aiohttp
 import numpy as np
+import psutil
 
 from bench.download_floor import floor_per_image
 from bench.harness import Service, client_connector, cpu_model, cpu_seconds, percentile, submit, wait_all_done
@@ -59,7 +62,30 @@ class Figures:
     download_ms: list[float] = field(default_factory=list)
     labels: dict[str, int] = field(default_factory=dict)
     get_seconds: list[float] = field(default_factory=list)
+    idle: list[float] = field(default_factory=list)  # the machine's idle CPU share while the task ran
     peak_rss: int = 0
+
+
+class IdleWatch:
+    """The machine's CPU times every 50 ms, to tell its idle share over a span afterwards:
+    idle CPU while a task runs is what stalls cost (a worker waiting for a batch), whereas the
+    web process's own work (downloads, the registry) takes CPU from the workers but idles none."""
+
+    def __init__(self) -> None:
+        self.samples: list[tuple[float, float, float]] = []  # (time, idle seconds, all seconds)
+
+    async def run(self) -> None:
+        while True:
+            times = psutil.cpu_times()
+            self.samples.append((time.time(), times.idle + getattr(times, "iowait", 0.0), sum(times)))
+            await asyncio.sleep(0.05)
+
+    def idle_share(self, start: float, end: float) -> float:
+        inside = [sample for sample in self.samples if start <= sample[0] <= end]
+        if len(inside) < 2:
+            return float("nan")
+        (_, idle_before, all_before), (_, idle_after, all_after) = inside[0], inside[-1]
+        return (idle_after - idle_before) / max(1e-9, all_after - all_before)
 
 
 def settings_for(precision: str) -> Settings:
@@ -126,6 +152,8 @@ async def run_precision(
     figures = Figures()
     service = Service(args, "sqlite", data_dir, ("--precision", precision))
     sampler = asyncio.create_task(service.memory.run())
+    idle = IdleWatch()
+    idle_sampler = asyncio.create_task(idle.run())
     try:
         async with aiohttp.ClientSession(connector=client_connector()) as http:
             await service.ready()
@@ -134,7 +162,9 @@ async def run_precision(
                 before = cpu_seconds(web)
                 started = time.time()
                 task_id = await submit(http, service.base, urls)
-                figures.service.append(len(urls) / (await wait_all_done(http, service.base, {task_id}) - started))
+                finished = await wait_all_done(http, service.base, {task_id})
+                figures.service.append(len(urls) / (finished - started))
+                figures.idle.append(idle.idle_share(started, finished))
                 figures.web_cpu_ms.append((cpu_seconds(web) - before) / len(urls) * 1000)
                 if round_number == 0:
                     async with http.get(f"{service.base}/tasks/{task_id}") as response:
@@ -158,6 +188,7 @@ async def run_precision(
                 )
     finally:
         sampler.cancel()
+        idle_sampler.cancel()
         service.stop()
     figures.peak_rss = service.memory.peak["total_rss"]
     return figures
@@ -228,18 +259,19 @@ def main() -> None:
     print()
     print(
         "| precision | service / reference, best of rounds | first round / best | service / offline stack | "
-        "agreement with fp32 | web CPU (download) ms/image | GET p99 | peak RSS |"
+        "CPU idle during the task | agreement with fp32 | web CPU (download) ms/image | GET p99 | peak RSS |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for precision, figures in results.items():
         ratios = [service / reference for service, reference in zip(figures.service, figures.reference, strict=True)]
         offline = [service / offline for service, offline in zip(figures.service, figures.offline, strict=True)]
         agreement = statistics.mean(figures.labels.get(url) == label for url, label in reference_labels.items())
+        idle = ", ".join(f"{value:.1%}" for value in figures.idle)
         print(
             f"| {precision} | {max(ratios):.2f}x ({', '.join(f'{ratio:.2f}' for ratio in ratios)}) | "
             f"{figures.service[0] / max(figures.service):.0%} | "
             f"{statistics.median(offline):.0%} ({', '.join(f'{value:.0%}' for value in offline)}) | "
-            f"{agreement:.1%} | {statistics.median(figures.web_cpu_ms):.2f} "
+            f"{idle} | {agreement:.1%} | {statistics.median(figures.web_cpu_ms):.2f} "
             f"({statistics.median(figures.download_ms):.2f}) | {percentile(figures.get_seconds, 0.99) * 1000:.1f} ms | "
             f"{figures.peak_rss / 2**20:.0f} MiB |",
             flush=True,

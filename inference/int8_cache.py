@@ -27,34 +27,35 @@ log = logging.getLogger(__name__)
 PHOTOS_DIR = Path(__file__).resolve().parent / "photos"  # the shipped photos (inference.calibration)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 
-QUANTIZE_VERSION = 1  # bump when inference.quantize changes what it writes
+QUANTIZE_VERSION = 2  # bump when inference.quantize changes what it writes (2: logit gaps, not probability margins)
 QUANTIZE_TIMEOUT = 900.0  # seconds; the embedded model calibrates in about 20 s on 2 cores
 
 
 @dataclass(frozen=True)
 class Calibration:
     """What the calibration measured on its hold-out: for each held-out image, fp32's best
-    class, int8's best class and int8's top-2 probability margin. Enough to tell the top-1
-    agreement with fp32 at any refine margin (`agreement`)."""
+    class, int8's best class and the gap between int8's two best logits
+    (`inference.models.top_two_gap`). Enough to tell the top-1 agreement with fp32 at any
+    refine margin (`agreement`)."""
 
     images: int  # in the calibration set proper
     fp32_top1: tuple[int, ...]
     int8_top1: tuple[int, ...]
-    int8_margin: tuple[float, ...]
+    int8_gap: tuple[float, ...]
     source: str  # "shipped photos" or the directory
 
     def agreement(self, refine_margin: float) -> float:
         """The share of hold-out images whose top-1 is fp32's, where images with an int8
-        margin below `refine_margin` are classified again in fp32 (so agree)."""
+        gap below `refine_margin` are classified again in fp32 (so agree)."""
         agreeing = sum(
             1
-            for fp32, int8, margin in zip(self.fp32_top1, self.int8_top1, self.int8_margin, strict=True)
-            if margin < refine_margin or fp32 == int8
+            for fp32, int8, gap in zip(self.fp32_top1, self.int8_top1, self.int8_gap, strict=True)
+            if gap < refine_margin or fp32 == int8
         )
         return agreeing / max(1, len(self.fp32_top1))
 
     def refined_share(self, refine_margin: float) -> float:
-        return sum(1 for margin in self.int8_margin if margin < refine_margin) / max(1, len(self.int8_margin))
+        return sum(1 for gap in self.int8_gap if gap < refine_margin) / max(1, len(self.int8_gap))
 
     def to_json(self) -> str:
         return json.dumps(
@@ -62,7 +63,7 @@ class Calibration:
                 "images": self.images,
                 "fp32_top1": self.fp32_top1,
                 "int8_top1": self.int8_top1,
-                "int8_margin": self.int8_margin,
+                "int8_gap": self.int8_gap,
                 "source": self.source,
             }
         )
@@ -74,7 +75,7 @@ class Calibration:
             images=int(fields["images"]),
             fp32_top1=tuple(int(value) for value in fields["fp32_top1"]),
             int8_top1=tuple(int(value) for value in fields["int8_top1"]),
-            int8_margin=tuple(float(value) for value in fields["int8_margin"]),
+            int8_gap=tuple(float(value) for value in fields["int8_gap"]),
             source=str(fields["source"]),
         )
 

@@ -31,7 +31,7 @@ import openvino
 from inference.calibration import CALIBRATION_SEED, HOLD_OUT_SEED, sample_pixels, user_pixels
 from inference.int8_cache import Calibration, preprocessing_from_json
 from inference.lifetime import die_with_parent
-from inference.models import softmax
+from inference.models import top_two_gap
 from inference.onnx_runtimes import Runner, onnx_runner
 from inference.preprocess import normalize
 from inference.specs import Preprocessing
@@ -77,12 +77,11 @@ def quantize(onnx: Path, target: Path, info: Preprocessing, calibration_dir: Pat
         openvino.save_model(quantized, temporary, compress_to_fp16=False)
         fp32 = _logits(onnx_runner(onnx, "openvino", 1, "fp32", info), hold_out)
         int8 = _logits(onnx_runner(temporary, "openvino", 1, "int8", info), hold_out)
-        best_two = np.sort(softmax(int8), axis=1)[:, -2:]
         measured = Calibration(
             images=len(calibration),
             fp32_top1=tuple(int(index) for index in fp32.argmax(axis=1)),
             int8_top1=tuple(int(index) for index in int8.argmax(axis=1)),
-            int8_margin=tuple(float(margin) for margin in best_two[:, 1] - best_two[:, 0]),
+            int8_gap=tuple(float(gap) for gap in top_two_gap(int8)),
             source="shipped photos" if calibration_dir is None else str(calibration_dir),
         )
         target.with_suffix(".json").write_text(measured.to_json())

@@ -78,7 +78,7 @@ class Metrics:
         self.refined_images = Counter(
             "ics_refined_images",
             "Images this process's workers classified again in fp32 because bf16 was unsure of them (their two best "
-            "scores within --refine-margin); against ics_batch_size_sum, the share refined",
+            "logits within --refine-margin); against ics_batch_size_sum, the share refined",
             registry=self.registry,
         )
         self.claimed = Counter(

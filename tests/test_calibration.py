@@ -24,12 +24,12 @@ def test_the_agreement_counts_refined_images_as_agreeing() -> None:
         images=300,
         fp32_top1=(1, 2, 3, 4),
         int8_top1=(1, 9, 3, 8),
-        int8_margin=(0.5, 0.01, 0.2, 0.03),
+        int8_gap=(5.0, 0.1, 2.0, 0.3),
         source="shipped photos",
     )
     assert measured.agreement(0) == 0.5  # 2 of 4 without refining
-    assert measured.agreement(0.02) == 0.75 and measured.refined_share(0.02) == 0.25  # the 0.01 one refined
-    assert measured.agreement(0.05) == 1.0 and measured.refined_share(0.05) == 0.5
+    assert measured.agreement(0.2) == 0.75 and measured.refined_share(0.2) == 0.25  # the 0.1 one refined
+    assert measured.agreement(0.5) == 1.0 and measured.refined_share(0.5) == 0.5
     assert Calibration.from_json(measured.to_json()) == measured
 
 

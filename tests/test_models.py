@@ -143,7 +143,7 @@ async def test_checkpoints_serve_beside_the_default_and_missing_weights_are_unav
         "input_size": 224,
         "num_classes": 1000,
         "precision": precision,
-        "refine_margin": 0.02 if precision == "bf16" else 0.0,
+        "refine_margin": 0.2 if precision == "bf16" else 0.0,
         "calibration": None,  # int8 only
         "default": True,
         "weights_present": True,
@@ -160,7 +160,7 @@ async def test_checkpoints_serve_beside_the_default_and_missing_weights_are_unav
         "input_size": 224,
         "num_classes": 1000,
         "precision": precision,
-        "refine_margin": 0.02 if precision == "bf16" else 0.0,
+        "refine_margin": 0.2 if precision == "bf16" else 0.0,
         "calibration": None,
         "default": False,
         "weights_present": False,

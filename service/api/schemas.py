@@ -33,7 +33,7 @@ class ModelEntry(Record):
     input_size: int
     num_classes: int
     precision: RunPrecision  # what it runs at: bf16 only where the CPU computes it natively, int8 when asked
-    refine_margin: float  # bf16/int8: images whose two best scores are closer are classified again in fp32
+    refine_margin: float  # bf16/int8: images whose two best logits are closer are classified again in fp32
     calibration: CalibrationEntry | None  # int8 models, once calibrated
     default: bool
     weights_present: bool  # false: listed but unavailable until its weights are on disk
