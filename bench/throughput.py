@@ -12,7 +12,10 @@ sixth grayscale; `bench`: the crops of the three test photos), in one run:
 2. For each precision, and fp32 as the agreement's reference: a fresh service
    (`run_service.py --precision P`), then rounds of: the reference (`bench.reference`, ORT
    fp32 offline), the service's own worker stack offline (`bench.workers_offline`), and one
-   task of every photo's URL through the service. Round 1 is the first task after start-up.
+   task of every photo's URL through the service. Round 1 is the first task after start-up;
+   so is, more precisely, the first of two tasks of `--fresh-starts` more fresh services,
+   against their second (seconds apart, where rounds are tens of seconds apart and this
+   machine's speed drifts by 10-15% within minutes).
    The web process's CPU per image is the download and web stages (the download client's own
    share measured alone by `bench.download_floor`, at the pace the service kept). The
    machine's idle CPU while the task ran tells stalls (workers waiting) from the web
@@ -63,6 +66,7 @@ class Figures:
     labels: dict[str, int] = field(default_factory=dict)
     get_seconds: list[float] = field(default_factory=list)
     idle: list[float] = field(default_factory=list)  # the machine's idle CPU share while the task ran
+    first_tasks: list[float] = field(default_factory=list)  # fresh services: first task / second task
     peak_rss: int = 0
 
 
@@ -157,15 +161,17 @@ async def run_precision(
     try:
         async with aiohttp.ClientSession(connector=client_connector()) as http:
             await service.ready()
+            await settle(idle, service)
             for round_number in range(args.rounds):
-                web = [service.memory.process]
-                before = cpu_seconds(web)
+                web, workers = [service.memory.process], service.workers()
+                before, workers_before = cpu_seconds(web), cpu_seconds(workers)
                 started = time.time()
                 task_id = await submit(http, service.base, urls)
                 finished = await wait_all_done(http, service.base, {task_id})
                 figures.service.append(len(urls) / (finished - started))
                 figures.idle.append(idle.idle_share(started, finished))
                 figures.web_cpu_ms.append((cpu_seconds(web) - before) / len(urls) * 1000)
+                workers_ms = (cpu_seconds(workers) - workers_before) / len(urls) * 1000
                 if round_number == 0:
                     async with http.get(f"{service.base}/tasks/{task_id}") as response:
                         items = (await response.json())["items"]
@@ -183,7 +189,8 @@ async def run_precision(
                 )
                 print(
                     f"  {precision} round {round_number + 1}: service {figures.service[-1]:.1f}, offline "
-                    f"{figures.offline[-1]:.1f}, reference {figures.reference[-1]:.1f} images/s",
+                    f"{figures.offline[-1]:.1f}, reference {figures.reference[-1]:.1f} images/s; CPU per image: "
+                    f"workers {workers_ms:.2f} ms, web {figures.web_cpu_ms[-1]:.2f} ms",
                     flush=True,
                 )
     finally:
@@ -192,6 +199,47 @@ async def run_precision(
         service.stop()
     figures.peak_rss = service.memory.peak["total_rss"]
     return figures
+
+
+async def settle(idle: IdleWatch, service: Service) -> None:
+    """Wait until the machine is idle (90% over half a second) once the service is ready, at
+    most 15 s: round 1 is the first task after start-up, and should not share the CPU with
+    processes of the previous service or offline run still exiting. Prints how long that took
+    and the service's own CPU meanwhile (a service still busy after /readyz would show there)."""
+    processes = [service.memory.process, *service.workers()]
+    before, started = cpu_seconds(processes), time.time()
+    while time.time() - started < 15:
+        await asyncio.sleep(0.5)
+        if idle.idle_share(time.time() - 0.5, time.time()) >= 0.9:
+            break
+    print(
+        f"  settled {time.time() - started:.1f} s after /readyz; the service's CPU meanwhile "
+        f"{cpu_seconds(processes) - before:.2f} s",
+        flush=True,
+    )
+
+
+async def first_task_ratios(args: argparse.Namespace, precision: str, urls: list[str], data_dir: str) -> list[float]:
+    """For `args.fresh_starts` fresh services: the first task's images/s over the second's,
+    two tasks seconds apart. Rounds of the main comparison are tens of seconds apart, and
+    this machine's speed drifts by 10-15% within minutes (the workers' CPU per image of the
+    same photos too), so round 1 against the best of rounds also measures that drift; this
+    measures what start-up itself costs the first task."""
+    ratios = []
+    async with aiohttp.ClientSession(connector=client_connector()) as http:
+        for start in range(args.fresh_starts):
+            service = Service(args, "sqlite", f"{data_dir}/fresh-{start}", ("--precision", precision))
+            try:
+                await service.ready()
+                rates = []
+                for _ in range(2):
+                    started = time.time()
+                    task_id = await submit(http, service.base, urls)
+                    rates.append(len(urls) / (await wait_all_done(http, service.base, {task_id}) - started))
+                ratios.append(rates[0] / rates[1])
+            finally:
+                service.stop()
+    return ratios
 
 
 async def get_latency(http: aiohttp.ClientSession, base: str, urls: list[str]) -> list[float]:
@@ -215,6 +263,9 @@ async def run(args: argparse.Namespace, images: list[bytes]) -> dict[str, Figure
         for precision in ["fp32", *args.precisions.split(",")]:
             print(f"service --precision {precision} ...", flush=True)
             results[precision] = await run_precision(args, precision, images, urls, f"{data_root}/{precision}")
+            results[precision].first_tasks = await first_task_ratios(args, precision, urls, f"{data_root}/{precision}")
+            ratios = ", ".join(f"{ratio:.0%}" for ratio in results[precision].first_tasks)
+            print(f"  {precision}: first task / second of {args.fresh_starts} fresh services: {ratios}", flush=True)
     return results
 
 
@@ -225,6 +276,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=300)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--precisions", default="auto", help="besides fp32, comma-separated")
+    parser.add_argument("--fresh-starts", type=int, default=3, help="services started for the first-task figure")
     parser.add_argument("--runtime", default=defaults.runtime)
     parser.add_argument("--workers", type=int, default=defaults.resolved_workers())
     parser.add_argument("--threads", type=int, default=defaults.resolved_threads())
@@ -258,18 +310,20 @@ def main() -> None:
     reference_labels = results["fp32"].labels
     print()
     print(
-        "| precision | service / reference, best of rounds | first round / best | service / offline stack | "
+        "| precision | service / reference, best of rounds | first round / best | "
+        "first task / second, fresh services | service / offline stack | "
         "CPU idle during the task | agreement with fp32 | web CPU (download) ms/image | GET p99 | peak RSS |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for precision, figures in results.items():
         ratios = [service / reference for service, reference in zip(figures.service, figures.reference, strict=True)]
         offline = [service / offline for service, offline in zip(figures.service, figures.offline, strict=True)]
         agreement = statistics.mean(figures.labels.get(url) == label for url, label in reference_labels.items())
         idle = ", ".join(f"{value:.1%}" for value in figures.idle)
+        first_tasks = ", ".join(f"{value:.0%}" for value in figures.first_tasks) or "-"
         print(
             f"| {precision} | {max(ratios):.2f}x ({', '.join(f'{ratio:.2f}' for ratio in ratios)}) | "
-            f"{figures.service[0] / max(figures.service):.0%} | "
+            f"{figures.service[0] / max(figures.service):.0%} | {first_tasks} | "
             f"{statistics.median(offline):.0%} ({', '.join(f'{value:.0%}' for value in offline)}) | "
             f"{idle} | {agreement:.1%} | {statistics.median(figures.web_cpu_ms):.2f} "
             f"({statistics.median(figures.download_ms):.2f}) | {percentile(figures.get_seconds, 0.99) * 1000:.1f} ms | "
