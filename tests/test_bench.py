@@ -14,7 +14,7 @@ from bench import reference
 from bench.download_floor import floor_per_image
 from bench.images import make_diverse_images, make_images
 from bench.run_bench import reference_limit
-from bench.throughput import stage_costs
+from bench.throughput import IdleWatch, stage_costs
 from bench.workers_offline import workers_images_per_second
 from inference import onnx_cache
 from inference.engine import Engine
@@ -84,3 +84,11 @@ def test_the_throughput_bench_measures_every_stage(model_cache: Path) -> None:
     assert all(costs[stage] > 0 for stage in ("decode", "resize", "forward", "handover")), costs
     assert costs["refined_share"] == (1.0 if bf16 else 0.0)
     assert (costs["refine"] > 0) == bf16
+
+
+def test_the_idle_share_is_taken_between_the_samples_inside_the_span() -> None:
+    watch = IdleWatch()
+    # (time, idle CPU seconds, all CPU seconds): 2 cores, half idle from t=10 to t=11
+    watch.samples = [(9.9, 0.0, 0.0), (10.0, 5.0, 20.0), (10.5, 5.5, 21.0), (11.0, 6.0, 22.0), (11.1, 6.2, 22.2)]
+    assert watch.idle_share(10.0, 11.0) == 0.5
+    assert watch.idle_share(10.2, 10.4) != watch.idle_share(10.2, 10.4)  # NaN: no two samples to tell
