@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 PHOTOS_DIR = Path(__file__).resolve().parent / "photos"  # the shipped photos (inference.calibration)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 
-QUANTIZE_VERSION = 2  # bump when inference.quantize changes what it writes (2: logit gaps, not probability margins)
+QUANTIZE_VERSION = 3  # bump when inference.quantize changes what it writes (2: logit gaps; 3: full bias correction)
 QUANTIZE_TIMEOUT = 900.0  # seconds; the embedded model calibrates in about 20 s on 2 cores
 
 

@@ -104,7 +104,7 @@ class Settings(BaseSettings):
         None,
         description="with bf16 or int8: an image whose two best logits are closer than this is classified again in "
         "fp32 (0 = never); keeps the top-1 the same as fp32's where fp32 itself is not torn between two labels; "
-        "default: 0.2 for bf16, 0.25 for int8 (chosen by measured agreement, see docs/models.md)",
+        "default: 0.2 for bf16, 0.15 for int8 (chosen by measured agreement, see docs/models.md)",
     )
     calibration_dir: Path | None = Field(
         None,

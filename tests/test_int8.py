@@ -37,12 +37,13 @@ async def test_an_int8_service_calibrates_once_serves_fp32s_labels_and_shows_its
     client = await make_real_service(precision="int8")  # calibrates at start (about a minute)
     models = (await (await client.get("/models")).json())["models"]
     (model,) = [entry for entry in models if entry["default"]]
-    assert model["precision"] == "int8" and model["refine_margin"] == 0.25
+    assert model["precision"] == "int8" and model["refine_margin"] == 0.15
     calibration = model["calibration"]
     assert calibration["source"] == "shipped photos"
     assert (calibration["images"], calibration["held_out"]) == (300, 300)
-    # Measured on held-out crops of the shipped scenes: 95-99% with the refine, 84-92% without.
-    assert calibration["agreement_with_fp32"] >= 0.9
+    # Measured on these held-out crops of the shipped scenes: 95.3% with the refine, 90.3% without
+    # (the calibration is deterministic on one CPU); the bar for int8 is 94%.
+    assert calibration["agreement_with_fp32"] >= 0.94
     assert calibration["agreement_without_refine"] < calibration["agreement_with_fp32"]
     assert 0 < calibration["refined_share"] < 0.5
 
@@ -55,7 +56,7 @@ async def test_an_int8_service_calibrates_once_serves_fp32s_labels_and_shows_its
     export = onnx_cache.entry_for(INT8, model_cache)
     entry = int8_cache.entry_for(export, None)
     assert entry.xml.is_file() and entry.bin.is_file() and entry.meta.is_file()
-    assert round(entry.calibration().agreement(0.25), 4) == calibration["agreement_with_fp32"]  # /models rounds
+    assert round(entry.calibration().agreement(0.15), 4) == calibration["agreement_with_fp32"]  # /models rounds
 
     def no_child(*args: object, **kwargs: object) -> None:
         raise AssertionError(f"a child process was started: {args}")
@@ -63,7 +64,7 @@ async def test_an_int8_service_calibrates_once_serves_fp32s_labels_and_shows_its
     monkeypatch.setattr(subprocess, "run", no_child)
     model_again = load_model(INT8, "openvino", 1, model_cache, warm_batch=8)
     pixels = np.stack([preprocess(photos[name], INT8.preprocessing, 10**8) for name in ("coffee", "rocket")])
-    assert model_again.precision == "int8" and model_again.refine_margin == 0.25
+    assert model_again.precision == "int8" and model_again.refine_margin == 0.15
     assert [model_again.categories[index] for index in model_again.run(pixels).argmax(axis=1)] == [
         "espresso",
         "missile",

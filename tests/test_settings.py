@@ -199,7 +199,7 @@ def test_batch_size_and_refine_margin_follow_the_runtime_and_precision_unless_se
     assert Settings(runtime="openvino").resolved_batch_size() == Settings(runtime="onnx").resolved_batch_size() == 8
     assert Settings(runtime="eager").resolved_batch_size() == 16
     assert Settings(runtime="openvino", batch_size=32).resolved_batch_size() == 32
-    assert (margin_for("fp32", None), margin_for("bf16", None), margin_for("int8", None)) == (0.0, 0.2, 0.25)
+    assert (margin_for("fp32", None), margin_for("bf16", None), margin_for("int8", None)) == (0.0, 0.2, 0.15)
     assert (margin_for("fp32", 0.3), margin_for("bf16", 0.3), margin_for("int8", 0.0)) == (0.0, 0.3, 0.0)
 
 
