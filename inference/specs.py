@@ -29,7 +29,7 @@ RuntimeChoice = Literal["auto"] | Runtime
 
 # Numeric precision of inference. `auto` means bf16 where the CPU computes it natively
 # (AVX-512 BF16 or AMX) and the runtime can use it (OpenVINO), fp32 everywhere else. int8 is
-# asked for, never automatic: calibrated on diverse photos it agrees with fp32 on ~95.5% of
+# asked for, never automatic: calibrated on diverse photos it agrees with fp32 on ~96-97% of
 # them (with the refine), not the 99% a default must (docs/models.md, "Precision").
 Precision = Literal["auto", "fp32", "bf16", "int8"]
 PRECISIONS: tuple[Precision, ...] = get_args(Precision)

@@ -245,8 +245,8 @@ async def test_the_refined_images_are_counted(
     make_real_service: ServiceFactory, image_server: ImageServer, margin: float, refined_share: float
 ) -> None:
     """`ics_refined_images_total`: images bf16 was unsure of, classified again in fp32. A
-    margin of 100 (the largest allowed) refines every image (no two best logits are that far apart), 0 none; the labels
-    are fp32's either way."""
+    margin of 100 (the largest allowed) refines every image (no two best logits are that far
+    apart), 0 none; the labels are fp32's either way."""
     client = await make_real_service(refine_margin=margin)
     urls = [image_server.url(f"/photos/{name}") for name in ("coffee", "chelsea", "rocket")]
     task = await wait_for_task(client, (await submit(client, urls))["task_id"])

@@ -66,6 +66,8 @@ def test_environment_then_flags(monkeypatch: pytest.MonkeyPatch) -> None:
         (["--worker-nice", "20"], {}),
         (["--runtime", "tensorflow"], {}),
         (["--precision", "fp16"], {}),
+        (["--refine-margin", "101"], {}),  # a logit gap; 100 already refines every image
+        ([], {"ICS_REFINE_MARGIN": "-0.1"}),
         (["--precision", "bf16", "--runtime", "onnx"], {}),
         ([], {"ICS_PRECISION": "bf16", "ICS_RUNTIME": "eager"}),
         (["--log-format", "xml"], {}),
