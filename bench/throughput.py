@@ -61,6 +61,7 @@ from inference.specs import PRECISIONS
 from service.pool.factory import build_catalog, worker_config
 from service.pool.handover import BatchFiles
 from service.settings import Settings
+from service.tasks.classifier import PASSES_PER_BATCH
 from testing.image_server import start_image_server
 
 
@@ -138,8 +139,9 @@ def stage_costs(images: list[bytes], config: WorkerConfig) -> dict[str, float]:
     handover = 0.0
     if files is not None:
         started = time.process_time()
-        for start in range(0, len(images), size):
-            shared = files.put(images[start : start + size])
+        per_call = size * PASSES_PER_BATCH  # what the pool hands a worker at once
+        for start in range(0, len(images), per_call):
+            shared = files.put(images[start : start + per_call])
             if shared is not None:
                 shared.read()
                 files.release(shared, reuse=True)

@@ -3,12 +3,13 @@
     .venv/bin/python -m bench.workers_offline [--images 640] [--rounds 2] [--diverse] [--batch 8,16]
 
 One process per core runs `inference.worker` exactly as the service's pool does (started
-with the settings' worker configuration, fed batches of 16 image files as bytes: decode,
-preprocessing, the model), next to `bench.reference` on the same bytes, in the same rounds.
-No HTTP, no registry, no web process: what is left between this ratio and the end-to-end
-one of `bench.run_bench` is the service's own cost and the image server's. Also run with
-`--refine-margin 0` (pure bf16), so the price of refining is measured in the same run, and
-at each `--batch` size (the service's batch size and model shapes), so they can be compared.
+with the settings' worker configuration, fed batches of image files as bytes, as many per
+call as the service hands over: decode, preprocessing, the model's forward passes), next
+to `bench.reference` on the same bytes, in the same rounds. No HTTP, no registry, no web
+process: what is left between this ratio and the end-to-end one of `bench.run_bench` is
+the service's own cost and the image server's. Also run with `--refine-margin 0` (pure
+bf16), so the price of refining is measured in the same run, and at each `--batch` size
+(the service's batch size and model shapes), so they can be compared.
 """
 
 from __future__ import annotations
@@ -28,12 +29,13 @@ from inference import onnx_cache, worker
 from inference.protocol import WorkerConfig
 from service.pool.factory import build_catalog, worker_config
 from service.settings import Settings
+from service.tasks.classifier import PASSES_PER_BATCH
 
 
 def workers_images_per_second(images: list[bytes], config: WorkerConfig, processes: int) -> float:
-    """Images/s of `processes` workers, all busy (after a warm-up), fed batches of the
-    configuration's batch size as the service feeds them."""
-    size = config.batch_size
+    """Images/s of `processes` workers, all busy (after a warm-up), fed batches as the
+    service feeds them: `PASSES_PER_BATCH` forward passes of the configuration's batch size."""
+    size = config.batch_size * PASSES_PER_BATCH
     batches = [images[start : start + size] for start in range(0, len(images), size)]
     context = multiprocessing.get_context("spawn")
     info = config.default_model

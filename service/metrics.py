@@ -44,7 +44,10 @@ class Metrics:
             registry=self.registry,
         )
         self.batch_size = Histogram(
-            "ics_batch_size", "Images per forward pass", buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=self.registry
+            "ics_batch_size",
+            "Images per batch handed to a worker (up to two forward passes)",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128),
+            registry=self.registry,
         )
         self.download_seconds = Histogram(
             "ics_download_seconds", "Seconds per image download, failed ones included", registry=self.registry

@@ -155,7 +155,8 @@ class Settings(BaseSettings):
     batch_size: Count | None = Field(
         None,
         description="images per forward pass; default: 8 for openvino and onnx (measured faster per image than 16 "
-        "at every precision: the activations stay in cache), 16 for the torch runtimes",
+        "at every precision: the activations stay in cache), 16 for the torch runtimes. A batch handed to a worker "
+        "holds up to two passes",
     )
     batch_wait_ms: Seconds = Field(10.0, description="how long a partial batch waits for more images")
     max_queued_images: Count = Field(256, description="downloaded images waiting for the model (bounds memory)")

@@ -1,9 +1,19 @@
-"""The shared batch queue: full batches at once, partial ones after the wait, per model."""
+"""The shared batch queue: full batches at once, partial ones after the wait, per model; and
+a worker's forward passes over the batch it is handed."""
 
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
+import numpy as np
+
+from bench.images import make_images
+from inference.engine import Engine
+from inference.models import LoadedModel
+from inference.preprocess import preprocess
+from inference.protocol import Prediction, Rejection, WorkerConfig
+from inference.specs import EMBEDDED, local_info
 from service.broker.local import BatchQueue
 from service.tasks.queues import QueuedImage
 
@@ -90,3 +100,38 @@ async def test_a_batch_taken_lets_in_as_many_waiting_puts_as_it_made_room_for() 
     assert len(queue) == 3
     await queue.next_batch(max_size=1, max_wait=0)
     await asyncio.wait_for(waiting[2], 1)
+
+
+def test_a_worker_runs_a_batch_in_forward_passes_of_its_batch_size(tmp_path: Path) -> None:
+    """The service hands a worker up to two passes' worth of images: they run in passes of
+    the configured size, each row's label and refine flag in its own slot (an undecodable
+    image takes one too), the unsure rows of each pass refined within that pass."""
+    info = local_info(EMBEDDED)
+    passes: list[int] = []
+
+    def fast(pixels: np.ndarray) -> np.ndarray:
+        passes.append(len(pixels))
+        sure = np.array([[5.0, 0.0, 0.0], [0.0, 5.0, 0.0]], dtype=np.float32)
+        unsure = np.array([[1.0, 1.0, 0.0]], dtype=np.float32)
+        return np.stack([unsure[0] if int(row.mean()) % 3 == 0 else sure[int(row.mean()) % 2] for row in pixels])
+
+    def exact(pixels: np.ndarray) -> np.ndarray:
+        assert 0 < len(pixels) <= 4  # the unsure rows of one pass
+        return np.tile(np.array([0.0, 0.0, 5.0], dtype=np.float32), (len(pixels), 1))
+
+    engine = Engine(WorkerConfig(info, "openvino", 1, 10**8, tmp_path, batch_size=4))
+    categories = ("a", "b", "c")
+    engine.models[info.name] = LoadedModel(info, fast, categories, "bf16", exact=exact, refine_margin=0.5)
+    images = make_images(9)
+    images.insert(5, b"not an image")
+    outcomes = engine.classify(info, images, [1] * len(images))
+
+    assert passes == [4, 4, 1]  # nine decodable images
+    assert isinstance(outcomes[5], Rejection)
+    for data, outcome in zip(images, outcomes, strict=True):
+        if data == b"not an image":
+            continue
+        mean = int(preprocess(data, info.preprocessing, 10**8).mean())
+        assert isinstance(outcome, Prediction)
+        expected = "c" if mean % 3 == 0 else categories[mean % 2]
+        assert (outcome.labels[0].label, outcome.refined) == (expected, mean % 3 == 0)

@@ -19,6 +19,7 @@ from inference.specs import EMBEDDED, ModelInfo
 from service.broker.local import BatchQueue
 from service.broker.streams import StreamBatches, StreamJobs, stream_of
 from service.stores.redis.registry import RedisRegistry
+from service.tasks.classifier import PASSES_PER_BATCH
 from service.tasks.engine import TaskEngine
 from service.tasks.fairness import FairGate
 from service.tasks.queues import ImageQueue, QueuedImage
@@ -188,7 +189,8 @@ async def test_small_tasks_finish_before_a_large_one_submitted_first(images: Ima
     """How far the large task got while each small one ran: a one-image task is in one of the
     next batches (first come, first served, it waited behind the queue's 64 images), and a
     50-image task shares the model with the large one image for image."""
-    async with engine(SlowPool(0.004), batch_size=16, max_queued_images=64) as running:
+    # Batches of 16 images: two forward passes of 8.
+    async with engine(SlowPool(0.004), batch_size=16 // PASSES_PER_BATCH, max_queued_images=64) as running:
         large = await running.service.create(images.urls(*["cat"] * 1000), EMBEDDED.name, 1, None)
 
         async def large_done() -> int:
@@ -260,7 +262,8 @@ async def test_batch_work_alone_fills_every_batch(images: Images) -> None:
     assert done.progress.succeeded == 64
     sizes = [len(batch) for batch in pool.batches]
     assert sum(sizes) == 64
-    assert sizes[1:-1] == [8] * (len(sizes) - 2), sizes  # full, but for the first (taken at once) and the last
+    full = 8 * PASSES_PER_BATCH  # two forward passes
+    assert sizes[1:-1] == [full] * (len(sizes) - 2), sizes  # full, but for the first (taken at once) and the last
 
 
 @pytest.mark.e2e

@@ -28,7 +28,7 @@ from service.pool.catalog import ModelCatalog
 from service.stores.memory.registry import InMemoryRegistry
 from service.stores.redis.registry import RedisRegistry
 from service.stores.sqlite.registry import SqliteRegistry
-from service.tasks.classifier import Classifier
+from service.tasks.classifier import PASSES_PER_BATCH, Classifier
 from service.tasks.engine import TaskEngine
 from service.tasks.queues import BatchSource, ImageQueue, QueuedImage
 from service.tasks.records import ItemStatus, TaskDetail, TaskStatus
@@ -379,5 +379,23 @@ async def test_a_consumer_whose_source_fails_goes_on_with_the_next_batch() -> No
     await asyncio.wait_for(registry.wait_final(task.task_id), 5)
     done = await registry.get(task.task_id)
     assert done is not None and labels(done) == ["cat"] and queue.refusals == 0
+    consuming.cancel()
+    await asyncio.gather(consuming, return_exceptions=True)
+
+
+async def test_a_consumer_hands_a_worker_two_forward_passes_at_once() -> None:
+    """20 images waiting, passes of 4: batches of 8, 8 and the 4 left (the web process's
+    cost per batch spread over more images; the worker runs the passes)."""
+    registry = InMemoryRegistry(metrics=Metrics())
+    queue, pool = BatchQueue(32), FakePool()
+    catalog = ModelCatalog(infos([EMBEDDED]), EMBEDDED.name)
+    classifier = Classifier(registry, pool, catalog, queue, Metrics(), batch_size=4, batch_wait=0.0)
+    task = await registry.create([f"u{n}" for n in range(20)], EMBEDDED.name, 1)
+    for index in range(20):
+        await registry.update_item(task.task_id, index, ItemStatus.CLASSIFYING)
+        await queue.put(QueuedImage(task.task_id, index, EMBEDDED.name, 1, image("cat")))
+    consuming = asyncio.create_task(classifier.consume())
+    await asyncio.wait_for(registry.wait_final(task.task_id), 5)
+    assert [len(batch) for batch in pool.batches] == [4 * PASSES_PER_BATCH] * 2 + [4] == [8, 8, 4]
     consuming.cancel()
     await asyncio.gather(consuming, return_exceptions=True)
