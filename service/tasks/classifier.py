@@ -36,8 +36,8 @@ INTERNAL_ERROR = ErrorInfo(code="internal_error", message="internal error")
 CONSUMERS_PER_WORKER = 2
 # Measured (2 workers, OpenVINO bf16, passes of 8, 300 diverse photos per task): the web
 # process's CPU per image 0.30-0.33 ms with two passes per batch, 0.40-0.47 ms with one; the
-# service 2-3% faster. With four, as little web CPU but 4% slower than two: the last
-# batches of a task, twice as long, leave one worker idle longer while the other finishes.
+# service 2% faster. With four, 0.27-0.33 ms but 6% slower than two: the last batches of a
+# task, twice as long, leave one worker idle longer while the other finishes.
 PASSES_PER_BATCH = 2
 PAUSE_SECONDS = 1.0  # after a consumer's turn failed, before the next
 
