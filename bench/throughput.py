@@ -54,7 +54,7 @@ from bench.images import make_diverse_images, make_images
 from bench.reference import reference_images_per_second
 from bench.workers_offline import workers_images_per_second
 from inference import onnx_cache
-from inference.models import load_model, refine_unsure
+from inference.models import in_passes, load_model, refine_unsure
 from inference.preprocess import decode_image, to_input
 from inference.protocol import WorkerConfig
 from inference.specs import PRECISIONS
@@ -126,20 +126,22 @@ def stage_costs(images: list[bytes], config: WorkerConfig) -> dict[str, float]:
         pixels.append(to_input(image, info.preprocessing))
         resize += time.process_time() - decoded
         decode += decoded - started
-    for start in range(0, len(pixels), size):
-        batch = np.stack(pixels[start : start + size])
+    per_call = size * PASSES_PER_BATCH  # what the pool hands a worker at once
+    exact = model.exact
+    for start in range(0, len(pixels), per_call):
+        batch = np.stack(pixels[start : start + per_call])
         started = time.process_time()
-        logits = model.fast(batch)
+        logits = in_passes(model.fast, batch, size)
         forwarded = time.process_time()
-        if model.exact is not None:
-            refined += len(refine_unsure(logits, batch, model.exact, model.refine_margin))
+        if exact is not None:  # as LoadedModel.forward refines: the batch's unsure rows together
+            again = refine_unsure(logits, batch, lambda unsure: in_passes(exact, unsure, size), model.refine_margin)
+            refined += len(again)
         refine += time.process_time() - forwarded
         forward += forwarded - started
     files = BatchFiles.on_shared_memory()
     handover = 0.0
     if files is not None:
         started = time.process_time()
-        per_call = size * PASSES_PER_BATCH  # what the pool hands a worker at once
         for start in range(0, len(images), per_call):
             shared = files.put(images[start : start + per_call])
             if shared is not None:

@@ -60,8 +60,7 @@ class Engine:
 
     def classify(self, info: ModelInfo, images: list[bytes], top_k: list[int]) -> list[Outcome]:
         """Decode, preprocess and classify `images`, in forward passes of the configured
-        `batch_size` (the size the model runs fastest at, and every size up to it warmed;
-        the service hands over two passes' worth at a time).
+        `batch_size` (`LoadedModel.forward`; the service hands over two passes' worth).
 
         An image that cannot be decoded becomes a Rejection in its slot and does not
         affect the others.
@@ -75,7 +74,8 @@ class Engine:
             except ImageRejected as exc:
                 outcomes[slot] = Rejection(exc.code, exc.message)
         if inputs:
-            logits, refined = self._forward(model, np.stack(list(inputs.values())))
+            logits, again = model.forward(np.stack(list(inputs.values())))
+            refined = set(again.tolist())
             for position, (slot, row) in enumerate(zip(inputs, softmax(logits), strict=True)):
                 best = np.argsort(row)[::-1][: top_k[slot]]
                 outcomes[slot] = Prediction(
@@ -86,15 +86,3 @@ class Engine:
                     refined=position in refined,
                 )
         return [outcomes[slot] for slot in range(len(images))]
-
-    def _forward(self, model: LoadedModel, pixels: np.ndarray) -> tuple[np.ndarray, set[int]]:
-        """The logits of `pixels`, one pass of at most `batch_size` images at a time, and
-        the rows refined in fp32 (see `inference.models.refine_unsure`)."""
-        step = max(1, self.config.batch_size)
-        logits: list[np.ndarray] = []
-        refined: set[int] = set()
-        for start in range(0, len(pixels), step):
-            part, again = model.forward(pixels[start : start + step])
-            logits.append(part)
-            refined.update(start + int(row) for row in again)
-        return np.concatenate(logits), refined

@@ -104,10 +104,11 @@ async def test_a_batch_taken_lets_in_as_many_waiting_puts_as_it_made_room_for() 
 
 def test_a_worker_runs_a_batch_in_forward_passes_of_its_batch_size(tmp_path: Path) -> None:
     """The service hands a worker up to two passes' worth of images: they run in passes of
-    the configured size, each row's label and refine flag in its own slot (an undecodable
-    image takes one too), the unsure rows of each pass refined within that pass."""
+    the model's size, each row's label and refine flag in its own slot (an undecodable
+    image takes one too), the unsure rows of the whole batch refined together."""
     info = local_info(EMBEDDED)
     passes: list[int] = []
+    refines: list[int] = []
 
     def fast(pixels: np.ndarray) -> np.ndarray:
         passes.append(len(pixels))
@@ -116,17 +117,18 @@ def test_a_worker_runs_a_batch_in_forward_passes_of_its_batch_size(tmp_path: Pat
         return np.stack([unsure[0] if int(row.mean()) % 3 == 0 else sure[int(row.mean()) % 2] for row in pixels])
 
     def exact(pixels: np.ndarray) -> np.ndarray:
-        assert 0 < len(pixels) <= 4  # the unsure rows of one pass
+        refines.append(len(pixels))
         return np.tile(np.array([0.0, 0.0, 5.0], dtype=np.float32), (len(pixels), 1))
 
     engine = Engine(WorkerConfig(info, "openvino", 1, 10**8, tmp_path, batch_size=4))
     categories = ("a", "b", "c")
-    engine.models[info.name] = LoadedModel(info, fast, categories, "bf16", exact=exact, refine_margin=0.5)
+    engine.models[info.name] = LoadedModel(info, fast, categories, "bf16", exact, refine_margin=0.5, pass_size=4)
     images = make_images(9)
     images.insert(5, b"not an image")
     outcomes = engine.classify(info, images, [1] * len(images))
 
     assert passes == [4, 4, 1]  # nine decodable images
+    assert refines == [2]  # the unsure ones of the first and the last pass, in one pass
     assert isinstance(outcomes[5], Rejection)
     for data, outcome in zip(images, outcomes, strict=True):
         if data == b"not an image":
@@ -135,3 +137,22 @@ def test_a_worker_runs_a_batch_in_forward_passes_of_its_batch_size(tmp_path: Pat
         assert isinstance(outcome, Prediction)
         expected = "c" if mean % 3 == 0 else categories[mean % 2]
         assert (outcome.labels[0].label, outcome.refined) == (expected, mean % 3 == 0)
+
+
+def test_more_unsure_images_than_a_pass_holds_are_refined_in_passes() -> None:
+    """Every count up to the pass size is warmed at load, none above: so neither pass runs more."""
+    calls: list[tuple[str, int]] = []
+
+    def fast(pixels: np.ndarray) -> np.ndarray:
+        calls.append(("fast", len(pixels)))
+        return np.ones((len(pixels), 3), dtype=np.float32)  # a tie everywhere: every row unsure
+
+    def exact(pixels: np.ndarray) -> np.ndarray:
+        calls.append(("exact", len(pixels)))
+        return pixels[:, :3].astype(np.float32)
+
+    model = LoadedModel(local_info(EMBEDDED), fast, ("a", "b", "c"), "bf16", exact, refine_margin=0.5, pass_size=2)
+    pixels = np.repeat(np.arange(5, dtype=np.uint8)[:, None], 3, axis=1)
+    logits, refined = model.forward(pixels)
+    assert calls == [("fast", 2), ("fast", 2), ("fast", 1), ("exact", 2), ("exact", 2), ("exact", 1)]
+    assert refined.tolist() == [0, 1, 2, 3, 4] and logits[:, 0].tolist() == [0, 1, 2, 3, 4]
