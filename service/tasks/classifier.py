@@ -6,10 +6,10 @@ Two consumers per worker process (`CONSUMERS_PER_WORKER`): while one records its
 outcomes and takes and sends the next batch, the other's batch already waits at the pool,
 so a worker goes from one batch straight to the next. A batch holds up to two forward passes
 (`PASSES_PER_BATCH`; the worker runs them one after the other): what the web process spends
-per batch (the pool's round trip, the hand-over file, one registry write) is then spread over
-twice the images, where the forward pass keeps the size it runs fastest at. A result for a task that is final by
-now (cancelled, say) is refused by the registry and dropped. A consumer stopped mid-batch
-confirms nothing: a stream hands that batch to another worker.
+per batch (the pool's round trip, the hand-over file, one registry write) is then spread
+over twice the images, while the forward pass keeps the size it runs fastest at. A result
+for a task that is final by now (cancelled, say) is refused by the registry and dropped. A
+consumer stopped mid-batch confirms nothing: a stream hands that batch to another worker.
 """
 
 from __future__ import annotations
