@@ -54,7 +54,7 @@ from bench.images import make_diverse_images, make_images
 from bench.reference import reference_images_per_second
 from bench.workers_offline import workers_images_per_second
 from inference import onnx_cache
-from inference.models import in_passes, load_model, refine_unsure
+from inference.models import in_passes, load_model
 from inference.preprocess import decode_image, to_input
 from inference.protocol import WorkerConfig
 from inference.specs import PRECISIONS
@@ -127,15 +127,12 @@ def stage_costs(images: list[bytes], config: WorkerConfig) -> dict[str, float]:
         resize += time.process_time() - decoded
         decode += decoded - started
     per_call = size * PASSES_PER_BATCH  # what the pool hands a worker at once
-    exact = model.exact
     for start in range(0, len(pixels), per_call):
         batch = np.stack(pixels[start : start + per_call])
-        started = time.process_time()
-        logits = in_passes(model.fast, batch, size)
+        started = time.process_time()  # LoadedModel.forward, its two steps timed apart
+        logits = in_passes(model.fast, batch, model.pass_size)
         forwarded = time.process_time()
-        if exact is not None:  # as LoadedModel.forward refines: the batch's unsure rows together
-            again = refine_unsure(logits, batch, lambda unsure: in_passes(exact, unsure, size), model.refine_margin)
-            refined += len(again)
+        refined += len(model.refine(logits, batch))
         refine += time.process_time() - forwarded
         forward += forwarded - started
     files = BatchFiles.on_shared_memory()

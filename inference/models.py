@@ -29,15 +29,18 @@ class LoadedModel:
 
     def forward(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(logits, the rows classified again by `exact`). A batch larger than `pass_size`
-        runs in passes of it; the unsure rows of the whole batch are refined together (fp32
-        at one image measured 5-10% slower per image than at two to four), in passes too."""
+        runs in passes of it."""
         logits = in_passes(self.fast, batch, self.pass_size)
+        return logits, self.refine(logits, batch)
+
+    def refine(self, logits: np.ndarray, batch: np.ndarray) -> np.ndarray:
+        """The rows of `logits` the model is unsure of, classified again by `exact` (in
+        place; see `refine_unsure`): those of the whole batch together (fp32 at one image
+        measured 5-10% slower per image than at two to four), in passes too. Their indices."""
         exact = self.exact
         if exact is None:
-            return logits, np.empty(0, dtype=np.intp)
-        return logits, refine_unsure(
-            logits, batch, lambda unsure: in_passes(exact, unsure, self.pass_size), self.refine_margin
-        )
+            return np.empty(0, dtype=np.intp)
+        return refine_unsure(logits, batch, lambda unsure: in_passes(exact, unsure, self.pass_size), self.refine_margin)
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         return self.forward(batch)[0]
