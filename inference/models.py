@@ -98,17 +98,6 @@ def top_two_gap(logits: np.ndarray) -> np.ndarray:
     return gap
 
 
-def refined(fast: Runner, exact: Runner, margin: float) -> Runner:
-    """`fast`, with the rows it is unsure of run again by `exact` (see `refine_unsure`)."""
-
-    def run(batch: np.ndarray) -> np.ndarray:
-        logits = fast(batch)
-        refine_unsure(logits, batch, exact, margin)
-        return logits
-
-    return run
-
-
 def softmax(logits: np.ndarray) -> np.ndarray:
     """Row-wise, in float64 so that scores near 1 do not all round to 1.0."""
     shifted = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)

@@ -14,9 +14,9 @@ the first layer kept to 7 bits, which CPUs without VNNI need; int8 is refused on
 here) and the full bias correction instead of the fast one. On 1,200 held-out diverse photos
 that made 91.3% top-1 agreement with fp32 without refine, and 96.8% refining 15% (logit gap
 0.15), at 1.8 ms per image; with NNCF's defaults 86.8%, and 95.5% refining 22.8% (gap 0.25),
-at 2.0-2.35 ms; without accuracy control 89.0% at 1.76 ms; bf16 takes 2.5. Finally both the int8 model
-and the fp32 export run on the hold-out, as the service runs them, and what they made of
-each image is written beside the model (`inference.int8_cache.Calibration`).
+at 2.0-2.35 ms; without accuracy control 89.0% at 1.76 ms; bf16 takes 2.5. Finally both the
+int8 model and the fp32 export run on the hold-out, as the service runs them, and what they
+made of each image is written beside the model (`inference.int8_cache.Calibration`).
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ import pytest
 
 from bench.images import make_images
 from inference import onnx_cache
-from inference.models import batch_sizes, load_model, padded, refined, softmax
+from inference.models import batch_sizes, load_model, padded, refine_unsure, softmax
 from inference.preprocess import preprocess
 from inference.protocol import ModelLoadError
 from inference.specs import (
@@ -107,12 +107,13 @@ def test_refined_runs_only_the_unsure_rows_again() -> None:
         return np.full((len(batch), 3), 7.0, dtype=np.float32)
 
     inputs = np.arange(4, dtype=np.float32).reshape(4, 1)
-    logits = refined(lambda batch: fast.copy(), exact, margin=0.05)(inputs)
+    logits = fast.copy()
+    assert refine_unsure(logits, inputs, exact, margin=0.05).tolist() == [1, 3]
     (again,) = exact_rows
     assert again[:, 0].tolist() == [1.0, 3.0]  # the two near-ties, nothing else
     assert np.array_equal(logits[[0, 2]], fast[[0, 2]]) and (logits[[1, 3]] == 7.0).all()
     exact_rows.clear()
-    refined(lambda batch: fast.copy(), exact, margin=0.001)(inputs)
+    assert refine_unsure(fast.copy(), inputs, exact, margin=0.001).tolist() == []
     assert exact_rows == []  # none that unsure
 
 
